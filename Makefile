@@ -1,0 +1,51 @@
+# Every target sets up .venv itself: a fresh clone needs only python3 (and apt for system packages).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps data test lint serve bench bench-peers clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch and torchvision are pinned in pyproject; pip takes them from this machine's wheel cache.
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests use: the Fashion-MNIST files (the shipped model's evaluation) and
+# Prometheus + promtool + docker-compose (the deployment tests). Installed only when missing.
+system-deps:
+	@missing=""; \
+	[ -f $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+data:
+	@[ -f $(FMNIST) ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check erde service tests bench
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check erde service tests bench
+	$(VENV)/bin/ruff format --check erde service tests bench || true
+
+serve: $(STAMP)
+	$(VENV)/bin/erde serve
+
+bench: $(STAMP)
+	$(PY) -m bench.engine
+	$(PY) -m bench.http
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

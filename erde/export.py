@@ -1,0 +1,84 @@
+"""Turn a finished run into a model_store artifact: calibrate, measure on test, write the card."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erde.calibrate import CalibrationCurve, calibrate_run
+from erde.data import InputSpec, load_dataset
+from erde.evaluate import markdown_table, test_metrics
+from erde.macs import macs_per_exit
+from erde.store import write_artifact
+from erde.train import TrainConfig, load_trained
+
+
+def model_card(name: str, version: str, cfg: TrainConfig, spec: InputSpec, classes: list[str],
+               params: int, macs: list[int], metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """A human-readable card; every number in it comes from the manifest it ships with."""
+    train_minutes = sum(h["seconds"] for h in history) / 60
+    loss = cfg.loss
+    method = {"ce": "cross-entropy at every exit, no teacher",
+              "kd": f"knowledge distillation (T={loss.temperature}, α={loss.alpha}, β={loss.beta})",
+              "erde": f"ERDE (T={loss.temperature}, α={loss.alpha}, β={loss.beta}, γ={loss.gamma})"}[loss.kind]
+    exits = "\n".join(f"| {i} | {m / 1e6:.3f} | {m / macs[-1]:.3f} | {a * 100:.2f} |"
+                      for i, (m, a) in enumerate(zip(macs, metrics["exit_accuracy"], strict=True)))
+    return f"""# Model card: {name} v{version}
+
+Early-exit {cfg.arch} ({params:,} parameters, {len(macs)} exits) trained on **{cfg.dataset}** with {method}.
+{f"Teacher: `{Path(cfg.teacher).name}` artifact." if cfg.teacher else ""}
+
+- Input: {spec.mode} {spec.size}x{spec.size}, normalised with mean {list(spec.mean)} and std {list(spec.std)}.
+- Classes ({len(classes)}): {", ".join(classes)}.
+- Training: {cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.lr} cosine, weight decay {cfg.weight_decay},
+  seed {cfg.seed}, validation {cfg.val_fraction:.0%} of the training split; {train_minutes:.1f} min in all.
+- Exit rule: stop at the first exit whose softmax entropy is below θ; θ per budget from the
+  validation-split calibration in `calibration.json`.
+
+## MACs and accuracy per exit (test split, {metrics["samples"]} images; every image at that exit)
+
+| exit | cumulative MMACs | fraction of full | accuracy % |
+|---|---|---|---|
+{exits}
+
+## Budgets (test split)
+
+{markdown_table({f"{name}/{version}": metrics})}
+
+## Limits
+
+Trained on {cfg.dataset} images only: other imagery (photos, other sizes or backgrounds) is out of
+distribution and the calibrated accuracies do not hold for it. Expected accuracy is an average over
+the test split, not a per-image guarantee.
+"""
+
+
+def export_run(run_dir: Path, store: Path, name: str, version: str, overwrite: bool = False) -> Path:
+    """Calibrate (if not yet), evaluate on the test split, and write `<store>/<name>/<version>/`."""
+    cfg, model, state = load_trained(run_dir)
+    calibration_file = Path(run_dir) / "calibration.json"
+    curve = (CalibrationCurve.from_dict(json.loads(calibration_file.read_text())) if calibration_file.is_file()
+             else calibrate_run(run_dir))
+    macs = macs_per_exit(model)
+    if curve.macs_per_exit != macs:
+        raise ValueError(f"{calibration_file} does not match this network's MACs; run 'erde calibrate' again")
+    spec = InputSpec.from_dict(state["input_spec"])
+    test = load_dataset(cfg.dataset, "test", Path(cfg.data_dir) if cfg.data_dir else None,
+                        image_size=spec.size, image_mode=spec.mode)
+    metrics = test_metrics(model, curve, test)
+    params = sum(p.numel() for p in model.parameters())
+    metadata = {
+        "arch": cfg.arch, "params": params, "full_macs": macs[-1],
+        "training": {**cfg.to_dict(), "history": state["history"],
+                     "minutes": round(sum(h["seconds"] for h in state["history"]) / 60, 2)},
+        "test_metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    card = model_card(name, version, cfg, spec, state["classes"], params, macs, metrics, state["history"])
+    return write_artifact(store, name, version, model, spec, state["classes"], curve, metadata, card, overwrite)

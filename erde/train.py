@@ -1,0 +1,243 @@
+"""One training loop for teachers and students, read top to bottom.
+
+config -> data -> model (+ frozen teacher) -> optimiser -> resume -> loop (train, validate,
+checkpoint). A run folder holds everything: `config.json` (every option), `checkpoint.safetensors`
+and `state.json` after every epoch (weights, momentum, RNG, history), `weights.safetensors` at
+the end, and `log.txt`. No pickle anywhere: checkpoints are safetensors plus JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from erde.data import InputSpec, TensorData, iterate_batches, load_dataset, train_val_split
+from erde.losses import LossConfig, distillation_loss
+from erde.nets import EarlyExitResNet, NetConfig, build_model, model_config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run; written to config.json and read back by resume and export."""
+
+    out_dir: str  # run folder: config, checkpoints, final weights, log
+    arch: str = "resnet20"  # registered architecture (erde.nets.list_models())
+    dataset: str = "fashion-mnist"  # see erde.data.DATASETS
+    data_dir: str | None = None  # dataset folder; None = the dataset's default place
+    download: bool = False  # let torchvision download CIFAR/SVHN (needs network)
+    image_size: int = 32  # imagefolder only: side the images are resized to
+    image_mode: str = "RGB"  # imagefolder only: "L" or "RGB"
+    val_fraction: float = 0.1  # share of the training split held out for validation/calibration
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1  # peak SGD learning rate (cosine decay after one warm-up epoch)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0  # seeds init, split, order and augmentation
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    teacher: str | None = None  # artifact folder of the teacher (students only)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(kind="ce"))
+    max_train_batches: int = 0  # >0 caps batches per epoch (smoke tests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        data["loss"] = LossConfig(**data.get("loss", {}))
+        return cls(**data)
+
+
+@dataclass
+class RunData:
+    train: TensorData
+    val: TensorData
+
+
+def load_run_data(cfg: TrainConfig) -> RunData:
+    """The training split and the validation split carved from it (same seed, same split)."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    full = load_dataset(cfg.dataset, "train", data_dir, cfg.download, cfg.image_size, cfg.image_mode)
+    train, val = train_val_split(full, cfg.val_fraction, cfg.seed)
+    return RunData(train, val)
+
+
+def net_config_for(arch: str, data: TensorData) -> NetConfig:
+    return model_config(arch, in_channels=data.spec.channels, input_size=data.spec.size,
+                        num_classes=len(data.classes))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up then cosine decay to zero; a pure function of the step, so resume needs no state."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.inference_mode()
+def evaluate_exits(model: EarlyExitResNet, data: TensorData, device: torch.device,
+                   batch_size: int = 512) -> list[float]:
+    """Accuracy of every exit on `data` (each exit answering for every image)."""
+    model.eval()
+    correct = torch.zeros(model.num_exits)
+    for x, y in iterate_batches(data, batch_size, shuffle=False):
+        logits = model.forward_all(x.to(device))
+        correct += torch.tensor([(lg.argmax(-1).cpu() == y).sum().item() for lg in logits])
+    return (correct / len(data)).tolist()
+
+
+def save_checkpoint(out: Path, model: EarlyExitResNet, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    state: dict[str, Any]) -> None:
+    """Weights, momentum buffers and RNG as safetensors, the rest as JSON; written atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"optim.{i}"] = buf.detach().cpu().contiguous()
+    tensors["rng"] = gen.get_state()  # data order and augmentation
+    tensors["torch_rng"] = torch.get_rng_state()  # dropout
+    save_file(tensors, out / "checkpoint.safetensors.tmp")
+    (out / "state.json.tmp").write_text(json.dumps(state, indent=2))
+    (out / "checkpoint.safetensors.tmp").replace(out / "checkpoint.safetensors")
+    (out / "state.json.tmp").replace(out / "state.json")
+
+
+def load_checkpoint(out: Path, model: EarlyExitResNet, opt: torch.optim.Optimizer,
+                    gen: torch.Generator) -> dict[str, Any]:
+    tensors = load_file(out / "checkpoint.safetensors")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    device = next(model.parameters()).device
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"optim.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"optim.{i}"].to(device)
+    gen.set_state(tensors["rng"])
+    torch.set_rng_state(tensors["torch_rng"])
+    return json.loads((out / "state.json").read_text())
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train a teacher (loss 'ce', no teacher) or a student; returns the run folder."""
+    # -- config and run folder --------------------------------------------------------------
+    out = Path(cfg.out_dir)
+    if resume:
+        if not (out / "state.json").is_file():
+            raise ValueError(f"nothing to resume in {out}: no state.json (start without --resume)")
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))  # the run's own options
+    elif (out / "state.json").is_file():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.loss.kind != "ce" and not cfg.teacher:
+        raise ValueError(f"loss {cfg.loss.kind!r} needs --teacher (an artifact folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+
+    # -- data -------------------------------------------------------------------------------
+    data = load_run_data(cfg)
+    spec: InputSpec = data.train.spec
+
+    # -- model, teacher, optimiser ----------------------------------------------------------
+    model = build_model(net_config_for(cfg.arch, data.train)).to(device)
+    teacher = None
+    if cfg.teacher:
+        from erde.store import read_artifact  # the teacher is a verified artifact (import cycle otherwise)
+
+        teacher = read_artifact(Path(cfg.teacher)).model.to(device).eval()
+        if teacher.num_exits != model.num_exits:
+            raise ValueError(f"teacher has {teacher.num_exits} exits, student {model.num_exits}: they must match")
+        if teacher.config.num_classes != model.config.num_classes:
+            raise ValueError("teacher and student must have the same classes")
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    if cfg.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    total_steps = steps_per_epoch * cfg.epochs
+    state: dict[str, Any] = {"epoch": 0, "history": [], "input_spec": spec.to_dict(), "classes": data.train.classes}
+    if resume:
+        state = load_checkpoint(out, model, opt, gen)
+    on_cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
+
+    # -- loop -------------------------------------------------------------------------------
+    log = (out / "log.txt").open("a")
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        started = time.time()
+        seen, loss_sum, correct = 0, 0.0, torch.zeros(model.num_exits)
+        batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, augmented=True, generator=gen)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   mininterval=1.0)
+        for step, (x, y) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, steps_per_epoch, cfg.lr)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with amp:
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = [t.float() for t in teacher.forward_all(x)]
+                s_logits = [s.float() for s in model.forward_all(x)]
+            loss, parts = distillation_loss(cfg.loss, s_logits, y, t_logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += torch.tensor([(s.argmax(-1) == y).sum().item() for s in s_logits])
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc="/".join(f"{a:.3f}" for a in (correct / seen).tolist()))
+        val_acc = evaluate_exits(model, data.val, device)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                  "train_acc": (correct / max(seen, 1)).tolist(), "val_acc": val_acc,
+                  "seconds": round(time.time() - started, 1), **parts}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        save_checkpoint(out, model, opt, gen, state)
+        line = (f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
+                f"val_acc {' '.join(f'{a:.4f}' for a in val_acc)} ({record['seconds']}s)")
+        tqdm.write(line)
+        log.write(line + "\n")
+        log.flush()
+    log.close()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "weights.safetensors")
+    return out
+
+
+def load_trained(run_dir: Path) -> tuple[TrainConfig, EarlyExitResNet, dict[str, Any]]:
+    """A finished run's config, network (eval mode, CPU) and state (history, input spec, classes)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "weights.safetensors").is_file():
+        raise ValueError(f"{run_dir} is not a finished run (no weights.safetensors); train or --resume it first")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    state = json.loads((run_dir / "state.json").read_text())
+    spec = InputSpec.from_dict(state["input_spec"])
+    net_cfg = model_config(cfg.arch, in_channels=spec.channels, input_size=spec.size,
+                           num_classes=len(state["classes"]))
+    model = build_model(net_cfg)
+    model.load_state_dict(load_file(run_dir / "weights.safetensors"))
+    return cfg, model.eval(), state
