@@ -18,7 +18,7 @@ from erde.nets import list_models
 EPILOG = """Typical run on Fashion-MNIST (apt-get install -y dataset-fashion-mnist):
   erde train-teacher --arch resnet20 --out runs/teacher
   erde export runs/teacher --store runs/store --name teacher --version 1
-  erde distill --teacher runs/store/teacher/1 --loss erde --arch resnet8-w12 --out runs/erde
+  erde distill --teacher runs/store/teacher/1 --loss erde --arch resnet8-slim --out runs/erde
   erde export runs/erde --name fashion-mnist --version 1
   erde evaluate runs/store/teacher/1 model_store/fashion-mnist/1 --out reports/"""
 
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("distill", help="train a student from a frozen teacher (ERDE, KD) or alone (CE)")
-    _add_training_options(p, "resnet8-w12", 15)
+    _add_training_options(p, "resnet8-slim", 15)
     p.add_argument("--teacher", help="exported teacher artifact folder (needed for erde and kd)")
     p.add_argument("--loss", default="erde", choices=("erde", "kd", "ce"))
     defaults = LossConfig()

@@ -38,7 +38,7 @@ def test_macs_are_measured_not_guessed() -> None:
 
 def test_student_is_under_a_fifth_of_the_teacher() -> None:
     teacher = macs_per_exit(build_model(model_config("resnet20")))
-    student = macs_per_exit(build_model(model_config("resnet8-w12")))
+    student = macs_per_exit(build_model(model_config("resnet8-slim")))
     assert student[-1] * 5 <= teacher[-1]
 
 

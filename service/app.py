@@ -1,0 +1,57 @@
+"""The app factory: settings in, a FastAPI app with its runtime, routes, errors and accounting out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.middleware import RequestAccounting
+from service.routes import router
+from service.runtime import Runtime
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("erde.service")
+
+
+def _watch_sighup(runtime: Runtime) -> None:
+    """SIGHUP reloads the store in a thread (verify + warm before swap); only in the main thread."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading %s", runtime.settings.store)
+        loop.run_in_executor(None, runtime.registry.reload)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):
+        log.debug("SIGHUP reload not available in this thread")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.get_running_loop().run_in_executor(None, runtime.start)
+        if not runtime.registry.names:
+            log.error("no loadable model in %s; /readyz stays 503", settings.store)
+        _watch_sighup(runtime)
+        yield
+        runtime.draining = True
+        await asyncio.get_running_loop().run_in_executor(None, runtime.close)
+
+    app = FastAPI(title="ERDE serving", version="0.1.0", lifespan=lifespan,
+                  description="Early-exit image classification with a compute budget per request.")
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
+                       log_requests=settings.access_log)
+    return app

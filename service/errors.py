@@ -1,0 +1,88 @@
+"""Domain errors carry their HTTP status and code; one handler turns them into JSON.
+
+Every error reply is `{"error": {"code", "message"}}`; messages never hold paths or internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("erde.service")
+
+
+class ServiceError(Exception):
+    """An error a client caused (or must wait out); `status` is the HTTP status."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 retry_after: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.status = status or self.status
+        self.retry_after = retry_after
+        self.reason = reason or self.code  # bounded label for erde_rejected_total
+
+
+class BadOptions(ServiceError):
+    status, code = 422, "invalid_option"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "too_large"
+
+
+class UnsupportedImage(ServiceError):
+    status, code = 415, "unsupported_image"
+
+
+class UnknownModel(ServiceError):
+    status, code = 404, "unknown_model"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        request.state.erde_error = exc.reason
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.state.erde_error = "invalid_option"
+        return JSONResponse(error_body("invalid_option", _validation_message(exc)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        request.state.erde_error = code
+        message = exc.detail if isinstance(exc.detail, str) else "bad request"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body("internal", "internal error"), status_code=500)

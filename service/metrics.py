@@ -1,0 +1,122 @@
+"""Every Prometheus collector, declared once (DESIGN section 7), and emit helpers that never raise.
+
+Labels are bounded: model names come from the store (unknown ones become "unknown"), exits are
+small integers, endpoints, codes, stages and reasons are fixed sets. With several uvicorn workers,
+PROMETHEUS_MULTIPROC_DIR switches prometheus-client to multiprocess mode (set up by `erde serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+log = logging.getLogger("erde.service")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUDGET_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+REQUESTS = Counter("erde_requests_total", "Requests answered, by model, endpoint and HTTP status code",
+                   ["model", "endpoint", "code"])
+EXITS = Counter("erde_exits_total", "Images answered at each exit (0-based)", ["model", "exit"])
+REQUEST_DURATION = Histogram("erde_request_duration_seconds", "End-to-end request latency in the service",
+                             ["model", "endpoint"], buckets=LATENCY_BUCKETS)
+STAGE_DURATION = Histogram("erde_stage_duration_seconds", "Per-image time in each stage: decode, queue, inference",
+                           ["model", "stage"], buckets=LATENCY_BUCKETS)
+MACS = Counter("erde_macs_total", "Multiply-accumulates spent answering images", ["model"])
+MACS_FULL = Counter("erde_macs_full_total", "Multiply-accumulates the same images would cost at full depth",
+                    ["model"])
+BUDGET = Histogram("erde_budget", "Budget (fraction of full MACs) each image was answered under", ["model"],
+                   buckets=BUDGET_BUCKETS)
+BATCH_SIZE = Histogram("erde_batch_size", "Rows per micro-batch", ["model"], buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge("erde_queue_depth", "Images waiting in the inference queue", ["model"],
+                    multiprocess_mode="livesum")
+INFLIGHT = Gauge("erde_inflight_requests", "Requests being handled now", multiprocess_mode="livesum")
+REJECTED = Counter("erde_rejected_total", "Requests refused, by reason", ["model", "reason"])
+MODEL_INFO = Gauge("erde_model_info", "1 for every model version being served", ["model", "version"],
+                   multiprocess_mode="liveall")
+RELOADS = Counter("erde_reloads_total", "Store reloads by result (ok, unchanged, failed)", ["result"])
+
+
+def never_raises(fn: Callable[..., None]) -> Callable[..., None]:
+    """Metrics must never fail a request: log and carry on."""
+
+    @wraps(fn)
+    def safe(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception("metrics emit failed in %s", fn.__name__)
+
+    return safe
+
+
+@never_raises
+def observe_request(model: str, endpoint: str, code: int, seconds: float) -> None:
+    REQUESTS.labels(model, endpoint, str(code)).inc()
+    REQUEST_DURATION.labels(model, endpoint).observe(seconds)
+
+
+@never_raises
+def observe_image(model: str, exit_index: int, macs: int, full_macs: int, budget: float | None,
+                  decode_s: float, queue_s: float, inference_s: float) -> None:
+    EXITS.labels(model, str(exit_index)).inc()
+    MACS.labels(model).inc(macs)
+    MACS_FULL.labels(model).inc(full_macs)
+    if budget is not None:
+        BUDGET.labels(model).observe(budget)
+    STAGE_DURATION.labels(model, "decode").observe(decode_s)
+    STAGE_DURATION.labels(model, "queue").observe(queue_s)
+    STAGE_DURATION.labels(model, "inference").observe(inference_s)
+
+
+@never_raises
+def observe_batch(model: str, size: int, depth: int) -> None:
+    BATCH_SIZE.labels(model).observe(size)
+    QUEUE_DEPTH.labels(model).set(depth)
+
+
+@never_raises
+def observe_rejected(model: str, reason: str) -> None:
+    REJECTED.labels(model, reason).inc()
+
+
+@never_raises
+def set_inflight(delta: int) -> None:
+    INFLIGHT.inc(delta)
+
+
+@never_raises
+def set_model_info(model: str, version: str, serving: bool) -> None:
+    if serving:
+        MODEL_INFO.labels(model, version).set(1)
+    else:
+        MODEL_INFO.remove(model, version)
+
+
+@never_raises
+def observe_reload(result: str) -> None:
+    RELOADS.labels(result).inc()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition for /metrics: this process's registry, or all workers' in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,115 @@
+"""The request path as named steps: read -> options -> decode -> enqueue -> await exits -> encode.
+
+Each step takes and returns plain data; the routes only call them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from service import metrics
+from service.engine.batcher import Job
+from service.engine.worker import ExitResult
+from service.errors import BadOptions, ServiceError, Unavailable, UnsupportedImage
+from service.policy import Decision
+from service.registry import ServedModel
+from service.runtime import Runtime
+from service.schemas import ClassifyOptions, parse_options
+
+
+async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
+    """Images and option fields from a multipart form or a raw image/* body (options in the query)."""
+    content_type = request.headers.get("content-type", "")
+    fields = dict(request.query_params)
+    if content_type.startswith("image/"):
+        return [await request.body()], fields
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedImage("send multipart/form-data with an 'image' file field, or a raw image/* body",
+                               code="unsupported_media_type")
+    async with request.form(max_files=max_images, max_fields=32) as form:
+        images = []
+        for key, value in form.multi_items():
+            if key != "image":
+                fields[key] = value if isinstance(value, str) else ""
+            elif isinstance(value, UploadFile):
+                images.append(await value.read())
+            else:
+                raise BadOptions("image: must be a file part, not a text field", code="missing_image")
+    if not images:
+        raise BadOptions("image: a file field named 'image' is required", code="missing_image")
+    if len(images) > max_images:
+        raise BadOptions(f"at most {max_images} images per request", code="too_many_images")
+    return images, fields
+
+
+def resolve(runtime: Runtime, request: Request, fields: dict[str, str]) -> tuple[ServedModel, Decision]:
+    if runtime.draining:
+        raise Unavailable("the service is shutting down; retry on another instance",
+                          retry_after=runtime.settings.retry_after_s, reason="draining")
+    options: ClassifyOptions = parse_options(fields)
+    served = runtime.registry.get(options.model)
+    request.state.erde_model = served.name
+    decision = served.policy.decide(options)
+    request.state.erde_budget = decision.budget
+    request.state.erde_threshold = decision.threshold
+    return served, decision
+
+
+async def decode_all(runtime: Runtime, served: ServedModel, images: list[bytes]) -> tuple[list, float]:
+    started = time.perf_counter()
+    tensors = []
+    for index, data in enumerate(images):
+        try:
+            tensors.append(await runtime.decode(data, served.artifact.spec))
+        except ServiceError as exc:
+            if len(images) > 1:
+                exc.message = f"image {index}: {exc.message}"
+            raise
+    return tensors, (time.perf_counter() - started) / len(images)
+
+
+async def infer(served: ServedModel, decision: Decision, tensors: list) -> list[ExitResult]:
+    loop = asyncio.get_running_loop()
+    now = time.monotonic()
+    jobs = [Job(x, decision.threshold, decision.cap, decision.top_k, now, loop.create_future()) for x in tensors]
+    served.worker.submit(jobs)
+    return list(await asyncio.gather(*(j.future for j in jobs)))
+
+
+def encode(served: ServedModel, decision: Decision, result: ExitResult, decode_s: float,
+           started: float) -> dict[str, Any]:
+    """One reply (DESIGN section 5), and the per-image metrics that go with it."""
+    art = served.artifact
+    macs = art.macs_per_exit[result.exit]
+    classes = art.classes
+    metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.budget,
+                          decode_s, result.queue_s, result.inference_s)
+    return {
+        "model": art.name, "version": art.version,
+        "label": classes[result.top_ids[0]], "class_id": result.top_ids[0], "confidence": result.top_probs[0],
+        "top_k": [{"label": classes[c], "class_id": c, "probability": p}
+                  for c, p in zip(result.top_ids, result.top_probs, strict=True)],
+        "exit": result.exit, "exits": art.model.num_exits, "entropy": result.entropy,
+        "threshold": decision.threshold, "budget": decision.budget, "budget_clamped": decision.clamped,
+        "max_exit": decision.cap if decision.cap < art.model.num_exits - 1 else None,
+        "expected_accuracy": decision.expected.accuracy,
+        "macs": macs, "macs_fraction": macs / served.full_macs,
+        "latency_ms": {"decode": decode_s * 1e3, "queue": result.queue_s * 1e3,
+                       "inference": result.inference_s * 1e3, "total": (time.perf_counter() - started) * 1e3},
+    }
+
+
+async def classify(runtime: Runtime, request: Request, max_images: int) -> list[dict[str, Any]]:
+    """The whole path for one request of one or more images."""
+    started = time.perf_counter()
+    images, fields = await read_upload(request, max_images)
+    served, decision = resolve(runtime, request, fields)
+    tensors, decode_s = await decode_all(runtime, served, images)
+    results = await infer(served, decision, tensors)
+    request.state.erde_exits = [r.exit for r in results] if len(results) > 1 else results[0].exit
+    return [encode(served, decision, r, decode_s, started) for r in results]

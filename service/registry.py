@@ -1,0 +1,138 @@
+"""The served models: load the newest version of each from the store, warm it, swap on reload.
+
+A reload verifies and warms every new version before it replaces the old one; the old worker
+then finishes what it has queued. A broken version is refused (logged and counted) and the old
+one keeps serving. Nothing here ever takes a path from a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from erde.store import Artifact, list_versions, read_artifact
+from service import metrics
+from service.decode import ImageLimits
+from service.engine.batcher import Job
+from service.engine.worker import ModelWorker, run_batch
+from service.errors import UnknownModel
+from service.policy import BudgetPolicy
+from service.settings import Settings
+
+log = logging.getLogger("erde.service")
+
+
+@dataclass
+class ServedModel:
+    artifact: Artifact
+    worker: ModelWorker
+    policy: BudgetPolicy
+    versions: list[str]  # every version in the store when this one was loaded
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def full_macs(self) -> int:
+        return self.artifact.macs_per_exit[-1]
+
+    def info(self) -> dict[str, Any]:
+        art = self.artifact
+        curve = []
+        for budget in (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1):
+            point, _ = art.calibration.choose(budget)
+            curve.append({"budget": budget, "threshold": point.threshold, "expected_accuracy": point.accuracy,
+                          "expected_macs_fraction": point.macs_fraction})
+        return {"name": art.name, "version": art.version, "versions": self.versions, "classes": art.classes,
+                "input": art.spec.to_dict(), "arch": art.manifest.get("arch", ""), "exits": art.model.num_exits,
+                "macs_per_exit": art.macs_per_exit, "test_metrics": art.manifest.get("test_metrics"),
+                "calibration": curve}
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.limits = ImageLimits(settings.max_pixels, settings.min_image_side, settings.image_formats)
+        self._models: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()  # one reload at a time
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def get(self, name: str | None) -> ServedModel:
+        if name is None:
+            name = self.default_name()
+        served = self._models.get(name) if name else None
+        if served is None:
+            known = ", ".join(self.names) or "none loaded"
+            raise UnknownModel(f"unknown model {name!r}; available: {known}", reason="unknown_model")
+        return served
+
+    def default_name(self) -> str | None:
+        if self.settings.default_model in self._models:
+            return self.settings.default_model
+        return self.names[0] if self.names else None
+
+    def _load(self, name: str, version: str, versions: list[str]) -> ServedModel:
+        artifact = read_artifact(self.settings.store / name / version)
+        if artifact.name != name or artifact.version != version:
+            raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
+        s = self.settings
+        worker = ModelWorker(artifact.model, max_batch_size=s.max_batch_size,
+                             max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
+                             retry_after=s.retry_after_s, name=name)
+        worker.on_batch = lambda jobs, _exits: metrics.observe_batch(name, len(jobs), worker.depth)
+        policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
+                              s.default_budget, s.max_top_k)
+        served = ServedModel(artifact, worker, policy, versions)
+        warm_up(served)
+        worker.start()
+        return served
+
+    def reload(self) -> dict[str, str]:
+        """Serve the newest version of every model in the store; returns name -> outcome."""
+        outcome: dict[str, str] = {}
+        with self._lock:
+            found = list_versions(self.settings.store)
+            for name, versions in found.items():
+                current = self._models.get(name)
+                newest = versions[-1]
+                if current is not None and current.artifact.version == newest:
+                    current.versions = versions
+                    outcome[name] = "unchanged"
+                    continue
+                try:
+                    served = self._load(name, newest, versions)
+                except Exception as exc:  # a broken artifact must never take the service down
+                    log.error("refused %s/%s: %s", name, newest, exc)
+                    metrics.observe_reload("failed")
+                    outcome[name] = f"failed: {exc}"
+                    continue
+                self._models[name] = served  # atomic swap: new requests go to the new version
+                metrics.set_model_info(name, newest, True)
+                metrics.observe_reload("ok")
+                outcome[name] = f"loaded {newest}"
+                log.info("serving %s/%s", name, newest)
+                if current is not None:
+                    metrics.set_model_info(name, current.artifact.version, False)
+                    threading.Thread(target=current.worker.close, args=(self.settings.drain_timeout_s,),
+                                     daemon=True).start()
+        return outcome
+
+    def close(self, timeout: float) -> None:
+        for served in list(self._models.values()):
+            served.worker.close(timeout)
+
+
+def warm_up(served: ServedModel) -> None:
+    """One pass through every exit before the model takes traffic (allocations, lazy init)."""
+    spec = served.artifact.spec
+    x = torch.zeros(spec.channels, spec.size, spec.size)
+    jobs = [Job(x, 0.0, served.artifact.model.num_exits - 1, 1, 0.0) for _ in range(2)]
+    run_batch(served.artifact.model, jobs, lambda *_: None)

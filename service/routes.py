@@ -1,0 +1,79 @@
+"""Thin routes: each calls the pipeline's steps and shapes the reply."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service import metrics
+from service.deps import RuntimeDep
+from service.errors import Unavailable
+from service.pipeline import classify
+from service.schemas import BatchReply, ClassifyOptions, ClassifyReply, ErrorReply, ModelInfo
+
+router = APIRouter()
+
+_OPTIONS = {k: v for k, v in ClassifyOptions.model_json_schema()["properties"].items()}
+_ERRORS = {code: {"model": ErrorReply} for code in (404, 413, 415, 422, 503)}
+
+
+def _body(multiple: bool) -> dict:
+    image = {"type": "array", "items": {"type": "string", "format": "binary"}} if multiple else \
+        {"type": "string", "format": "binary"}
+    form = {"type": "object", "required": ["image"], "properties": {"image": image, **_OPTIONS}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    }}}
+
+
+def _json(payload: object) -> Response:
+    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+
+
+@router.post("/classify", response_model=ClassifyReply, responses=_ERRORS, openapi_extra=_body(False))
+async def classify_one(request: Request, runtime: RuntimeDep) -> Response:
+    """Classify one image under a per-request compute budget (multipart, or a raw image body)."""
+    return _json((await classify(runtime, request, max_images=1))[0])
+
+
+@router.post("/classify/batch", response_model=BatchReply, responses=_ERRORS, openapi_extra=_body(True))
+async def classify_batch(request: Request, runtime: RuntimeDep) -> Response:
+    """Classify several `image` parts with the same options; results in the order sent."""
+    return _json({"results": await classify(runtime, request, runtime.settings.max_batch_images)})
+
+
+@router.get("/models", response_model=list[ModelInfo])
+async def models(runtime: RuntimeDep) -> Response:
+    """Every served model: version, classes, input spec, MACs per exit, calibration curve."""
+    return _json([runtime.registry.get(n).info() for n in runtime.registry.names])
+
+
+@router.get("/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorReply}})
+async def model(name: str, runtime: RuntimeDep) -> Response:
+    """One served model by name."""
+    return _json(runtime.registry.get(name).info())
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Alive: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorReply}})
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Ready: models loaded and warmed, and not draining."""
+    if not runtime.ready:
+        state = "draining" if runtime.draining else "not ready"
+        raise Unavailable(f"service is {state}", code="not_ready", retry_after=runtime.settings.retry_after_s)
+    return JSONResponse({"status": "ready", "models": runtime.registry.names})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,108 @@
+"""Typed request options and replies (the OpenAPI schema is generated from these)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import BadOptions
+
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class ClassifyOptions(BaseModel):
+    """Per-request options, from multipart form fields or query parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                 description="most expected compute, as a fraction of the full model's MACs")
+    threshold: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description="expert override of the entropy threshold θ (not with budget)")
+    max_exit: int | None = Field(None, ge=0, description="hard cap: never run past this exit (0-based)")
+    top_k: int = Field(3, ge=1, description="how many classes to list")
+    model: str | None = Field(None, pattern=MODEL_NAME, description="model name; default: the server's")
+
+    @model_validator(mode="after")
+    def _one_of_budget_or_threshold(self) -> ClassifyOptions:
+        if self.budget is not None and self.threshold is not None:
+            raise ValueError("give either budget or threshold, not both")
+        return self
+
+
+def parse_options(fields: dict[str, str]) -> ClassifyOptions:
+    """Validate raw string fields; every problem becomes one 422 naming the field."""
+    try:
+        return ClassifyOptions.model_validate(fields)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {message}" if where else message)
+        raise BadOptions("; ".join(parts)) from None
+
+
+class TopClass(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class Latency(BaseModel):
+    decode: float
+    queue: float
+    inference: float
+    total: float
+
+
+class ClassifyReply(BaseModel):
+    model: str
+    version: str
+    label: str
+    class_id: int
+    confidence: float
+    top_k: list[TopClass]
+    exit: int = Field(description="0-based exit that answered")
+    exits: int = Field(description="number of exits the model has")
+    entropy: float = Field(description="softmax entropy (nats) at the answering exit")
+    threshold: float = Field(description="θ used")
+    budget: float | None = Field(description="budget used (null when a threshold was given)")
+    budget_clamped: bool = Field(description="true when the budget was below the cheapest operating point")
+    max_exit: int | None
+    expected_accuracy: float = Field(description="calibrated accuracy of the operating point used")
+    macs: int = Field(description="multiply-accumulates spent on this image")
+    macs_fraction: float = Field(description="macs / full-depth MACs")
+    latency_ms: Latency
+
+
+class BatchReply(BaseModel):
+    results: list[ClassifyReply]
+
+
+class OperatingPointOut(BaseModel):
+    budget: float
+    threshold: float
+    expected_accuracy: float
+    expected_macs_fraction: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    versions: list[str]
+    classes: list[str]
+    input: dict
+    arch: str
+    exits: int
+    macs_per_exit: list[int]
+    test_metrics: dict | None
+    calibration: list[OperatingPointOut]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody
