@@ -21,6 +21,8 @@ from torch import Tensor
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+NOISE = 70  # noise amplitude of the synthetic set (the pattern's is 150)
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 
 
@@ -152,7 +154,7 @@ def make_synthetic(n: int, num_classes: int = 4, size: int = 16, seed: int = 0) 
     rows, cols = ((r + phase) // period).expand(n, size, size), ((c + phase) // period).expand(n, size, size)
     stripes = torch.stack([rows % 2, cols % 2, (rows + cols) % 2])  # (3, n, size, size)
     pattern = stripes[labels % 3, torch.arange(n)]
-    noise = torch.randint(0, 70, (n, size, size), generator=g)
+    noise = torch.randint(0, NOISE, (n, size, size), generator=g)
     images = (pattern * 150 + noise).clamp(0, 255).to(torch.uint8).unsqueeze(1)
     spec = InputSpec("L", size, (0.35,), (0.3,))
     return TensorData(images, labels, [f"class{k}" for k in range(num_classes)], spec, hflip=False)
