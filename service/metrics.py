@@ -85,8 +85,12 @@ def observe_image(model: str, exit_index: int, macs: int, full_macs: int, budget
 
 
 @never_raises
-def observe_batch(model: str, size: int, depth: int) -> None:
+def observe_batch(model: str, size: int) -> None:
     BATCH_SIZE.labels(model).observe(size)
+
+
+@never_raises
+def set_queue_depth(model: str, depth: int) -> None:
     QUEUE_DEPTH.labels(model).set(depth)
 
 

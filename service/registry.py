@@ -86,8 +86,9 @@ class ModelRegistry:
         s = self.settings
         worker = ModelWorker(artifact.model, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
-                             retry_after=s.retry_after_s, name=name)
-        worker.on_batch = lambda jobs, _exits: metrics.observe_batch(name, len(jobs), worker.depth)
+                             retry_after=s.retry_after_s, name=name,
+                             on_batch=lambda size: metrics.observe_batch(name, size),
+                             on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
                               s.default_budget, s.max_top_k)
         served = ServedModel(artifact, worker, policy, versions)

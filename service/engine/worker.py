@@ -93,14 +93,16 @@ class ModelWorker:
     """A bounded queue and the thread that drains it in micro-batches."""
 
     def __init__(self, model: EarlyExitResNet, *, max_batch_size: int, max_batch_delay_s: float, queue_size: int,
-                 retry_after: int = 1, on_batch: Callable[[list[Job], list[int]], None] | None = None,
-                 name: str = "model") -> None:
+                 retry_after: int = 1, name: str = "model",
+                 on_batch: Callable[[int], None] = lambda size: None,
+                 on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.model = model.eval()
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.queue_size = queue_size
         self.retry_after = retry_after
-        self.on_batch = on_batch
+        self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
+        self.on_depth = on_depth
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -124,6 +126,7 @@ class ModelWorker:
                                   retry_after=self.retry_after, reason="queue_full")
             self._pending.extend(jobs)
             self._cond.notify()
+        self.on_depth(len(self._pending))
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new jobs, finish the queued ones; True when the thread ended within `timeout`."""
@@ -140,6 +143,7 @@ class ModelWorker:
                 delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
                 ready = take_batch(self._pending, time.monotonic(), self.max_batch_size, delay)
                 if isinstance(ready, list):
+                    self.on_depth(len(self._pending))
                     return ready
                 if self._closed:
                     return None
@@ -147,14 +151,12 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
+            self.on_batch(len(batch))
             try:
-                exits = run_batch(self.model, batch, _release)
+                run_batch(self.model, batch, _release)
             except Exception:  # a bug must not kill the worker or strand the clients
                 log.exception("inference failed for a batch of %d", len(batch))
                 _fail(batch)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(batch, exits)
 
 
 def _fail(jobs: list[Job]) -> None:

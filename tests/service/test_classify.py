@@ -25,7 +25,7 @@ def test_reply_has_the_contract_fields(server) -> None:
     assert set(reply) == REPLY_KEYS
     assert reply["model"] == "toy" and reply["version"] == "1" and reply["exits"] == 3
     assert 0 <= reply["exit"] < 3 and reply["budget"] == 0.6
-    assert [t["class_id"] for t in reply["top_k"]][0] == reply["class_id"] and len(reply["top_k"]) == 3
+    assert reply["top_k"][0]["class_id"] == reply["class_id"] and len(reply["top_k"]) == 3
     probs = [t["probability"] for t in reply["top_k"]]
     assert probs == sorted(probs, reverse=True) and reply["confidence"] == probs[0]
     models = server.client().get("/models/toy").json()

@@ -1,0 +1,103 @@
+"""The engine without HTTP: batch forming with a fake clock, per-row thresholds, the bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+import pytest
+import torch
+
+from erde.nets import NetConfig, build_model
+from service.engine.batcher import Job, take_batch
+from service.engine.worker import ModelWorker, run_batch
+from service.errors import Unavailable
+
+
+def job(enqueued: float, threshold: float = 0.0, cap: int = 2, top_k: int = 1) -> Job:
+    return Job(torch.zeros(1, 16, 16), threshold, cap, top_k, enqueued)
+
+
+def test_empty_queue_waits_forever() -> None:
+    assert take_batch(deque(), now=5.0, max_size=4, max_delay=0.01) == math.inf
+
+
+def test_waits_for_the_oldest_jobs_delay() -> None:
+    pending = deque([job(1.000), job(1.004)])
+    assert take_batch(pending, now=1.006, max_size=4, max_delay=0.010) == pytest.approx(0.004)
+    assert len(pending) == 2  # nothing taken while waiting
+
+
+def test_full_batch_goes_at_once_and_leaves_the_rest() -> None:
+    pending = deque(job(1.0 + i * 1e-4) for i in range(6))
+    batch = take_batch(pending, now=1.0006, max_size=4, max_delay=1.0)
+    assert isinstance(batch, list) and [j.enqueued for j in batch] == pytest.approx([1.0, 1.0001, 1.0002, 1.0003])
+    assert len(pending) == 2
+
+
+def test_overdue_partial_batch_goes() -> None:
+    pending = deque([job(1.0), job(1.5)])
+    batch = take_batch(pending, now=2.0, max_size=8, max_delay=0.5)
+    assert isinstance(batch, list) and len(batch) == 2 and not pending
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(NetConfig(depth=8, widths=(4, 8, 8), input_size=16, num_classes=4)).eval()
+
+
+def test_rows_keep_their_own_threshold_and_cap(model) -> None:
+    released: list[list[tuple[Job, int]]] = []
+    jobs = [job(0.0, threshold=0.0), job(0.0, threshold=1e9), job(0.0, threshold=0.0, cap=1),
+            job(0.0, threshold=1e9, top_k=3), job(0.0, threshold=0.0, cap=0)]
+    exits = run_batch(model, jobs, lambda js, rs: released.append([(j, r.exit) for j, r in zip(js, rs, strict=True)]))
+    assert exits == [2, 0, 1, 0, 0]
+    # Released stage by stage: the rows done at exit 0 come out first, in one hand-off.
+    assert [[e for _, e in group] for group in released] == [[0, 0, 0], [1], [2]]
+    assert [j for j, _ in released[0]] == [jobs[1], jobs[3], jobs[4]]
+
+
+def test_batched_rows_answer_like_single_rows(model) -> None:
+    torch.manual_seed(1)
+    xs = [torch.randn(1, 16, 16) for _ in range(6)]
+    thresholds = [0.0, 0.5, 1.0, 1.2, 1e9, 0.8]
+    alone = []
+    for x, t in zip(xs, thresholds, strict=True):
+        got: list = []
+        run_batch(model, [Job(x, t, 2, 4, 0.0)], lambda js, rs, got=got: got.extend(rs))
+        alone.append(got[0])
+    together = {}
+    batch = [Job(x, t, 2, 4, 0.0) for x, t in zip(xs, thresholds, strict=True)]
+    run_batch(model, batch, lambda js, rs: together.update({id(j): r for j, r in zip(js, rs, strict=True)}))
+    for j, single in zip(batch, alone, strict=True):
+        r = together[id(j)]
+        assert r.exit == single.exit and r.top_ids == single.top_ids
+        assert r.top_probs == pytest.approx(single.top_probs, abs=1e-5)
+
+
+def test_full_queue_refuses_at_once_and_all_or_nothing(model) -> None:
+    worker = ModelWorker(model, max_batch_size=2, max_batch_delay_s=0.0, queue_size=3)  # not started: nothing drains
+    worker.submit([job(0.0), job(0.0)])
+    with pytest.raises(Unavailable) as refused:
+        worker.submit([job(0.0), job(0.0)])
+    assert refused.value.status == 503 and refused.value.retry_after == 1
+    assert worker.depth == 2  # the refused pair left nothing behind
+
+
+def test_worker_answers_and_drains_on_close(model) -> None:
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        worker = ModelWorker(model, max_batch_size=8, max_batch_delay_s=0.05, queue_size=16)
+        worker.start()
+        jobs = [Job(torch.zeros(1, 16, 16), t, 2, 1, 0.0, loop.create_future()) for t in (0.0, 1e9, 0.0)]
+        worker.submit(jobs)
+        closed = loop.run_in_executor(None, worker.close, 5.0)  # close while they wait: they still get answers
+        results = await asyncio.gather(*(j.future for j in jobs))
+        assert await closed
+        with pytest.raises(Unavailable):
+            worker.submit([job(0.0)])
+        return [r.exit for r in results]
+
+    assert asyncio.run(main()) == [2, 0, 2]

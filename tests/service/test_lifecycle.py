@@ -1,0 +1,107 @@
+"""Behaviour over time, each on its own server: shared batches, a full queue, SIGTERM, SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from erde.export import export_run
+from tests.service import images
+
+PNG = images.png()
+
+
+def post(url: str, **fields: str) -> httpx.Response:
+    return httpx.post(f"{url}/classify", data=fields, files={"image": ("a.png", PNG, "image/png")}, timeout=30)
+
+
+def test_two_budgets_in_one_batch_keep_their_own_threshold_and_exit(make_server) -> None:
+    # A batch only goes when full (2) or after 3 s: the two requests must share one batch.
+    server = make_server(max_batch_size=2, max_batch_delay_ms=3000)
+    with ThreadPoolExecutor(2) as pool:
+        deep = pool.submit(post, server.url, threshold="0")
+        shallow = pool.submit(post, server.url, threshold="1000")
+        deep, shallow = deep.result().json(), shallow.result().json()
+    assert (deep["exit"], deep["threshold"]) == (2, 0)
+    assert (shallow["exit"], shallow["threshold"]) == (0, 1000)
+    assert server.metric("erde_batch_size_count", model="toy") == 1  # one batch ...
+    assert server.metric("erde_batch_size_sum", model="toy") == 2  # ... of both requests
+    assert shallow["latency_ms"]["inference"] <= deep["latency_ms"]["inference"]  # released after stage 0
+
+
+def test_full_queue_answers_503_at_once(make_server) -> None:
+    # Room for 8 queued images; 5 wait for a batch that leaves after 2.5 s, then 4 more arrive at once.
+    server = make_server(max_batch_size=8, queue_size=8, max_batch_delay_ms=2500)
+    with ThreadPoolExecutor(5) as pool:
+        waiting = [pool.submit(post, server.url) for _ in range(5)]
+        deadline = time.monotonic() + 2
+        while server.metric("erde_queue_depth", model="toy") < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        refused = httpx.post(f"{server.url}/classify/batch", timeout=30,
+                             files=[("image", (f"{i}.png", PNG, "image/png")) for i in range(4)])
+        assert time.monotonic() - started < 1.0  # refused at once, not after the batch delay
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert all(f.result().status_code == 200 for f in waiting)
+    assert server.metric("erde_rejected_total", reason="queue_full") == 1
+
+
+def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
+    server = make_server(max_batch_size=8, max_batch_delay_ms=1500, drain_timeout_s=10)
+    with ThreadPoolExecutor(3) as pool:
+        queued = [pool.submit(post, server.url) for _ in range(3)]
+        deadline = time.monotonic() + 2
+        while server.metric("erde_inflight_requests") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"]
+        late = post(server.url)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+        assert [f.result().status_code for f in queued] == [200, 200, 200]
+    assert server.proc.wait(15) is not None  # exits once drained
+    assert "draining" in server.log.read_text()
+
+
+def test_sighup_swaps_versions_and_survives_a_corrupt_one(make_server, tiny_pipeline, tmp_path) -> None:
+    store = tmp_path / "store"
+    export_run(tiny_pipeline.student_run, store, "toy", "1")
+    server = make_server(store=store)
+    assert post(server.url).json()["version"] == "1"
+
+    export_run(tiny_pipeline.student_run, store, "toy", "2")
+    server.signal(signal.SIGHUP)
+    wait_for_version(server.url, "2")
+    assert post(server.url).json()["version"] == "2"
+
+    shutil.copytree(store / "toy" / "2", store / "toy" / "3")  # a version 3 whose weights are corrupt
+    manifest = json.loads((store / "toy" / "3" / "manifest.json").read_text())
+    (store / "toy" / "3" / "manifest.json").write_text(json.dumps({**manifest, "version": "3"}))
+    weights = store / "toy" / "3" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while server.metric("erde_reloads_total", result="failed") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("erde_reloads_total", result="failed") == 1
+    assert post(server.url).json()["version"] == "2"  # the old version keeps serving
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert "refused toy/3" in server.log.read_text()
+    info = httpx.get(f"{server.url}/metrics").text
+    assert 'erde_model_info{model="toy",version="2"} 1.0' in info and 'version="1"' not in info
+
+
+def wait_for_version(url: str, version: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/models/toy").json()["version"] == version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"version {version} never served")
