@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from deploy_support import DASHBOARD, Query, dashboard_queries
+
+from tests.deploy.deploy_support import DASHBOARD, Query, dashboard_queries
 
 
 @pytest.fixture(scope="session")

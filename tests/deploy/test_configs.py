@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import DOCKER, PROMETHEUS_DIR, ROOT, Query, panels, require_binary
+
+from tests.deploy.deploy_support import DOCKER, PROMETHEUS_DIR, ROOT, Query, panels, require_binary
 
 GRAFANA_TEST_PASSWORD = "test-only-not-a-real-password"
 

@@ -28,13 +28,15 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_support import DASHBOARD, PROMETHEUS_DIR, ROOT, Query, dashboard_queries, require_binary
 from PIL import Image
+
+from tests.deploy.deploy_support import DASHBOARD, PROMETHEUS_DIR, ROOT, Query, dashboard_queries, require_binary
 
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
 IMAGES_PER_BUDGET = 4  # per wave
 # A tiny model that is as accurate at its first exit as at its last is calibrated to exit first at
-# every budget; expert options make the deeper exits answer too: threshold 0 = full depth.
+# every budget; expert options make the deeper exits answer too: threshold 0 = full depth, and
+# max_exit 1 stops at the second exit (the tiny test network has three).
 DEEP_OPTIONS = ({"threshold": 0}, {"threshold": 0, "max_exit": 1})
 WAVES = 3  # separated by a scrape each, so every counter has risen between two samples
 STARTUP_TIMEOUT_S = 60.0
@@ -59,9 +61,11 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None,
+               proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `check` until true; fail with the process's log when it times out or `proc` dies first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             if check():
                 return
@@ -69,7 +73,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path |
             pass
         time.sleep(0.2)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+    why = f"it exited with {proc.returncode}" if proc is not None and proc.poll() is not None else \
+        f"timed out after {timeout:.0f}s"
+    pytest.fail(f"waiting for {what}: {why}\n{tail}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -102,7 +108,8 @@ class Stack:
     prometheus: httpx.Client
     sent: int = 0  # requests to /classify and /classify/batch, any status
     fractions: dict[float, list[float]] = field(default_factory=dict)  # budget -> macs_fraction of replies
-    exits: set[int] = field(default_factory=set)
+    exits: set[int] = field(default_factory=set)  # exits that answered
+    n_exits: int = 0  # exits the model has
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         reply = self.prometheus.get("/api/v1/query", params={"query": promql})
@@ -132,6 +139,7 @@ class Stack:
             body = reply.json()
             self.fractions.setdefault(budget, []).append(body["macs_fraction"])
             self.exits.add(body["exit"])
+            self.n_exits = body["exits"]
         self.sent += 1
         batch = self.service.post("/classify/batch", data={"budget": "0.3"},
                                   files=[("image", (f"{i}.png", png(i), "image/png")) for i in range(3)])
@@ -175,9 +183,9 @@ def stack(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 httpx.Client(base_url=f"http://127.0.0.1:{prometheus_port}", timeout=10) as prometheus:
             s = Stack(service, prometheus)
             wait_until(lambda: service.get("/readyz").status_code == 200, STARTUP_TIMEOUT_S, "the service",
-                       service_log)
+                       service_log, procs[0])
             wait_until(lambda: prometheus.get("/-/ready").status_code == 200, STARTUP_TIMEOUT_S, "Prometheus",
-                       prometheus_log)
+                       prometheus_log, procs[1])
             wait_until(lambda: s.scalar('up{job="erde"}') == 1, SCRAPE_TIMEOUT_S, "a first scrape", prometheus_log)
             for i in range(WAVES):
                 s.wave(i)
@@ -191,7 +199,7 @@ def stack(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def test_traffic_spent_less_than_full_compute_below_budget_1(stack: Stack) -> None:
     """The premise of the checks below: low budgets exit early, so there is compute saved to show."""
     assert min(stack.fractions[min(BUDGETS)]) < 1
-    assert stack.exits == {0, 1, 2}, f"replies came from exits {stack.exits}"
+    assert {0, 1, stack.n_exits - 1} <= stack.exits, f"replies came from exits {stack.exits} of {stack.n_exits}"
 
 
 def test_prometheus_has_every_metric_the_dashboard_and_alerts_use(stack: Stack) -> None:
@@ -202,7 +210,7 @@ def test_prometheus_has_every_metric_the_dashboard_and_alerts_use(stack: Stack) 
     assert used <= scraped, f"used by the dashboard or alerts but not exported: {sorted(used - scraped)}"
 
 
-@pytest.mark.parametrize("query", QUERIES, ids=str)
+@pytest.mark.parametrize("query", QUERIES, ids=lambda q: f"{q.panel} {q.ref}")
 def test_dashboard_query_returns_data(stack: Stack, query: Query) -> None:
     result = stack.query(query.promql)
     assert result, f"no data for {query}\n(evaluated as {query.promql})"
