@@ -8,7 +8,6 @@ upload can be wrong maps to one client error: 413 too large, 415 not a supported
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from erde.data import InputSpec
 from service.errors import BadOptions, PayloadTooLarge, UnsupportedImage
+
+Image.init()  # register every format plugin now, not on the first request
 
 EXIF_ORIENTATION = 0x0112
 TRANSPARENT_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
@@ -34,11 +35,9 @@ class ImageLimits:
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if not data:
         raise UnsupportedImage("the image file is empty", code="empty_image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=limits.formats)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    try:  # reads the header only; our pixel limit is checked right after, before any decoding
+        im = Image.open(io.BytesIO(data), formats=limits.formats)
+    except Image.DecompressionBombError:
         raise PayloadTooLarge(f"the image has more than {limits.max_pixels} pixels", code="too_many_pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UnsupportedImage(f"not a supported image; send one of: {', '.join(limits.formats)}") from None

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """Async on purpose: FastAPI runs a sync dependency in a thread pool, a hand-off per request."""
     return request.app.state.runtime
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from erde.nets import fuse_for_inference
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.decode import ImageLimits
@@ -84,7 +85,7 @@ class ModelRegistry:
         if artifact.name != name or artifact.version != version:
             raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
         s = self.settings
-        worker = ModelWorker(artifact.model, max_batch_size=s.max_batch_size,
+        worker = ModelWorker(fuse_for_inference(artifact.model), max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              retry_after=s.retry_after_s, name=name,
                              on_batch=lambda size: metrics.observe_batch(name, size),
@@ -136,4 +137,4 @@ def warm_up(served: ServedModel) -> None:
     spec = served.artifact.spec
     x = torch.zeros(spec.channels, spec.size, spec.size)
     jobs = [Job(x, 0.0, served.artifact.model.num_exits - 1, 1, 0.0) for _ in range(2)]
-    run_batch(served.artifact.model, jobs, lambda *_: None)
+    run_batch(served.worker.model, jobs, lambda *_: None)

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     # than a thread hand-off); larger ones in the decode pool
 
     max_batch_size: int = Field(32, ge=1, le=1024)  # rows per micro-batch
-    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)  # longest wait for a batch to fill
+    max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # longest wait for a batch to fill; 0: take
+    # what is queued (a busy worker lets requests pile up, so batches form under load without waiting)
     queue_size: int = Field(512, ge=1)  # queued images per model; a full queue answers 503 at once
     torch_threads: int = Field(1, ge=1, le=256)  # intra-op threads of the inference worker
     decode_threads: int = Field(2, ge=1, le=64)  # image decode pool

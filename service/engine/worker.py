@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from erde.nets import EarlyExitResNet
@@ -52,40 +53,48 @@ def _release(jobs: list[Job], results: list[ExitResult]) -> None:
             loop.call_soon_threadsafe(_resolve, pairs)
 
 
+def _exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and entropy per row, in numpy: a few small-array ops cost less there
+    than torch's per-op dispatch, and this runs once per stage."""
+    z = logits.double().numpy()  # (b, K)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    probs = np.exp(logp)
+    return probs, -(probs * logp).sum(axis=1)
+
+
 @torch.inference_mode()
 def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[Job], list[ExitResult]], None],
               clock: Callable[[], float] = time.monotonic) -> list[int]:
     """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took."""
     started = clock()
-    x = torch.stack([j.x for j in jobs])  # (B, C, H, W)
-    theta = torch.tensor([j.threshold for j in jobs])  # (B,)
-    cap = torch.tensor([min(j.cap, model.num_exits - 1) for j in jobs])  # (B,)
-    rows = torch.arange(len(jobs))  # original index of each row still running
+    h = torch.stack([j.x for j in jobs])  # (B, C, H, W)
+    theta = np.array([j.threshold for j in jobs])  # (B,)
+    cap = np.array([min(j.cap, model.num_exits - 1) for j in jobs])  # (B,)
+    rows = np.arange(len(jobs))  # original index of each row still running
     exits = [0] * len(jobs)
-    h = x
     for i in range(model.num_exits):
         h = model.stage(i, h)
-        logp = torch.log_softmax(model.exit(i, h).float(), dim=-1)  # (b, K)
-        probs = logp.exp()
-        ent = -(probs * logp).sum(-1)  # (b,)
+        probs, ent = _exit_scores(model.exit(i, h))
         done = (ent < theta) | (cap <= i)
-        if done.any():
-            idx = done.nonzero().squeeze(1)
-            k = max(jobs[r].top_k for r in rows[idx].tolist())
-            top_p, top_i = probs[idx].topk(k, dim=-1)
+        idx = np.flatnonzero(done)
+        if idx.size:
+            k = max(jobs[r].top_k for r in rows[idx])
+            top_ids = np.argsort(-probs[idx], axis=1, kind="stable")[:, :k]  # (d, k)
+            top_probs = np.take_along_axis(probs[idx], top_ids, axis=1)
             now = clock()
             done_jobs, results = [], []
-            for r, e, tp, ti in zip(rows[idx].tolist(), ent[idx].tolist(), top_p.tolist(), top_i.tolist(),
+            for r, e, tp, ti in zip(rows[idx].tolist(), ent[idx].tolist(), top_probs.tolist(), top_ids.tolist(),
                                     strict=True):
                 job = jobs[r]
                 exits[r] = i
                 done_jobs.append(job)
                 results.append(ExitResult(i, e, tp[:job.top_k], ti[:job.top_k], started - job.enqueued, now - started))
             release(done_jobs, results)
-        keep = ~done
-        if not keep.any():
+        if idx.size == len(rows):
             break
-        h, theta, cap, rows = h[keep], theta[keep], cap[keep], rows[keep]
+        keep = ~done
+        h, theta, cap, rows = h[torch.from_numpy(keep)], theta[keep], cap[keep], rows[keep]
     return exits
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erde.macs import macs_per_exit
-from erde.nets import NetConfig, build_model, list_models, model_config, register_model
+from erde.nets import NetConfig, build_model, fuse_for_inference, list_models, model_config, register_model
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -56,3 +56,20 @@ def test_registry_refuses_duplicates_and_unknown_names() -> None:
         register_model("resnet20", NetConfig())
     with pytest.raises(ValueError, match="unknown architecture"):
         model_config("resnet1000")
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_fused_network_answers_like_the_original(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_config(arch)).eval()
+    for m in model.modules():  # non-trivial BN statistics, so folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    fused = fuse_for_inference(model)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == model.num_exits  # heads only
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        for a, b in zip(model.forward_all(x), fused.forward_all(x), strict=True):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
