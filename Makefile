@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps data test lint serve bench bench-peers clean
+.PHONY: install system-deps data test lint serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,12 +38,13 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check erde service tests bench
-	$(VENV)/bin/ruff format --check erde service tests bench || true
 
 serve: $(STAMP)
 	$(VENV)/bin/erde serve
 
+# Benchmarks print tables (never timed asserts); wrk is the loopback load generator.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk)
 	$(PY) -m bench.engine
 	$(PY) -m bench.http
 
