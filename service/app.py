@@ -35,6 +35,8 @@ def _watch_sighup(runtime: Runtime) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Here, not in `erde serve`: each uvicorn worker process builds its own app (a no-op if configured).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     runtime = Runtime(settings)
 
     @asynccontextmanager

@@ -43,26 +43,29 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
-def _multiprocess_dir() -> None:
-    """Several workers share metrics through files in a directory that is emptied at every start."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(tempfile.gettempdir(), "erde-metrics")
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
+def _multiprocess_dir() -> str:
+    """Several workers share metrics through files in a directory that is empty at every start:
+    the one PROMETHEUS_MULTIPROC_DIR names (emptied), else a fresh one for this server."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    else:
+        path = tempfile.mkdtemp(prefix="erde-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    _setup_logging()
     common = {"host": settings.host, "port": settings.port, "loop": "uvloop", "http": "httptools",
               "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}
     if settings.workers > 1:
-        _multiprocess_dir()
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        path = _multiprocess_dir()
+        try:
+            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
         return
     from service.app import create_app  # after the multiprocess directory is set, never before
 

@@ -105,3 +105,13 @@ def wait_for_version(url: str, version: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"version {version} never served")
+
+
+def test_several_workers_share_one_metrics_view(make_server) -> None:
+    server = make_server(workers=2)
+    assert [post(server.url).status_code for _ in range(8)] == [200] * 8
+    assert server.metric("erde_requests_total", model="toy", code="200") == 8  # summed over both processes
+    assert server.metric("erde_exits_total", model="toy") == 8
+    assert len({line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                if line.startswith("erde_model_info{")}) == 2  # one per worker process
+    assert server.log.read_text().count('"path":"/classify"') == 8  # access log from both workers
