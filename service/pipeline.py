@@ -9,17 +9,19 @@ import asyncio
 import time
 from typing import Any
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service import metrics
 from service.engine.batcher import Job
 from service.engine.worker import ExitResult
 from service.errors import BadOptions, ServiceError, Unavailable, UnsupportedImage
+from service.multipart import boundary_of, parse_multipart
 from service.policy import Decision
 from service.registry import ServedModel
 from service.runtime import Runtime
 from service.schemas import ClassifyOptions, parse_options
+
+MAX_FIELDS = 16  # option fields a multipart request may carry besides its images
 
 
 async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
@@ -31,15 +33,15 @@ async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], d
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedImage("send multipart/form-data with an 'image' file field, or a raw image/* body",
                                code="unsupported_media_type")
-    async with request.form(max_files=max_images, max_fields=32) as form:
-        images = []
-        for key, value in form.multi_items():
-            if key != "image":
-                fields[key] = value if isinstance(value, str) else ""
-            elif isinstance(value, UploadFile):
-                images.append(await value.read())
-            else:
-                raise BadOptions("image: must be a file part, not a text field", code="missing_image")
+    boundary = boundary_of(content_type)
+    images = []
+    for part in parse_multipart(await request.body(), boundary, max_parts=max_images + MAX_FIELDS):
+        if part.name != "image":
+            fields[part.name] = part.data.decode("utf-8", errors="replace") if part.filename is None else ""
+        elif part.filename is not None:
+            images.append(part.data)
+        else:
+            raise BadOptions("image: must be a file part, not a text field", code="missing_image")
     if not images:
         raise BadOptions("image: a file field named 'image' is required", code="missing_image")
     if len(images) > max_images:

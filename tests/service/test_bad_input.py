@@ -74,8 +74,11 @@ def test_no_image_field(server) -> None:
         error = assert_error(c.post("/classify", data={"image": "not a file"}, files={"x": ("a", b"1")}), 422)
         assert error["code"] == "missing_image"
         assert_error(c.post("/classify", content=b"{}", headers={"content-type": "application/json"}), 415)
-        assert_error(c.post("/classify", content=b"--xx\r\ngarbage", headers={
-            "content-type": "multipart/form-data; boundary=xx"}), 422)
+        garbage = assert_error(c.post("/classify", content=b"--xx\r\ngarbage", headers={
+            "content-type": "multipart/form-data; boundary=xx"}), 400)
+        assert garbage["code"] == "malformed_multipart"
+        two = [("image", ("a.png", PNG, "image/png")), ("image", ("b.png", PNG, "image/png"))]
+        assert assert_error(c.post("/classify", files=two), 422)["code"] == "too_many_images"
     assert_still_serving(server)
 
 
@@ -99,7 +102,7 @@ def test_batch_names_the_bad_image_and_caps_the_count(server) -> None:
         error = assert_error(c.post("/classify/batch", files=files), 415)
         assert error["message"].startswith("image 1:")
         many = [("image", (f"{i}.png", PNG, "image/png")) for i in range(65)]
-        assert "64" in assert_error(c.post("/classify/batch", files=many), 400)["message"]
+        assert "at most 64" in assert_error(c.post("/classify/batch", files=many), 422)["message"]
     assert_still_serving(server)
 
 
