@@ -48,5 +48,13 @@ bench: $(STAMP)
 	$(PY) -m bench.engine
 	$(PY) -m bench.http
 
+# Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
+# one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then
+# every server measured with wrk, interleaved; writes reports/benchmarks-peers.md.
+bench-peers: $(STAMP)
+	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk)
+	PYTHON=$(PYTHON) bash bench/peers/venvs.sh
+	$(PY) -m bench.peers.run
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
