@@ -12,7 +12,7 @@ import torch
 
 from erde.calibrate import CalibrationCurve, calibrate_run
 from erde.data import InputSpec, load_dataset
-from erde.evaluate import markdown_table, test_metrics
+from erde.evaluate import markdown_table, measure_test_split
 from erde.macs import macs_per_exit
 from erde.store import write_artifact
 from erde.train import TrainConfig, load_trained
@@ -31,7 +31,7 @@ def model_card(name: str, version: str, cfg: TrainConfig, spec: InputSpec, class
     return f"""# Model card: {name} v{version}
 
 Early-exit {cfg.arch} ({params:,} parameters, {len(macs)} exits) trained on **{cfg.dataset}** with {method}.
-{f"Teacher: `{Path(cfg.teacher).name}` artifact." if cfg.teacher else ""}
+{f"Teacher: the `{'/'.join(Path(cfg.teacher).parts[-2:])}` artifact." if cfg.teacher else ""}
 
 - Input: {spec.mode} {spec.size}x{spec.size}, normalised with mean {list(spec.mean)} and std {list(spec.std)}.
 - Classes ({len(classes)}): {", ".join(classes)}.
@@ -70,7 +70,7 @@ def export_run(run_dir: Path, store: Path, name: str, version: str, overwrite: b
     spec = InputSpec.from_dict(state["input_spec"])
     test = load_dataset(cfg.dataset, "test", Path(cfg.data_dir) if cfg.data_dir else None,
                         image_size=spec.size, image_mode=spec.mode)
-    metrics = test_metrics(model, curve, test)
+    metrics = measure_test_split(model, curve, test)
     params = sum(p.numel() for p in model.parameters())
     metadata = {
         "arch": cfg.arch, "params": params, "full_macs": macs[-1],

@@ -89,6 +89,9 @@ def write_artifact(root: Path, name: str, version: str, model: EarlyExitResNet, 
         "files": {f: sha256_file(tmp / f) for f in (WEIGHTS, CALIBRATION, CARD)},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for file in tmp.iterdir():  # readable by a service running as another user (mkdtemp makes 0700)
+        file.chmod(0o644)
+    tmp.chmod(0o755)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -1,0 +1,90 @@
+"""The shipped default model, read-only: integrity, calibration consistency, card vs a fresh
+evaluation on the Fashion-MNIST test split, and budgets that save real MACs over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erde.data import load_fashion_mnist
+from erde.evaluate import measure_test_split
+from erde.store import read_artifact
+from tests.service.conftest import start_server
+
+SHIPPED = Path(__file__).resolve().parents[1] / "model_store" / "fashion-mnist" / "1"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return read_artifact(SHIPPED)  # verifies every sha256 and the weights against the network
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_fashion_mnist("test")
+
+
+def test_is_small_and_erde_trained(shipped) -> None:
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert size < 3 * 1024 * 1024
+    assert shipped.manifest["training"]["loss"]["kind"] == "erde"
+    assert shipped.manifest["training"]["dataset"] == "fashion-mnist"
+    assert shipped.classes[0] == "T-shirt/top" and len(shipped.classes) == 10
+
+
+def test_calibration_is_consistent(shipped) -> None:
+    macs = np.array(shipped.macs_per_exit, dtype=float)
+    points = shipped.calibration.points
+    for p in points:
+        assert abs(sum(p.exit_histogram) - 1) < 1e-4
+        assert p.macs_fraction == pytest.approx(float(np.dot(p.exit_histogram, macs) / macs[-1]), abs=1e-4)
+        assert 0 <= p.accuracy <= 1
+    by_theta = sorted(points, key=lambda p: p.threshold)
+    assert by_theta[0].threshold == 0 and by_theta[0].exit_histogram[-1] == 1.0
+    assert by_theta[-1].exit_histogram[0] == 1.0
+    costs = [p.macs_fraction for p in by_theta]
+    assert costs == sorted(costs, reverse=True)  # a larger θ never costs more
+    for budget in (1.0, 0.75, 0.5, 0.35, 0.25):
+        point, clamped = shipped.calibration.choose(budget)
+        assert clamped or point.macs_fraction <= budget + 1e-9
+
+
+def test_card_and_manifest_match_a_fresh_evaluation(shipped, test_split) -> None:
+    fresh = measure_test_split(shipped.model, shipped.calibration, test_split)
+    stored = shipped.manifest["test_metrics"]
+    assert fresh["exit_accuracy"] == pytest.approx(stored["exit_accuracy"], abs=1e-6)
+    for a, b in zip(fresh["budgets"], stored["budgets"], strict=True):
+        assert (a["budget"], a["threshold"]) == (b["budget"], b["threshold"])
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
+        assert a["macs_fraction"] == pytest.approx(b["macs_fraction"], abs=1e-6)
+    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    assert f"| {fresh['full_depth_accuracy'] * 100:.2f} |" in card
+    for row in fresh["budgets"]:
+        assert re.search(rf"\| {row['budget']}(?: \(cheapest\))? \| {row['threshold']:.4f} \| "
+                         rf"{row['accuracy'] * 100:.2f} \|", card), row
+
+
+def test_lower_budgets_spend_fewer_macs_over_http(test_split, tmp_path) -> None:
+    pngs, labels = [], test_split.labels[:120].tolist()
+    for pixels in test_split.images[:120, 0].numpy():
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    server = start_server(SHIPPED.parents[1], tmp_path, default_model="fashion-mnist")
+    try:
+        mean_macs, accuracy = {}, {}
+        with server.client() as c:
+            for budget in ("1.0", "0.5", "0.25"):
+                replies = [c.post("/classify", data={"budget": budget}, files={"image": ("x.png", p, "image/png")})
+                           .json() for p in pngs]
+                mean_macs[budget] = np.mean([r["macs"] for r in replies])
+                accuracy[budget] = np.mean([r["class_id"] == y for r, y in zip(replies, labels, strict=True)])
+    finally:
+        server.stop()
+    assert mean_macs["1.0"] > mean_macs["0.5"] > mean_macs["0.25"], mean_macs
+    assert accuracy["1.0"] > 0.85 and accuracy["0.25"] > 0.75, accuracy
