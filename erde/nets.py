@@ -196,15 +196,39 @@ def _fold(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module, nn.Module]:
     return fuse_conv_bn_eval(conv, bn), nn.Identity()
 
 
+def _fold_pool_into_fc(head: ExitHead, spatial: int) -> None:
+    """AvgPool2d(2) -> Flatten -> FC is one linear map: fold it into a wider FC (eval only).
+
+    On a CPU the pooling of a large early map costs several times more than the wider FC.
+    """
+    pool = head.body[2]
+    if not isinstance(pool, nn.AvgPool2d):
+        return
+    fc, half = head.fc, spatial // 2
+    weight = fc.weight.view(fc.out_features, -1, half, half)  # (K, C, S/2, S/2)
+    weight = weight.repeat_interleave(2, 2).repeat_interleave(2, 3) / 4  # (K, C, 2*(S/2), 2*(S/2))
+    weight = nn.functional.pad(weight, (0, spatial - 2 * half, 0, spatial - 2 * half))  # odd S: last row unused
+    wide = nn.Linear(weight[0].numel(), fc.out_features)
+    wide.weight.copy_(weight.reshape(fc.out_features, -1))
+    wide.bias.copy_(fc.bias)
+    head.body = nn.Sequential(head.body[0], head.body[1], nn.Flatten())  # BN, ReLU, (no pool, no dropout)
+    head.fc = wide
+
+
 @torch.no_grad()
 def fuse_for_inference(model: EarlyExitResNet) -> EarlyExitResNet:
-    """A copy for serving with every conv's BatchNorm folded into the conv's weights.
+    """A copy for serving: every conv's BatchNorm folded into the conv, and the intermediate exits'
+    2x2 pooling folded into their FC.
 
-    Same logits (to float rounding), fewer ops per stage: for small networks at small batches the
-    per-op dispatch cost, not arithmetic, is what a stage costs. The exit heads' BN follows a
-    ReLU and stays.
+    Same logits (to float rounding), fewer and cheaper ops per stage: for small networks at small
+    batches the per-op cost, not arithmetic, is what a stage costs. The heads' BN follows a ReLU
+    and stays.
     """
     fused = copy.deepcopy(model).eval()
+    h = torch.zeros(1, model.config.in_channels, model.config.input_size, model.config.input_size)
+    for i, head in enumerate(fused.heads):
+        h = fused.stage(i, h)
+        _fold_pool_into_fc(head, h.shape[-1])
     stem = fused.stages[0][0]
     stem[0], stem[1] = _fold(stem[0], stem[1])
     for block in fused.modules():

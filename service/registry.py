@@ -137,4 +137,4 @@ def warm_up(served: ServedModel) -> None:
     spec = served.artifact.spec
     x = torch.zeros(spec.channels, spec.size, spec.size)
     jobs = [Job(x, 0.0, served.artifact.model.num_exits - 1, 1, 0.0) for _ in range(2)]
-    run_batch(served.worker.model, jobs, lambda *_: None)
+    run_batch(served.worker.model, jobs, lambda *_: None, mkldnn=served.worker.mkldnn)
