@@ -87,7 +87,7 @@ class ModelRegistry:
         s = self.settings
         worker = ModelWorker(fuse_for_inference(artifact.model), max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
-                             retry_after=s.retry_after_s, name=name,
+                             retry_after=s.retry_after_s, name=name, threads=s.torch_threads,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),

@@ -131,8 +131,8 @@ def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[J
             release(done_jobs, results)
         if idx.size == len(rows):
             break
-        keep = ~done
-        h, theta, cap, rows = h[torch.from_numpy(keep)], theta[keep], cap[keep], rows[keep]
+        keep = np.flatnonzero(~done)  # index, not mask: a boolean mask costs torch a nonzero pass
+        h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep)), theta[keep], cap[keep], rows[keep]
     return exits
 
 
@@ -140,10 +140,11 @@ class ModelWorker:
     """A bounded queue and the thread that drains it in micro-batches."""
 
     def __init__(self, model: EarlyExitResNet, *, max_batch_size: int, max_batch_delay_s: float, queue_size: int,
-                 retry_after: int = 1, name: str = "model",
+                 retry_after: int = 1, name: str = "model", threads: int = 1,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.model = model.eval()
+        self.threads = threads
         self.mkldnn = choose_stage_backends(self.model, max_batch_size)
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
@@ -198,6 +199,9 @@ class ModelWorker:
                 self._cond.wait(None if ready == float("inf") else ready)
 
     def _loop(self) -> None:
+        # OpenMP thread counts are per calling thread: set it here, or this thread uses every core
+        # and its spinning workers fight the event loop for the CPU.
+        torch.set_num_threads(self.threads)
         while (batch := self._next_batch()) is not None:
             self.on_batch(len(batch))
             try:
