@@ -60,6 +60,15 @@ class Server:
         return total
 
 
+def eventually(check, timeout: float = 10.0) -> None:
+    """Request metrics and the access log are written just after the reply is sent: poll for them."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
 def start_server(store: Path, log_dir: Path, **settings: object) -> Server:
     port = free_port()
     env = {**os.environ, "ERDE_STORE": str(store), "ERDE_HOST": "127.0.0.1", "ERDE_PORT": str(port),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.service import images
+from tests.service.conftest import eventually
 
 PNG = images.png()
 BAD_UPLOADS = {
@@ -110,5 +111,5 @@ def test_rejections_are_counted_with_bounded_labels(server) -> None:
     before = server.metric("erde_rejected_total", reason="unknown_model")
     with server.client() as c:
         c.post("/classify", data={"model": "no-such-model"}, files={"image": ("a.png", PNG, "image/png")})
-    assert server.metric("erde_rejected_total", reason="unknown_model") == before + 1
+    eventually(lambda: server.metric("erde_rejected_total", reason="unknown_model") == before + 1)
     assert 'model="no-such-model"' not in server.client().get("/metrics").text
