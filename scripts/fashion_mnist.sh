@@ -59,4 +59,4 @@ echo "chosen gamma: $best"
 [[ -f model_store/fashion-mnist/1/manifest.json ]] || \
   "$ERDE" export "runs/erde-g${best//./}" --store model_store --name fashion-mnist --version 1
 "$ERDE" evaluate $STORE/teacher/1 $STORE/ce/1 $STORE/kd/1 $STORE/erde-g0/1 $STORE/erde-g05/1 \
-  $STORE/erde-g1/1 model_store/fashion-mnist/1 --out reports --title fashion-mnist
+  $STORE/erde-g1/1 model_store/fashion-mnist/1 --out reports --title fashion-mnist-eval
