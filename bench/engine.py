@@ -17,7 +17,7 @@ from bench.common import default_artifact, sample_images, table
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.engine.batcher import Job
-from service.engine.worker import choose_stage_backends, run_batch
+from service.engine.compute import choose_stage_backends, run_batch
 
 BUDGETS = (1.0, 0.5, 0.25)
 BAR = {1: 0.5, 32: 0.7}

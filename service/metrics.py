@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from functools import wraps
+from functools import lru_cache, wraps
 from typing import Any
 
 from prometheus_client import (
@@ -22,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger("erde.service")
 
@@ -65,38 +66,45 @@ def never_raises(fn: Callable[..., None]) -> Callable[..., None]:
     return safe
 
 
+@lru_cache(maxsize=4096)
+def _series(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+    """One labelled series, looked up once: `labels()` costs more than the increment, per image.
+    Bounded, as the labels are (not for MODEL_INFO, whose series are removed)."""
+    return metric.labels(*labels)
+
+
 @never_raises
 def observe_request(model: str, endpoint: str, code: int, seconds: float) -> None:
-    REQUESTS.labels(model, endpoint, str(code)).inc()
-    REQUEST_DURATION.labels(model, endpoint).observe(seconds)
+    _series(REQUESTS, model, endpoint, str(code)).inc()
+    _series(REQUEST_DURATION, model, endpoint).observe(seconds)
 
 
 @never_raises
 def observe_image(model: str, exit_index: int, macs: int, full_macs: int, budget: float | None,
                   decode_s: float, queue_s: float, inference_s: float) -> None:
-    EXITS.labels(model, str(exit_index)).inc()
-    MACS.labels(model).inc(macs)
-    MACS_FULL.labels(model).inc(full_macs)
+    _series(EXITS, model, str(exit_index)).inc()
+    _series(MACS, model).inc(macs)
+    _series(MACS_FULL, model).inc(full_macs)
     if budget is not None:
-        BUDGET.labels(model).observe(budget)
-    STAGE_DURATION.labels(model, "decode").observe(decode_s)
-    STAGE_DURATION.labels(model, "queue").observe(queue_s)
-    STAGE_DURATION.labels(model, "inference").observe(inference_s)
+        _series(BUDGET, model).observe(budget)
+    _series(STAGE_DURATION, model, "decode").observe(decode_s)
+    _series(STAGE_DURATION, model, "queue").observe(queue_s)
+    _series(STAGE_DURATION, model, "inference").observe(inference_s)
 
 
 @never_raises
 def observe_batch(model: str, size: int) -> None:
-    BATCH_SIZE.labels(model).observe(size)
+    _series(BATCH_SIZE, model).observe(size)
 
 
 @never_raises
 def set_queue_depth(model: str, depth: int) -> None:
-    QUEUE_DEPTH.labels(model).set(depth)
+    _series(QUEUE_DEPTH, model).set(depth)
 
 
 @never_raises
 def observe_rejected(model: str, reason: str) -> None:
-    REJECTED.labels(model, reason).inc()
+    _series(REJECTED, model, reason).inc()
 
 
 @never_raises

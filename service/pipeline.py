@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from service import metrics
 from service.engine.batcher import Job
-from service.engine.worker import ExitResult
+from service.engine.compute import ExitResult
 from service.errors import BadOptions, ServiceError, Unavailable, UnsupportedImage
 from service.multipart import boundary_of, parse_multipart
 from service.policy import Decision
@@ -80,6 +80,8 @@ async def infer(served: ServedModel, decision: Decision, tensors: list) -> list[
     now = time.monotonic()
     jobs = [Job(x, decision.threshold, decision.cap, decision.top_k, now, loop.create_future()) for x in tensors]
     served.worker.submit(jobs)
+    if len(jobs) == 1:
+        return [await jobs[0].future]
     return list(await asyncio.gather(*(j.future for j in jobs)))
 
 

@@ -7,19 +7,16 @@ one keeps serving. Nothing here ever takes a path from a client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from erde.nets import fuse_for_inference
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.decode import ImageLimits
-from service.engine.batcher import Job
-from service.engine.worker import ModelWorker, run_batch
+from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
 from service.policy import BudgetPolicy
 from service.settings import Settings
@@ -61,6 +58,7 @@ class ModelRegistry:
         self.limits = ImageLimits(settings.max_pixels, settings.min_image_side, settings.image_formats)
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()  # one reload at a time
+        self.loop: asyncio.AbstractEventLoop | None = None  # where the workers answer; set before reload
 
     @property
     def names(self) -> list[str]:
@@ -85,17 +83,15 @@ class ModelRegistry:
         if artifact.name != name or artifact.version != version:
             raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
         s = self.settings
-        worker = ModelWorker(fuse_for_inference(artifact.model), max_batch_size=s.max_batch_size,
+        worker = ModelWorker(artifact.model, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              retry_after=s.retry_after_s, name=name, threads=s.torch_threads,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
                               s.default_budget, s.max_top_k)
-        served = ServedModel(artifact, worker, policy, versions)
-        warm_up(served)
-        worker.start()
-        return served
+        worker.start(self.loop)  # loads, fuses and warms the model in its own process
+        return ServedModel(artifact, worker, policy, versions)
 
     def reload(self) -> dict[str, str]:
         """Serve the newest version of every model in the store; returns name -> outcome."""
@@ -131,10 +127,3 @@ class ModelRegistry:
         for served in list(self._models.values()):
             served.worker.close(timeout)
 
-
-def warm_up(served: ServedModel) -> None:
-    """One pass through every exit before the model takes traffic (allocations, lazy init)."""
-    spec = served.artifact.spec
-    x = torch.zeros(spec.channels, spec.size, spec.size)
-    jobs = [Job(x, 0.0, served.artifact.model.num_exits - 1, 1, 0.0) for _ in range(2)]
-    run_batch(served.worker.model, jobs, lambda *_: None, mkldnn=served.worker.mkldnn)

@@ -22,8 +22,9 @@ class Runtime:
         self.draining = False
         self.started = False
 
-    def start(self) -> None:
-        torch.set_num_threads(self.settings.torch_threads)
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load every model (each in its own inference process, answering on `loop`)."""
+        self.registry.loop = loop
         self.registry.reload()
         self.started = True
 

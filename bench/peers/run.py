@@ -46,7 +46,7 @@ from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
 from service.engine.batcher import Job
-from service.engine.worker import choose_stage_backends, run_batch
+from service.engine.compute import choose_stage_backends, run_batch
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

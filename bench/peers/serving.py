@@ -23,7 +23,7 @@ from bench.common import default_artifact
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
 from service.engine.batcher import Job
-from service.engine.worker import ExitResult, choose_stage_backends, run_batch
+from service.engine.compute import ExitResult, choose_stage_backends, run_batch
 from service.settings import Settings
 
 # The service runs its network on one intra-op thread (ERDE_TORCH_THREADS=1); the peers get the same.
@@ -34,7 +34,7 @@ CONSTANT: dict[str, Any] = {"label": "constant", "class_id": 0, "exit": 0}
 
 
 class PeerModel:
-    """The served artifact, loaded once per worker, run the way the service's ModelWorker runs it."""
+    """The served artifact, loaded once per worker, run the way the service's inference process runs it."""
 
     def __init__(self) -> None:
         self._threads_set = threading.local()

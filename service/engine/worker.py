@@ -1,151 +1,69 @@
-"""The inference worker: one thread per served model, running micro-batches stage by stage.
+"""The server's side of a model's inference process: a bounded queue, batches out, exits back.
 
-Each row carries its own θ and cap. After every stage the rows that exit are released at once
-(their futures resolved on their event loop) and only the rows still running go on, so cheap
-images never wait for expensive ones in the same batch.
+Everything here runs on the event loop (no thread touches the GIL per batch): `submit` queues
+jobs and forms a batch when the process can take one; the batch's inputs are written into a
+shared-memory slot and announced on a pipe; the process's replies are read by the loop itself
+(`add_reader`) and resolve each row's future as soon as its exit is known. Two slots let the
+next full batch wait inside the process while the current one runs.
+
+If the process dies, its in-flight rows get 503 and a new process is started; queued rows wait
+for it. `close` refuses new jobs, answers the queued ones, then stops the process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import atexit
 import logging
+import math
+import mmap
+import multiprocessing
+import os
+import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
-import numpy as np
 import torch
 
 from erde.nets import EarlyExitResNet
+from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.errors import Unavailable
 
 log = logging.getLogger("erde.service")
 
-
-@dataclass(frozen=True)
-class ExitResult:
-    exit: int
-    entropy: float
-    top_probs: list[float]  # descending
-    top_ids: list[int]
-    queue_s: float  # enqueue -> batch start
-    inference_s: float  # batch start -> release
+SLOTS = 2  # batches in the process at once: the one running and the next (full) one
+START_TIMEOUT_S = 300.0
+# Inference processes are forked from a server process that has imported torch once, not spawned
+# afresh (seconds each) and not forked from the server itself (threads, event loop, sockets).
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(["service.engine.process"])
+_running: weakref.WeakSet[ModelWorker] = weakref.WeakSet()
 
 
-def _resolve(pairs: list[tuple[asyncio.Future, ExitResult]]) -> None:
-    for future, result in pairs:
-        if not future.done():
-            future.set_result(result)
-
-
-def _release(jobs: list[Job], results: list[ExitResult]) -> None:
-    """Resolve futures with one hand-off per event loop, not one per row."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for job, result in zip(jobs, results, strict=True):
-        if job.future is not None:
-            by_loop.setdefault(job.future.get_loop(), []).append((job.future, result))
-    for loop, pairs in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # that loop is closed: its client is gone
-            loop.call_soon_threadsafe(_resolve, pairs)
-
-
-def _exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and entropy per row, in numpy: a few small-array ops cost less there
-    than torch's per-op dispatch, and this runs once per stage."""
-    z = logits.double().numpy()  # (b, K)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    probs = np.exp(logp)
-    return probs, -(probs * logp).sum(axis=1)
-
-
-@torch.inference_mode()
-def choose_stage_backends(model: EarlyExitResNet, batch_size: int, repeats: int = 5) -> list[bool]:
-    """For each stage, whether oneDNN (mkldnn) convolutions beat torch's native ones, timed here.
-
-    Measured, not assumed: on a CPU, oneDNN loses by 2-3x on a wide early map with few channels
-    (our students' first stage) and wins on the narrower, deeper stages.
-    """
-    cfg = model.config
-    h = torch.zeros(batch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
-    choice = []
-    for i in range(model.num_exits):
-        times = {}
-        for enabled in (True, False):
-            _set_mkldnn(enabled)
-            model.stage(i, h)  # warm
-            runs = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model.stage(i, h)
-                runs.append(time.perf_counter() - started)
-            times[enabled] = sorted(runs)[repeats // 2]
-        choice.append(times[True] <= times[False])
-        _set_mkldnn(choice[-1])
-        h = model.stage(i, h)
-    _set_mkldnn(True)
-    return choice
-
-
-def _set_mkldnn(enabled: bool) -> None:
-    """Switch oneDNN convolutions on or off (process-wide; only inference threads run convs)."""
-    torch.backends.mkldnn.set_flags(_enabled=enabled, _fp32_precision=None)
-
-
-@torch.inference_mode()
-def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[Job], list[ExitResult]], None],
-              clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None) -> list[int]:
-    """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took.
-
-    `mkldnn[i]` picks the convolution backend of stage i (see `choose_stage_backends`).
-    """
-    started = clock()
-    h = torch.stack([j.x for j in jobs])  # (B, C, H, W)
-    theta = np.array([j.threshold for j in jobs])  # (B,)
-    cap = np.array([min(j.cap, model.num_exits - 1) for j in jobs])  # (B,)
-    rows = np.arange(len(jobs))  # original index of each row still running
-    exits = [0] * len(jobs)
-    for i in range(model.num_exits):
-        if mkldnn is not None:
-            _set_mkldnn(mkldnn[i])
-        h = model.stage(i, h)
-        probs, ent = _exit_scores(model.exit(i, h))
-        done = (ent < theta) | (cap <= i)
-        idx = np.flatnonzero(done)
-        if idx.size:
-            k = max(jobs[r].top_k for r in rows[idx])
-            top_ids = np.argsort(-probs[idx], axis=1, kind="stable")[:, :k]  # (d, k)
-            top_probs = np.take_along_axis(probs[idx], top_ids, axis=1)
-            now = clock()
-            done_jobs, results = [], []
-            for r, e, tp, ti in zip(rows[idx].tolist(), ent[idx].tolist(), top_probs.tolist(), top_ids.tolist(),
-                                    strict=True):
-                job = jobs[r]
-                exits[r] = i
-                done_jobs.append(job)
-                results.append(ExitResult(i, e, tp[:job.top_k], ti[:job.top_k], started - job.enqueued, now - started))
-            release(done_jobs, results)
-        if idx.size == len(rows):
-            break
-        keep = np.flatnonzero(~done)  # index, not mask: a boolean mask costs torch a nonzero pass
-        h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep)), theta[keep], cap[keep], rows[keep]
-    return exits
+@atexit.register  # runs before multiprocessing's own exit hook (registered earlier), which joins children
+def _end_processes() -> None:
+    """At interpreter exit, close the pipes: each process sees EOF and ends (it ignores SIGTERM, so that
+    a signal to the whole process group cannot cut a drain short)."""
+    for worker in list(_running):
+        if worker._requests is not None:
+            worker._requests.close()
 
 
 class ModelWorker:
-    """A bounded queue and the thread that drains it in micro-batches."""
-
     def __init__(self, model: EarlyExitResNet, *, max_batch_size: int, max_batch_delay_s: float, queue_size: int,
                  retry_after: int = 1, name: str = "model", threads: int = 1,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
-        self.model = model.eval()
+        self.blob = process.ModelBlob.of(model)
+        cfg = model.config
+        self.shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.name = name
         self.threads = threads
-        self.mkldnn = choose_stage_backends(self.model, max_batch_size)
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.queue_size = queue_size
@@ -153,70 +71,202 @@ class ModelWorker:
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
         self.on_depth = on_depth
         self._pending: deque[Job] = deque()
-        self._cond = threading.Condition()
+        self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
+        self._free_slots = list(range(SLOTS))
+        self._batch_ids = iter(range(1, 2**32))
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._requests: Connection | None = None
+        self._replies: Connection | None = None
+        self._slots = None  # (SLOTS, max_batch_size, C, H, W) shared with the process
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"erde-worker-{name}", daemon=True)
+        self._drained = threading.Event()
 
-    def start(self) -> None:
-        self._thread.start()
+    # ---- lifecycle (any thread) ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the process and wait until it has loaded and warmed the model; then serve on `loop`."""
+        self._loop = loop
+        attach = self._spawn()
+        loop.call_soon_threadsafe(attach)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new jobs, answer the queued ones, stop the process; True when done within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._closed = True
+            self._drained.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._begin_close)
+            except RuntimeError:  # the loop closed meanwhile
+                self._drained.set()
+        drained = self._drained.wait(timeout)
+        proc = self._proc
+        if proc is None:
+            return drained
+        proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+            return False
+        return drained
 
     @property
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def pid(self) -> int | None:
+        """The inference process's pid, once started."""
+        return None if self._proc is None else self._proc.pid
+
+    def _spawn(self) -> Callable[[], None]:
+        """Start a process, wait for it to be ready; returns the step that attaches it to the loop."""
+        size = SLOTS * self.max_batch_size * math.prod(self.shape) * 4
+        fd, path = tempfile.mkstemp(prefix=f"erde-{self.name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size)
+            requests_r, requests_w = _context.Pipe(duplex=False)
+            replies_r, replies_w = _context.Pipe(duplex=False)
+            proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
+                                    args=(requests_r, replies_w, self.blob, path, SLOTS, self.max_batch_size,
+                                          self.threads))
+            proc.start()
+            requests_r.close()
+            replies_w.close()
+            if not replies_r.poll(START_TIMEOUT_S) or replies_r.recv_bytes() != process.READY:
+                raise RuntimeError("no ready signal")
+        except (EOFError, OSError, RuntimeError) as exc:
+            raise RuntimeError(f"the inference process for {self.name} did not start: {exc}") from None
+        finally:
+            os.close(fd)
+            os.unlink(path)  # both sides hold their mapping; the name is no longer needed
+        slots = process.slot_view(buffer, SLOTS, self.max_batch_size, self.shape)
+
+        def attach() -> None:
+            self._proc, self._requests, self._replies, self._slots = proc, requests_w, replies_r, slots
+            self._free_slots = list(range(SLOTS))
+            _running.add(self)
+            self._loop.add_reader(replies_r.fileno(), self._on_replies)
+            log.info("inference process %d serves %s", proc.pid, self.name)
+            self._dispatch()
+
+        return attach
+
+    # ---- the event loop's side -----------------------------------------------------------------------------
+
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs, all or none; a full or closing queue answers 503 at once."""
-        with self._cond:
-            if self._closed:
-                raise Unavailable("the model is being replaced or the service is shutting down; retry",
-                                  retry_after=self.retry_after, reason="draining")
-            if len(self._pending) + len(jobs) > self.queue_size:
-                raise Unavailable("the inference queue is full; retry shortly", code="overloaded",
-                                  retry_after=self.retry_after, reason="queue_full")
-            self._pending.extend(jobs)
-            self._cond.notify()
+        """Queue jobs, all or none; a full or closing queue answers 503 at once. On the loop thread."""
+        if self._closed:
+            raise Unavailable("the model is being replaced or the service is shutting down; retry",
+                              retry_after=self.retry_after, reason="draining")
+        if len(self._pending) + len(jobs) > self.queue_size:
+            raise Unavailable("the inference queue is full; retry shortly", code="overloaded",
+                              retry_after=self.retry_after, reason="queue_full")
+        self._pending.extend(jobs)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send batches while the process has a free slot: any batch when it is idle, only a full
+        one when it is busy (a small batch sent early would just wait there, and stay small)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._requests is not None and self._free_slots and self._pending:
+            if self._inflight and len(self._pending) < self.max_batch_size:
+                break
+            delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
+            ready = take_batch(self._pending, time.monotonic(), self.max_batch_size, delay)
+            if not isinstance(ready, list):
+                self._timer = self._loop.call_later(ready, self._dispatch)
+                break
+            self._send(ready)
         self.on_depth(len(self._pending))
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Refuse new jobs, finish the queued ones; True when the thread ended within `timeout`."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def _send(self, jobs: list[Job]) -> None:
+        slot = self._free_slots.pop()
+        torch.stack([j.x for j in jobs], out=self._slots[slot, :len(jobs)])
+        batch_id = next(self._batch_ids)
+        self._inflight[batch_id] = (slot, jobs)
+        self._requests.send_bytes(process.encode_batch(batch_id, slot, jobs))
+        self.on_batch(len(jobs))
 
-    def _next_batch(self) -> list[Job] | None:
-        with self._cond:
-            while True:
-                delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
-                ready = take_batch(self._pending, time.monotonic(), self.max_batch_size, delay)
-                if isinstance(ready, list):
-                    self.on_depth(len(self._pending))
-                    return ready
-                if self._closed:
-                    return None
-                self._cond.wait(None if ready == float("inf") else ready)
+    def _on_replies(self) -> None:
+        replies = self._replies
+        try:
+            while replies.poll():
+                self._handle(replies.recv_bytes())
+        except (EOFError, OSError):
+            self._lost(replies)
 
-    def _loop(self) -> None:
-        # OpenMP thread counts are per calling thread: set it here, or this thread uses every core
-        # and its spinning workers fight the event loop for the CPU.
-        torch.set_num_threads(self.threads)
-        while (batch := self._next_batch()) is not None:
-            self.on_batch(len(batch))
-            try:
-                run_batch(self.model, batch, _release, mkldnn=self.mkldnn)
-            except Exception:  # a bug must not kill the worker or strand the clients
-                log.exception("inference failed for a batch of %d", len(batch))
-                _fail(batch)
+    def _handle(self, message: bytes) -> None:
+        kind = message[:1]
+        if kind == b"E":
+            batch_id = process.EXITED.unpack_from(message)[1]
+            jobs = self._inflight[batch_id][1]
+            for row, result in process.decode_exited(message, [j.top_k for j in jobs])[1]:
+                future = jobs[row].future
+                if future is not None and not future.done():
+                    future.set_result(result)
+            return
+        _, batch_id = process.ID.unpack_from(message)
+        slot, jobs = self._inflight.pop(batch_id)
+        self._free_slots.append(slot)
+        if kind == b"F":
+            _fail(jobs, RuntimeError("inference failed"))
+        self._dispatch()
+        self._check_drained()
+
+    def _lost(self, replies: Connection) -> None:
+        """The process ended: fail what it held; start another unless we are closing."""
+        self._loop.remove_reader(replies.fileno())
+        replies.close()
+        self._requests.close()
+        self._requests = self._replies = None
+        for _, jobs in self._inflight.values():
+            _fail(jobs, Unavailable("the inference process restarted; retry", retry_after=self.retry_after,
+                                    reason="worker_restart"))
+        self._inflight.clear()
+        if self._closed:
+            self._check_drained()
+            return
+        log.error("inference process %d for %s ended; starting another", self._proc.pid, self.name)
+        threading.Thread(target=self._restart, name=f"erde-restart-{self.name}", daemon=True).start()
+
+    def _restart(self) -> None:
+        try:
+            attach = self._spawn()
+        except RuntimeError:
+            log.exception("could not restart the inference process for %s", self.name)
+            self._loop.call_soon_threadsafe(self._give_up)
+            return
+        self._loop.call_soon_threadsafe(attach)
+
+    def _give_up(self) -> None:
+        self._closed = True
+        _fail(list(self._pending), Unavailable("the model's inference process is down", retry_after=self.retry_after,
+                                                reason="worker_down"))
+        self._pending.clear()
+        self._check_drained()
+
+    def _begin_close(self) -> None:
+        self._closed = True
+        self._dispatch()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if not self._closed or self._pending or self._inflight:
+            return
+        if self._requests is not None:
+            self._requests.send_bytes(process.STOP)
+        self._drained.set()
 
 
-def _fail(jobs: list[Job]) -> None:
-    def set_error(futures: list[asyncio.Future]) -> None:
-        for f in futures:
-            if not f.done():
-                f.set_exception(RuntimeError("inference failed"))
-
+def _fail(jobs: list[Job], error: Exception) -> None:
     for job in jobs:
-        if job.future is not None:
-            job.future.get_loop().call_soon_threadsafe(set_error, [job.future])
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(error)

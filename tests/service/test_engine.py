@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from erde.nets import NetConfig, build_model
+from service.engine import process
 from service.engine.batcher import Job, take_batch
-from service.engine.worker import ModelWorker, run_batch
+from service.engine.compute import ExitResult, run_batch
+from service.engine.worker import ModelWorker
 from service.errors import Unavailable
 
 
@@ -90,7 +92,7 @@ def test_worker_answers_and_drains_on_close(model) -> None:
     async def main() -> list:
         loop = asyncio.get_running_loop()
         worker = ModelWorker(model, max_batch_size=8, max_batch_delay_s=0.05, queue_size=16)
-        worker.start()
+        await loop.run_in_executor(None, worker.start, loop)
         jobs = [Job(torch.zeros(1, 16, 16), t, 2, 1, 0.0, loop.create_future()) for t in (0.0, 1e9, 0.0)]
         worker.submit(jobs)
         closed = loop.run_in_executor(None, worker.close, 5.0)  # close while they wait: they still get answers
@@ -101,3 +103,44 @@ def test_worker_answers_and_drains_on_close(model) -> None:
         return [r.exit for r in results]
 
     assert asyncio.run(main()) == [2, 0, 2]
+
+
+def test_wire_format_round_trips_batches_and_exits() -> None:
+    rows = torch.arange(3 * 16 * 16, dtype=torch.float32).view(1, 3, 1, 16, 16)
+    jobs = [Job(rows[0, i], t, c, k, e) for i, (t, c, k, e) in enumerate([(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
+                                                                            (1e9, 1, 2, 3.75)])]
+    batch_id, slot, got = process.decode_batch(process.encode_batch(7, 0, jobs), rows)
+    assert (batch_id, slot) == (7, 0)
+    assert [(j.threshold, j.cap, j.top_k, j.enqueued) for j in got] == [(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
+                                                                         (1e9, 1, 2, 3.75)]
+    assert all(torch.equal(a.x, b.x) for a, b in zip(jobs, got, strict=True))
+    sent = [ExitResult(1, 0.25, [0.7, 0.2, 0.1], [4, 0, 9], 0.01, 0.002), ExitResult(1, 0.5, [0.6, 0.3], [2, 1], 0.02,
+                                                                                    0.002)]
+    batch_id, received = process.decode_exited(process.encode_exited(7, [1, 2], sent), [j.top_k for j in jobs])
+    assert batch_id == 7 and received == [(1, sent[0]), (2, sent[1])]
+
+
+def test_process_worker_answers_every_row_with_its_own_top_k(model) -> None:
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        worker = ModelWorker(model, max_batch_size=4, max_batch_delay_s=0.0, queue_size=64)
+        await loop.run_in_executor(None, worker.start, loop)
+        try:
+            torch.manual_seed(2)
+            jobs = [Job(torch.randn(1, 16, 16), t, 2, k, 0.0, loop.create_future())
+                    for t, k in zip([0.0, 1e9, 0.7, 0.0, 1.1, 0.9, 0.0, 1e9, 0.3, 1.2], [1, 2, 3, 4] * 3, strict=False)]
+            for j in jobs:  # one at a time, as requests arrive: batches form while the process is busy
+                worker.submit([j])
+            results = await asyncio.gather(*(j.future for j in jobs))
+        finally:
+            assert await loop.run_in_executor(None, worker.close, 10.0)
+        expected: dict[int, ExitResult] = {}
+        run_batch(model, jobs, lambda js, rs: expected.update({id(j): r for j, r in zip(js, rs, strict=True)}))
+        for j, r in zip(jobs, results, strict=True):
+            want = expected[id(j)]
+            assert (r.exit, r.top_ids) == (want.exit, want.top_ids) and len(r.top_ids) == j.top_k
+            assert r.top_probs == pytest.approx(want.top_probs, abs=1e-5)
+        return [r.exit for r in results]
+
+    exits = asyncio.run(main())
+    assert {0, 2} <= set(exits)  # θ=0 runs to the last exit, θ=1e9 leaves at the first

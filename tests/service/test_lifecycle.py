@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import time
@@ -113,6 +115,21 @@ def test_several_workers_share_one_metrics_view(make_server) -> None:
     assert [post(server.url).status_code for _ in range(8)] == [200] * 8
     eventually(lambda: server.metric("erde_requests_total", model="toy", code="200") == 8)  # both processes
     assert server.metric("erde_exits_total", model="toy") == 8
-    assert len({line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
-                if line.startswith("erde_model_info{")}) == 2  # one per worker process
+    # One per worker process; /readyz answered as soon as the first of them was ready.
+    eventually(lambda: len({line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                            if line.startswith("erde_model_info{")}) == 2)
     eventually(lambda: server.log.read_text().count('"path":"/classify"') == 8)  # access log, both workers
+
+
+def test_a_killed_inference_process_is_replaced(make_server) -> None:
+    server = make_server()
+    assert post(server.url).status_code == 200
+    started = re.findall(r"inference process (\d+) serves toy", server.log.read_text())
+    assert len(started) == 1
+    os.kill(int(started[0]), signal.SIGKILL)
+    # Requests that arrive meanwhile wait in the queue for the new process instead of failing.
+    assert [post(server.url, threshold="0").json()["exit"] for _ in range(3)] == [2, 2, 2]
+    log = server.log.read_text()
+    assert f"inference process {started[0]} for toy ended" in log
+    assert len(set(re.findall(r"inference process (\d+) serves toy", log))) == 2
+    assert httpx.get(f"{server.url}/readyz").status_code == 200

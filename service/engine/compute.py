@@ -1,0 +1,110 @@
+"""The network's stage-by-stage pass with per-row θ and caps: pure torch and numpy, no threads or I/O.
+
+Shared by the inference process (service.engine.process), the in-process benchmarks and the peers'
+servers, so every one of them runs exactly the same loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from erde.nets import EarlyExitResNet
+from service.engine.batcher import Job
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    exit: int
+    entropy: float
+    top_probs: list[float]  # descending
+    top_ids: list[int]
+    queue_s: float  # enqueue -> batch start
+    inference_s: float  # batch start -> release
+
+
+def _exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and entropy per row, in numpy: a few small-array ops cost less there
+    than torch's per-op dispatch, and this runs once per stage."""
+    z = logits.double().numpy()  # (b, K)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    probs = np.exp(logp)
+    return probs, -(probs * logp).sum(axis=1)
+
+
+@torch.inference_mode()
+def choose_stage_backends(model: EarlyExitResNet, batch_size: int, repeats: int = 5) -> list[bool]:
+    """For each stage, whether oneDNN (mkldnn) convolutions beat torch's native ones, timed here.
+
+    Measured, not assumed: on a CPU, oneDNN loses by 2-3x on a wide early map with few channels
+    (our students' first stage) and wins on the narrower, deeper stages.
+    """
+    cfg = model.config
+    h = torch.zeros(batch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+    choice = []
+    for i in range(model.num_exits):
+        times = {}
+        for enabled in (True, False):
+            _set_mkldnn(enabled)
+            model.stage(i, h)  # warm
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model.stage(i, h)
+                runs.append(time.perf_counter() - started)
+            times[enabled] = sorted(runs)[repeats // 2]
+        choice.append(times[True] <= times[False])
+        _set_mkldnn(choice[-1])
+        h = model.stage(i, h)
+    _set_mkldnn(True)
+    return choice
+
+
+def _set_mkldnn(enabled: bool) -> None:
+    """Switch oneDNN convolutions on or off (process-wide; only inference threads run convs)."""
+    torch.backends.mkldnn.set_flags(_enabled=enabled, _fp32_precision=None)
+
+
+@torch.inference_mode()
+def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[Job], list[ExitResult]], None],
+              clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None) -> list[int]:
+    """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took.
+
+    `mkldnn[i]` picks the convolution backend of stage i (see `choose_stage_backends`).
+    """
+    started = clock()
+    h = torch.stack([j.x for j in jobs])  # (B, C, H, W)
+    theta = np.array([j.threshold for j in jobs])  # (B,)
+    cap = np.array([min(j.cap, model.num_exits - 1) for j in jobs])  # (B,)
+    rows = np.arange(len(jobs))  # original index of each row still running
+    exits = [0] * len(jobs)
+    for i in range(model.num_exits):
+        if mkldnn is not None:
+            _set_mkldnn(mkldnn[i])
+        h = model.stage(i, h)
+        probs, ent = _exit_scores(model.exit(i, h))
+        done = (ent < theta) | (cap <= i)
+        idx = np.flatnonzero(done)
+        if idx.size:
+            k = max(jobs[r].top_k for r in rows[idx])
+            top_ids = np.argsort(-probs[idx], axis=1, kind="stable")[:, :k]  # (d, k)
+            top_probs = np.take_along_axis(probs[idx], top_ids, axis=1)
+            now = clock()
+            done_jobs, results = [], []
+            for r, e, tp, ti in zip(rows[idx].tolist(), ent[idx].tolist(), top_probs.tolist(), top_ids.tolist(),
+                                    strict=True):
+                job = jobs[r]
+                exits[r] = i
+                done_jobs.append(job)
+                results.append(ExitResult(i, e, tp[:job.top_k], ti[:job.top_k], started - job.enqueued, now - started))
+            release(done_jobs, results)
+        if idx.size == len(rows):
+            break
+        keep = np.flatnonzero(~done)  # index, not mask: a boolean mask costs torch a nonzero pass
+        h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep)), theta[keep], cap[keep], rows[keep]
+    return exits
