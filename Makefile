@@ -50,7 +50,7 @@ bench: $(STAMP)
 
 # Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
 # one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then
-# every server measured with wrk, interleaved; writes reports/benchmarks-peers.md.
+# every server measured with wrk, interleaved; writes reports/benchmarks.md.
 bench-peers: $(STAMP)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk)
 	PYTHON=$(PYTHON) bash bench/peers/venvs.sh

@@ -41,7 +41,7 @@ import torch
 
 from bench.common import STORE, default_artifact, sample_images, table
 from bench.engine import measure
-from bench.http import BOUNDARY, LUA, write_bodies
+from bench.load import lua, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
@@ -51,7 +51,7 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER_VENVS = ROOT / ".bench" / "peers"
-REPORT = ROOT / "reports" / "benchmarks-peers.md"
+REPORT = ROOT / "reports" / "benchmarks.md"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 WARM_SECONDS = float(os.environ.get("BENCH_WARM_SECONDS", "1"))
 MAX_REQUESTS = int(os.environ.get("BENCH_MAX_REQUESTS", "100000"))
@@ -176,27 +176,6 @@ def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
-
-def lua(folder: Path, listing: Path, name: str, max_requests: int) -> Path:
-    path = folder / f"{name}.lua"
-    path.write_text(LUA % {"max": max_requests, "list": listing, "boundary": BOUNDARY, "path": "/classify"})
-    return path
-
-
-def wrk(port: int, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
-           "-s", str(script), f"http://127.0.0.1:{port}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
-
-    def latency_ms(label: str) -> float:
-        found = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)\b", out)
-        return float(found.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[found.group(2)] if found else float("nan")
-
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": latency_ms("50"), "p99": latency_ms("99"),
-            "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)}
 
 
 # ---- correctness -----------------------------------------------------------------------------------------------
@@ -428,12 +407,12 @@ Before timing, each server classified {CHECK_IMAGES} images at both budgets; com
 {chr(10).join(notes)}
 
 Every server runs the same network (the BN-folded copy the service serves), the same decode
-(`service.decode.decode_image`) and the same stage-by-stage loop (`service.engine.worker.run_batch`)
+(`service.decode.decode_image`) and the same stage-by-stage loop (`service.engine.compute.run_batch`)
 on one torch thread; peers batch up to {MAX_BATCH} rows (LitServe `batch_timeout` and Ray Serve
 `batch_wait_timeout_s` {float(os.environ.get('PEER_BATCH_WAIT_MS', '2')):g} ms, BentoML adaptive batching with
 `max_latency_ms` {os.environ.get('PEER_BENTOML_MAX_LATENCY_MS', '1000')}). Our service runs with its defaults
-(one process, access log on, metrics on). The replies differ: ours is the full documented reply (top-3,
-latencies, MACs...), the peers return label, class_id, exit and confidence.
+(one server process with one inference process, access log on, metrics on). The replies differ: ours is
+the full documented reply (top-3, latencies, MACs...), the peers return label, class_id, exit and confidence.
 
 Per peer: FastAPI is a sync `UploadFile` endpoint (Starlette's thread pool), no batching. LitServe: HTTP
 server process + one inference worker process (`fast_queue=True`, ZeroMQ), decode in the worker's

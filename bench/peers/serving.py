@@ -3,7 +3,7 @@
 Imported inside each peer's own virtualenv (the repo root on PYTHONPATH), so the network, the
 decode and the exit rule are byte-for-byte the service's: `service.decode.decode_image` for the
 tensor, `erde.nets.fuse_for_inference` for the network (the service serves the BN-folded copy),
-and `service.engine.worker.run_batch` for the stage-by-stage loop with per-row θ (with the
+and `service.engine.compute.run_batch` for the stage-by-stage loop with per-row θ (with the
 per-stage convolution backends the service measures at load). Only the serving framework differs.
 
 Request options, as form fields: `threshold` (θ, 0 = full depth), or `budget` (absent or 1.0 =
