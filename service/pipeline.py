@@ -1,4 +1,6 @@
-"""The request path as named steps: read -> options -> decode -> enqueue -> await exits -> encode.
+"""The request path as named steps: read -> options -> enqueue -> await exits -> encode.
+
+Images are decoded in the model's inference process (service/engine/process.py), off the event loop.
 
 Each step takes and returns plain data; the routes only call them in order.
 """
@@ -62,37 +64,30 @@ def resolve(runtime: Runtime, request: Request, fields: dict[str, str]) -> tuple
     return served, decision
 
 
-async def decode_all(runtime: Runtime, served: ServedModel, images: list[bytes]) -> tuple[list, float]:
-    started = time.perf_counter()
-    tensors = []
-    for index, data in enumerate(images):
-        try:
-            tensors.append(await runtime.decode(data, served.artifact.spec))
-        except ServiceError as exc:
-            if len(images) > 1:
-                exc.message = f"image {index}: {exc.message}"
-            raise
-    return tensors, (time.perf_counter() - started) / len(images)
-
-
-async def infer(served: ServedModel, decision: Decision, tensors: list) -> list[ExitResult]:
+async def infer(served: ServedModel, decision: Decision, images: list[bytes]) -> list[ExitResult]:
+    """Every image's exit; the first refused image (in the order sent) fails the request."""
     loop = asyncio.get_running_loop()
     now = time.monotonic()
-    jobs = [Job(x, decision.threshold, decision.cap, decision.top_k, now, loop.create_future()) for x in tensors]
+    jobs = [Job(data, decision.threshold, decision.cap, decision.top_k, now, loop.create_future()) for data in images]
     served.worker.submit(jobs)
     if len(jobs) == 1:
         return [await jobs[0].future]
-    return list(await asyncio.gather(*(j.future for j in jobs)))
+    results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+    for index, result in enumerate(results):
+        if isinstance(result, ServiceError):
+            result.message = f"image {index}: {result.message}"
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
-def encode(served: ServedModel, decision: Decision, result: ExitResult, decode_s: float,
-           started: float) -> dict[str, Any]:
+def encode(served: ServedModel, decision: Decision, result: ExitResult, started: float) -> dict[str, Any]:
     """One reply (DESIGN section 5), and the per-image metrics that go with it."""
     art = served.artifact
     macs = art.macs_per_exit[result.exit]
     classes = art.classes
     metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.budget,
-                          decode_s, result.queue_s, result.inference_s)
+                          result.decode_s, result.queue_s, result.inference_s)
     return {
         "model": art.name, "version": art.version,
         "label": classes[result.top_ids[0]], "class_id": result.top_ids[0], "confidence": result.top_probs[0],
@@ -103,7 +98,7 @@ def encode(served: ServedModel, decision: Decision, result: ExitResult, decode_s
         "max_exit": decision.cap if decision.cap < art.model.num_exits - 1 else None,
         "expected_accuracy": decision.expected.accuracy,
         "macs": macs, "macs_fraction": macs / served.full_macs,
-        "latency_ms": {"decode": decode_s * 1e3, "queue": result.queue_s * 1e3,
+        "latency_ms": {"decode": result.decode_s * 1e3, "queue": result.queue_s * 1e3,
                        "inference": result.inference_s * 1e3, "total": (time.perf_counter() - started) * 1e3},
     }
 
@@ -113,7 +108,6 @@ async def classify(runtime: Runtime, request: Request, max_images: int) -> list[
     started = time.perf_counter()
     images, fields = await read_upload(request, max_images)
     served, decision = resolve(runtime, request, fields)
-    tensors, decode_s = await decode_all(runtime, served, images)
-    results = await infer(served, decision, tensors)
+    results = await infer(served, decision, images)
     request.state.erde_exits = [r.exit for r in results] if len(results) > 1 else results[0].exit
-    return [encode(served, decision, r, decode_s, started) for r in results]
+    return [encode(served, decision, r, started) for r in results]

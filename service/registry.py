@@ -83,14 +83,15 @@ class ModelRegistry:
         if artifact.name != name or artifact.version != version:
             raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
         s = self.settings
-        worker = ModelWorker(artifact.model, max_batch_size=s.max_batch_size,
+        worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
-                             retry_after=s.retry_after_s, name=name, threads=s.torch_threads,
+                             max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
+                             threads=s.torch_threads,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
                               s.default_budget, s.max_top_k)
-        worker.start(self.loop)  # loads, fuses and warms the model in its own process
+        worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions)
 
     def reload(self) -> dict[str, str]:

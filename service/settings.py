@@ -27,15 +27,12 @@ class Settings(BaseSettings):
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # PIL format allow-list
     max_batch_images: int = Field(64, ge=1)  # images per /classify/batch request
     max_top_k: int = Field(100, ge=1)  # top_k above min(this, classes) is refused
-    inline_decode_bytes: int = Field(32 * 1024, ge=0)  # smaller uploads decode on the event loop (cheaper
-    # than a thread hand-off); larger ones in the decode pool
 
     max_batch_size: int = Field(32, ge=1, le=1024)  # rows per micro-batch
     max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # longest wait for a batch to fill; 0: take
     # what is queued (a busy worker lets requests pile up, so batches form under load without waiting)
     queue_size: int = Field(512, ge=1)  # queued images per model; a full queue answers 503 at once
     torch_threads: int = Field(1, ge=1, le=256)  # intra-op threads of the inference worker
-    decode_threads: int = Field(2, ge=1, le=64)  # image decode pool
     drain_timeout_s: float = Field(10.0, ge=0)  # SIGTERM: longest wait for queued and in-flight requests
     retry_after_s: int = Field(1, ge=1)  # Retry-After on 503
     access_log: bool = True  # one structured line per request

@@ -430,9 +430,15 @@ LitServe's API and inference processes).
 """
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a stopped job, `kill`) unwinds like Ctrl-C, so the `finally` blocks stop the servers."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     art = default_artifact()
     (PEER_VENVS / "runs").mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ class ExitResult:
     top_ids: list[int]
     queue_s: float  # enqueue -> batch start
     inference_s: float  # batch start -> release
+    decode_s: float = 0.0  # this image's decode, in the inference process
 
 
 def _exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

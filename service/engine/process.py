@@ -1,4 +1,4 @@
-"""The inference process: one per served model, running micro-batches the server sends it.
+"""The inference process: one per served model, decoding and running the micro-batches the server sends.
 
 Why a process and not a thread: a thread running torch hands the GIL back and forth with the
 event loop at every operator (torch releases it around each kernel), and under load each
@@ -6,11 +6,16 @@ hand-back waits for the interpreter's switch interval. Measured here: one batch-
 0.93 ms alone and 196 ms beside a busy Python thread. In its own process the network never
 waits for the event loop, and the two use two cores.
 
-Wire format (over two one-way pipes; images never cross them, they go through shared memory):
-  server -> process  B: a batch in slot `slot`, with per-row θ, cap, top_k and enqueue times
+Images are decoded here too, not on the event loop: decoding was the largest single cost of the
+server's loop (15-17% of it), and this process has a core of its own.
+
+Wire format (over two one-way pipes; the encoded images go through shared memory, one arena per slot):
+  server -> process  B: a batch in slot `slot`: per row θ, enqueue time, cap, top_k, and where its
+                        bytes lie in the slot's arena
                      S: stop
   process -> server  R: ready (model loaded, backends chosen, warmed up)
-                     E: rows that left at one exit, with entropy, queue time and top-k
+                     X: one row's image was refused by the decoder (HTTP status, code, reason, message)
+                     E: rows that left at one exit, with entropy, queue and decode time and top-k
                      D: the batch is finished and its slot is free
                      F: the batch failed (its unreleased rows get an error)
 """
@@ -22,6 +27,7 @@ import logging
 import mmap
 import signal
 import struct
+import time
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -29,14 +35,18 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
+from service.decode import ImageLimits, decode_image
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult, choose_stage_backends, run_batch
+from service.errors import ServiceError
 
 log = logging.getLogger("erde.service")
 
 BATCH = struct.Struct("<cIII")  # kind, batch id, slot, rows
 EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference seconds
+REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
 ID = struct.Struct("<cI")  # kind, batch id (D and F)
 READY, STOP = b"R", b"S"
 
@@ -59,38 +69,50 @@ class ModelBlob:
         return model.eval()
 
 
-def slot_view(buffer: mmap.mmap, slots: int, max_rows: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(slots, max_rows, C, H, W) float32 over the shared buffer, the same layout on both sides."""
-    return torch.frombuffer(buffer, dtype=torch.float32).view(slots, max_rows, *shape)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One image of a batch as the process receives it: its rule and where its bytes are."""
+
+    threshold: float
+    enqueued: float
+    cap: int
+    top_k: int
+    offset: int  # in the slot's arena
+    size: int
 
 
-def encode_batch(batch_id: int, slot: int, jobs: list[Job]) -> bytes:
-    theta = np.array([j.threshold for j in jobs], dtype=np.float64)
-    enqueued = np.array([j.enqueued for j in jobs], dtype=np.float64)
-    cap = np.array([j.cap for j in jobs], dtype=np.int64)
-    top_k = np.array([j.top_k for j in jobs], dtype=np.int64)
-    return b"".join([BATCH.pack(b"B", batch_id, slot, len(jobs)), theta.tobytes(), enqueued.tobytes(),
-                     cap.tobytes(), top_k.tobytes()])
+def encode_batch(batch_id: int, slot: int, jobs: list[Job], offsets: list[int]) -> bytes:
+    floats = np.array([[j.threshold for j in jobs], [j.enqueued for j in jobs]], dtype=np.float64)
+    ints = np.array([[j.cap for j in jobs], [j.top_k for j in jobs], offsets, [len(j.x) for j in jobs]],
+                    dtype=np.int64)
+    return BATCH.pack(b"B", batch_id, slot, len(jobs)) + floats.tobytes() + ints.tobytes()
 
 
-def decode_batch(message: bytes, rows: torch.Tensor) -> tuple[int, int, list[Job]]:
-    """(batch id, slot, jobs) with each job's input a view of the shared slot (`rows`: (slot, max_rows, ...))."""
+def decode_batch(message: bytes) -> tuple[int, int, list[Row]]:
     _, batch_id, slot, n = BATCH.unpack_from(message)
-    arrays = np.frombuffer(message, dtype=np.float64, count=2 * n, offset=BATCH.size).reshape(2, n)
-    ints = np.frombuffer(message, dtype=np.int64, count=2 * n, offset=BATCH.size + 16 * n).reshape(2, n)
-    jobs = [Job(rows[slot, i], t, c, k, e) for i, (t, e, c, k) in
-            enumerate(zip(arrays[0].tolist(), arrays[1].tolist(), ints[0].tolist(), ints[1].tolist(), strict=True))]
-    return batch_id, slot, jobs
+    floats = np.frombuffer(message, dtype=np.float64, count=2 * n, offset=BATCH.size).reshape(2, n).tolist()
+    ints = np.frombuffer(message, dtype=np.int64, count=4 * n, offset=BATCH.size + 16 * n).reshape(4, n).tolist()
+    return batch_id, slot, [Row(*r) for r in zip(*floats, *ints, strict=True)]
 
 
-def encode_exited(batch_id: int, rows: list[int], results: list[ExitResult]) -> bytes:
+def encode_refused(batch_id: int, row: int, error: ServiceError) -> bytes:
+    text = "\0".join([error.code, error.reason, error.message]).encode()
+    return REFUSED.pack(b"X", batch_id, row, error.status) + text
+
+
+def decode_refused(message: bytes) -> tuple[int, int, ServiceError]:
+    _, batch_id, row, status = REFUSED.unpack_from(message)
+    code, reason, text = message[REFUSED.size:].decode().split("\0", 2)
+    return batch_id, row, ServiceError(text, code=code, status=status, reason=reason)
+
+
+def encode_exited(batch_id: int, rows: list[int], results: list[ExitResult], decode_s: list[float]) -> bytes:
     """Rows that left at one exit; top-k lists are concatenated (the server knows each row's k)."""
     first = results[0]
     return b"".join([
         EXITED.pack(b"E", batch_id, first.exit, len(rows), first.inference_s),
         np.array(rows, dtype=np.int64).tobytes(),
-        np.array([r.entropy for r in results], dtype=np.float64).tobytes(),
-        np.array([r.queue_s for r in results], dtype=np.float64).tobytes(),
+        np.array([[r.entropy for r in results], [r.queue_s for r in results], decode_s], dtype=np.float64).tobytes(),
         np.array([c for r in results for c in r.top_ids], dtype=np.int64).tobytes(),
         np.array([p for r in results for p in r.top_probs], dtype=np.float64).tobytes(),
     ])
@@ -101,22 +123,23 @@ def decode_exited(message: bytes, top_k: list[int]) -> tuple[int, list[tuple[int
     _, batch_id, exit_index, n, inference_s = EXITED.unpack_from(message)
     offset = EXITED.size
     rows = np.frombuffer(message, dtype=np.int64, count=n, offset=offset).tolist()
-    entropy = np.frombuffer(message, dtype=np.float64, count=n, offset=offset + 8 * n).tolist()
-    queue_s = np.frombuffer(message, dtype=np.float64, count=n, offset=offset + 16 * n).tolist()
+    entropy, queue_s, decode_s = np.frombuffer(message, dtype=np.float64, count=3 * n,
+                                               offset=offset + 8 * n).reshape(3, n).tolist()
     total = sum(top_k[r] for r in rows)
-    ids = np.frombuffer(message, dtype=np.int64, count=total, offset=offset + 24 * n).tolist()
-    probs = np.frombuffer(message, dtype=np.float64, count=total, offset=offset + 24 * n + 8 * total).tolist()
+    ids = np.frombuffer(message, dtype=np.int64, count=total, offset=offset + 32 * n).tolist()
+    probs = np.frombuffer(message, dtype=np.float64, count=total, offset=offset + 32 * n + 8 * total).tolist()
     out, at = [], 0
-    for row, ent, queued in zip(rows, entropy, queue_s, strict=True):
+    for row, ent, queued, decoded in zip(rows, entropy, queue_s, decode_s, strict=True):
         k = top_k[row]
-        out.append((row, ExitResult(exit_index, ent, probs[at:at + k], ids[at:at + k], queued, inference_s)))
+        out.append((row, ExitResult(exit_index, ent, probs[at:at + k], ids[at:at + k], queued, inference_s,
+                                    decoded)))
         at += k
     return batch_id, out
 
 
-def serve(requests: Connection, replies: Connection, blob: ModelBlob, buffer_path: str, slots: int,
-          max_rows: int, threads: int) -> None:
-    """The process's main: load, choose backends, warm up, then run batches until told to stop."""
+def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
+          arena_path: str, arena_bytes: int, threads: int, max_rows: int) -> None:
+    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop."""
     # The server drains on SIGTERM and then stops this process; a signal to the whole process
     # group must not kill it first. It also ends when the server's end of the pipe closes.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -124,12 +147,10 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, buffer_pat
     torch.set_num_threads(threads)
     model = fuse_for_inference(blob.build())
     backends = choose_stage_backends(model, max_rows)
-    cfg = model.config
-    with open(buffer_path, "r+b") as f:
-        buffer = mmap.mmap(f.fileno(), 0)
-    rows = slot_view(buffer, slots, max_rows, (cfg.in_channels, cfg.input_size, cfg.input_size))
-    warm = [Job(rows[0, 0], 0.0, model.num_exits - 1, 1, 0.0) for _ in range(2)]
-    run_batch(model, warm, lambda *_: None, mkldnn=backends)
+    warm = torch.zeros(spec.channels, spec.size, spec.size)
+    run_batch(model, [Job(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends)
+    with open(arena_path, "r+b") as f:
+        arena = memoryview(mmap.mmap(f.fileno(), 0))
     replies.send_bytes(READY)
     while True:
         try:
@@ -138,16 +159,39 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, buffer_pat
             return
         if message[:1] == STOP:
             return
-        batch_id, _, jobs = decode_batch(message, rows)
-        index = {id(j): i for i, j in enumerate(jobs)}
-
-        def release(done: list[Job], results: list[ExitResult], batch_id: int = batch_id,
-                    index: dict = index) -> None:
-            replies.send_bytes(encode_exited(batch_id, [index[id(j)] for j in done], results))
-
+        batch_id, slot, rows = decode_batch(message)
         try:
-            run_batch(model, jobs, release, mkldnn=backends)
+            run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
             replies.send_bytes(ID.pack(b"D", batch_id))
+        except (EOFError, OSError):
+            return  # the server is gone
         except Exception:  # a bug must not kill the process or strand the clients
-            log.exception("inference failed for a batch of %d", len(jobs))
+            log.exception("inference failed for a batch of %d", len(rows))
             replies.send_bytes(ID.pack(b"F", batch_id))
+
+
+def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limits: ImageLimits, batch_id: int,
+             rows: list[Row], arena: memoryview, replies: Connection) -> None:
+    """Decode each row (a refused image is answered at once), then run the rest stage by stage.
+
+    An image's queue time runs until the network starts, so it includes the batch's decoding.
+    """
+    jobs: list[Job] = []
+    where: dict[int, tuple[int, float]] = {}  # id(job) -> (its row in the batch, its decode seconds)
+    for i, row in enumerate(rows):
+        started = time.perf_counter()
+        try:
+            x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
+        except ServiceError as exc:
+            replies.send_bytes(encode_refused(batch_id, i, exc))
+            continue
+        job = Job(x, row.threshold, row.cap, row.top_k, row.enqueued)
+        where[id(job)] = (i, time.perf_counter() - started)
+        jobs.append(job)
+
+    def release(done: list[Job], results: list[ExitResult]) -> None:
+        placed = [where[id(j)] for j in done]
+        replies.send_bytes(encode_exited(batch_id, [r for r, _ in placed], results, [d for _, d in placed]))
+
+    if jobs:
+        run_batch(model, jobs, release, mkldnn=backends)

@@ -1,10 +1,11 @@
 """The server's side of a model's inference process: a bounded queue, batches out, exits back.
 
 Everything here runs on the event loop (no thread touches the GIL per batch): `submit` queues
-jobs and forms a batch when the process can take one; the batch's inputs are written into a
-shared-memory slot and announced on a pipe; the process's replies are read by the loop itself
-(`add_reader`) and resolve each row's future as soon as its exit is known. Two slots let the
-next full batch wait inside the process while the current one runs.
+jobs (encoded images) and forms a batch when the process can take one; the batch's bytes are
+written into a shared-memory slot and announced on a pipe; the process decodes and runs them,
+and its replies are read by the loop itself (`add_reader`), resolving each row's future as soon
+as its exit is known (or its image is refused). Two slots let the next full batch wait inside
+the process while the current one runs.
 
 If the process dies, its in-flight rows get 503 and a new process is started; queued rows wait
 for it. `close` refuses new jobs, answers the queued ones, then stops the process.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import math
 import mmap
 import multiprocessing
 import os
@@ -27,12 +27,12 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-import torch
-
+from erde.data import InputSpec
 from erde.nets import EarlyExitResNet
+from service.decode import ImageLimits
 from service.engine import process
 from service.engine.batcher import Job, take_batch
-from service.errors import Unavailable
+from service.errors import PayloadTooLarge, Unavailable
 
 log = logging.getLogger("erde.service")
 
@@ -55,13 +55,14 @@ def _end_processes() -> None:
 
 
 class ModelWorker:
-    def __init__(self, model: EarlyExitResNet, *, max_batch_size: int, max_batch_delay_s: float, queue_size: int,
-                 retry_after: int = 1, name: str = "model", threads: int = 1,
-                 on_batch: Callable[[int], None] = lambda size: None,
+    def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
+                 max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
+                 name: str = "model", threads: int = 1, on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.blob = process.ModelBlob.of(model)
-        cfg = model.config
-        self.shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.spec = spec
+        self.limits = limits
+        self.arena_bytes = max_image_bytes  # per slot: any one image fits; a batch takes what fits
         self.name = name
         self.threads = threads
         self.max_batch_size = max_batch_size
@@ -79,7 +80,7 @@ class ModelWorker:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
-        self._slots = None  # (SLOTS, max_batch_size, C, H, W) shared with the process
+        self._arena: memoryview | None = None  # SLOTS x arena_bytes, shared with the process
         self._closed = False
         self._drained = threading.Event()
 
@@ -125,7 +126,7 @@ class ModelWorker:
 
     def _spawn(self) -> Callable[[], None]:
         """Start a process, wait for it to be ready; returns the step that attaches it to the loop."""
-        size = SLOTS * self.max_batch_size * math.prod(self.shape) * 4
+        size = SLOTS * self.arena_bytes
         fd, path = tempfile.mkstemp(prefix=f"erde-{self.name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         try:
             os.ftruncate(fd, size)
@@ -133,8 +134,8 @@ class ModelWorker:
             requests_r, requests_w = _context.Pipe(duplex=False)
             replies_r, replies_w = _context.Pipe(duplex=False)
             proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
-                                    args=(requests_r, replies_w, self.blob, path, SLOTS, self.max_batch_size,
-                                          self.threads))
+                                    args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
+                                          self.arena_bytes, self.threads, self.max_batch_size))
             proc.start()
             requests_r.close()
             replies_w.close()
@@ -145,10 +146,10 @@ class ModelWorker:
         finally:
             os.close(fd)
             os.unlink(path)  # both sides hold their mapping; the name is no longer needed
-        slots = process.slot_view(buffer, SLOTS, self.max_batch_size, self.shape)
+        arena = memoryview(buffer)
 
         def attach() -> None:
-            self._proc, self._requests, self._replies, self._slots = proc, requests_w, replies_r, slots
+            self._proc, self._requests, self._replies, self._arena = proc, requests_w, replies_r, arena
             self._free_slots = list(range(SLOTS))
             _running.add(self)
             self._loop.add_reader(replies_r.fileno(), self._on_replies)
@@ -160,7 +161,10 @@ class ModelWorker:
     # ---- the event loop's side -----------------------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs, all or none; a full or closing queue answers 503 at once. On the loop thread."""
+        """Queue jobs (`x`: an encoded image), all or none; a full or closing queue answers 503 at
+        once. On the loop thread."""
+        if any(len(j.x) > self.arena_bytes for j in jobs):
+            raise PayloadTooLarge(f"an image is larger than {self.arena_bytes} bytes")
         if self._closed:
             raise Unavailable("the model is being replaced or the service is shutting down; retry",
                               retry_after=self.retry_after, reason="draining")
@@ -188,11 +192,21 @@ class ModelWorker:
         self.on_depth(len(self._pending))
 
     def _send(self, jobs: list[Job]) -> None:
+        """Write the batch's images into a free slot's arena (the ones that do not fit go back to the
+        head of the queue) and announce it."""
         slot = self._free_slots.pop()
-        torch.stack([j.x for j in jobs], out=self._slots[slot, :len(jobs)])
+        base, at, offsets = slot * self.arena_bytes, 0, []
+        for i, job in enumerate(jobs):
+            if at + len(job.x) > self.arena_bytes:
+                self._pending.extendleft(reversed(jobs[i:]))
+                jobs = jobs[:i]
+                break
+            self._arena[base + at:base + at + len(job.x)] = job.x
+            offsets.append(at)
+            at += len(job.x)
         batch_id = next(self._batch_ids)
         self._inflight[batch_id] = (slot, jobs)
-        self._requests.send_bytes(process.encode_batch(batch_id, slot, jobs))
+        self._requests.send_bytes(process.encode_batch(batch_id, slot, jobs, offsets))
         self.on_batch(len(jobs))
 
     def _on_replies(self) -> None:
@@ -212,6 +226,12 @@ class ModelWorker:
                 future = jobs[row].future
                 if future is not None and not future.done():
                     future.set_result(result)
+            return
+        if kind == b"X":
+            batch_id, row, error = process.decode_refused(message)
+            future = self._inflight[batch_id][1][row].future
+            if future is not None and not future.done():
+                future.set_exception(error)
             return
         _, batch_id = process.ID.unpack_from(message)
         slot, jobs = self._inflight.pop(batch_id)

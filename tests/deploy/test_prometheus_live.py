@@ -166,7 +166,7 @@ def stack(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     service_port, prometheus_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERDE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(ERDE_HOST="127.0.0.1", ERDE_PORT=str(service_port), ERDE_STORE=str(store),
-               ERDE_DEFAULT_MODEL="student", ERDE_TORCH_THREADS="1", ERDE_DECODE_THREADS="1",
+               ERDE_DEFAULT_MODEL="student", ERDE_TORCH_THREADS="1",
                ERDE_MAX_BATCH_DELAY_MS="5", ERDE_ACCESS_LOG="false")
     service_log, prometheus_log = tmp / "service.log", tmp / "prometheus.log"
     procs: list[subprocess.Popen[bytes]] = []

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from dataclasses import replace
 
 import pytest
 import torch
 
+from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
+from service.decode import ImageLimits, decode_image
 from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.engine.compute import ExitResult, run_batch
 from service.engine.worker import ModelWorker
-from service.errors import Unavailable
+from service.errors import PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
+from tests.service import images
 
 
 def job(enqueued: float, threshold: float = 0.0, cap: int = 2, top_k: int = 1) -> Job:
@@ -79,68 +83,94 @@ def test_batched_rows_answer_like_single_rows(model) -> None:
         assert r.top_probs == pytest.approx(single.top_probs, abs=1e-5)
 
 
+SPEC = InputSpec("L", 16, (0.5,), (0.25,))
+LIMITS = ImageLimits(max_pixels=10_000, min_side=8, formats=("PNG",))
+
+
+def make_worker(model, **kwargs) -> ModelWorker:
+    settings = {"max_batch_size": 4, "max_batch_delay_s": 0.0, "queue_size": 64, "max_image_bytes": 4096} | kwargs
+    return ModelWorker(model, SPEC, LIMITS, **settings)
+
+
+def upload(seed: int) -> bytes:
+    return images.encode(images.noise(16, seed=seed))
+
+
 def test_full_queue_refuses_at_once_and_all_or_nothing(model) -> None:
-    worker = ModelWorker(model, max_batch_size=2, max_batch_delay_s=0.0, queue_size=3)  # not started: nothing drains
-    worker.submit([job(0.0), job(0.0)])
+    worker = make_worker(model, max_batch_size=2, queue_size=3)  # not started: nothing drains
+    worker.submit([Job(upload(0), 0.0, 2, 1, 0.0), Job(upload(1), 0.0, 2, 1, 0.0)])
     with pytest.raises(Unavailable) as refused:
-        worker.submit([job(0.0), job(0.0)])
+        worker.submit([Job(upload(2), 0.0, 2, 1, 0.0), Job(upload(3), 0.0, 2, 1, 0.0)])
     assert refused.value.status == 503 and refused.value.retry_after == 1
     assert worker.depth == 2  # the refused pair left nothing behind
+    with pytest.raises(PayloadTooLarge):  # larger than a slot's arena: refused before it is queued
+        worker.submit([Job(b"x" * 4097, 0.0, 2, 1, 0.0)])
 
 
 def test_worker_answers_and_drains_on_close(model) -> None:
     async def main() -> list:
         loop = asyncio.get_running_loop()
-        worker = ModelWorker(model, max_batch_size=8, max_batch_delay_s=0.05, queue_size=16)
+        worker = make_worker(model, max_batch_size=8, max_batch_delay_s=0.05, queue_size=16)
         await loop.run_in_executor(None, worker.start, loop)
-        jobs = [Job(torch.zeros(1, 16, 16), t, 2, 1, 0.0, loop.create_future()) for t in (0.0, 1e9, 0.0)]
+        jobs = [Job(upload(i), t, 2, 1, 0.0, loop.create_future()) for i, t in enumerate((0.0, 1e9, 0.0))]
         worker.submit(jobs)
         closed = loop.run_in_executor(None, worker.close, 5.0)  # close while they wait: they still get answers
         results = await asyncio.gather(*(j.future for j in jobs))
         assert await closed
         with pytest.raises(Unavailable):
-            worker.submit([job(0.0)])
+            worker.submit([Job(upload(0), 0.0, 2, 1, 0.0)])
         return [r.exit for r in results]
 
     assert asyncio.run(main()) == [2, 0, 2]
 
 
-def test_wire_format_round_trips_batches_and_exits() -> None:
-    rows = torch.arange(3 * 16 * 16, dtype=torch.float32).view(1, 3, 1, 16, 16)
-    jobs = [Job(rows[0, i], t, c, k, e) for i, (t, c, k, e) in enumerate([(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
-                                                                            (1e9, 1, 2, 3.75)])]
-    batch_id, slot, got = process.decode_batch(process.encode_batch(7, 0, jobs), rows)
-    assert (batch_id, slot) == (7, 0)
-    assert [(j.threshold, j.cap, j.top_k, j.enqueued) for j in got] == [(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
-                                                                         (1e9, 1, 2, 3.75)]
-    assert all(torch.equal(a.x, b.x) for a, b in zip(jobs, got, strict=True))
+def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
+    jobs = [Job(b"a" * n, t, c, k, e) for n, (t, c, k, e) in zip((5, 7, 9), [(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
+                                                                           (1e9, 1, 2, 3.75)], strict=True)]
+    batch_id, slot, rows = process.decode_batch(process.encode_batch(7, 1, jobs, [0, 5, 12]))
+    assert (batch_id, slot) == (7, 1)
+    assert rows == [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7),
+                    process.Row(1e9, 3.75, 1, 2, 12, 9)]
+    refused = UnsupportedImage("not a supported image", code="corrupt_image")
+    batch_id, row, error = process.decode_refused(process.encode_refused(7, 2, refused))
+    assert (batch_id, row, error.status, error.code, error.reason, error.message) == \
+        (7, 2, 415, "corrupt_image", "corrupt_image", "not a supported image")
     sent = [ExitResult(1, 0.25, [0.7, 0.2, 0.1], [4, 0, 9], 0.01, 0.002), ExitResult(1, 0.5, [0.6, 0.3], [2, 1], 0.02,
                                                                                     0.002)]
-    batch_id, received = process.decode_exited(process.encode_exited(7, [1, 2], sent), [j.top_k for j in jobs])
-    assert batch_id == 7 and received == [(1, sent[0]), (2, sent[1])]
+    batch_id, received = process.decode_exited(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
+                                               [j.top_k for j in jobs])
+    assert batch_id == 7
+    assert received == [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))]
 
 
-def test_process_worker_answers_every_row_with_its_own_top_k(model) -> None:
+def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None:
+    thresholds = [0.0, 1e9, 0.7, 0.0, 1.1, 0.9, 0.0, 1e9, 0.3, 1.2]
+    uploads = [upload(i) for i in range(len(thresholds))]
+    uploads[4] = b"not an image"
+
     async def main() -> list:
         loop = asyncio.get_running_loop()
-        worker = ModelWorker(model, max_batch_size=4, max_batch_delay_s=0.0, queue_size=64)
+        worker = make_worker(model)
         await loop.run_in_executor(None, worker.start, loop)
         try:
-            torch.manual_seed(2)
-            jobs = [Job(torch.randn(1, 16, 16), t, 2, k, 0.0, loop.create_future())
-                    for t, k in zip([0.0, 1e9, 0.7, 0.0, 1.1, 0.9, 0.0, 1e9, 0.3, 1.2], [1, 2, 3, 4] * 3, strict=False)]
+            jobs = [Job(data, t, 2, k, 0.0, loop.create_future())
+                    for data, t, k in zip(uploads, thresholds, [1, 2, 3, 4] * 3, strict=False)]
             for j in jobs:  # one at a time, as requests arrive: batches form while the process is busy
                 worker.submit([j])
-            results = await asyncio.gather(*(j.future for j in jobs))
+            return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
         finally:
             assert await loop.run_in_executor(None, worker.close, 10.0)
-        expected: dict[int, ExitResult] = {}
-        run_batch(model, jobs, lambda js, rs: expected.update({id(j): r for j, r in zip(js, rs, strict=True)}))
-        for j, r in zip(jobs, results, strict=True):
-            want = expected[id(j)]
-            assert (r.exit, r.top_ids) == (want.exit, want.top_ids) and len(r.top_ids) == j.top_k
-            assert r.top_probs == pytest.approx(want.top_probs, abs=1e-5)
-        return [r.exit for r in results]
 
-    exits = asyncio.run(main())
-    assert {0, 2} <= set(exits)  # θ=0 runs to the last exit, θ=1e9 leaves at the first
+    results = asyncio.run(main())
+    assert isinstance(results[4], ServiceError) and results[4].status == 415  # refused alone
+    expected: dict[int, ExitResult] = {}
+    jobs = [Job(decode_image(data, SPEC, LIMITS), t, 2, k, 0.0)
+            for data, t, k in zip(uploads, thresholds, [1, 2, 3, 4] * 3, strict=False) if data != uploads[4]]
+    run_batch(model, jobs, lambda js, rs: expected.update({id(j): r for j, r in zip(js, rs, strict=True)}))
+    got = [r for i, r in enumerate(results) if i != 4]
+    for j, r in zip(jobs, got, strict=True):
+        want = expected[id(j)]
+        assert (r.exit, r.top_ids) == (want.exit, want.top_ids) and len(r.top_ids) == j.top_k
+        assert r.top_probs == pytest.approx(want.top_probs, abs=1e-5)
+        assert r.decode_s > 0
+    assert {0, 2} <= {r.exit for r in got}  # θ=0 runs to the last exit, θ=1e9 leaves at the first
