@@ -119,15 +119,11 @@ class ModelWorker:
     def depth(self) -> int:
         return len(self._pending)
 
-    @property
-    def pid(self) -> int | None:
-        """The inference process's pid, once started."""
-        return None if self._proc is None else self._proc.pid
-
     def _spawn(self) -> Callable[[], None]:
         """Start a process, wait for it to be ready; returns the step that attaches it to the loop."""
         size = SLOTS * self.arena_bytes
         fd, path = tempfile.mkstemp(prefix=f"erde-{self.name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        proc = None
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size)
@@ -142,6 +138,8 @@ class ModelWorker:
             if not replies_r.poll(START_TIMEOUT_S) or replies_r.recv_bytes() != process.READY:
                 raise RuntimeError("no ready signal")
         except (EOFError, OSError, RuntimeError) as exc:
+            if proc is not None and proc.is_alive():
+                proc.kill()
             raise RuntimeError(f"the inference process for {self.name} did not start: {exc}") from None
         finally:
             os.close(fd)
