@@ -8,21 +8,25 @@ from __future__ import annotations
 import sys
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from service.pipeline import read_upload
+from service.routes import RequestOnlyRoute
 
 CONSTANT = b'{"label":"constant","class_id":0,"exit":0}'
 
 
 def create_floor_app() -> FastAPI:
     app = FastAPI()
+    hot = APIRouter(route_class=RequestOnlyRoute)  # the route class the service's /classify uses
 
-    @app.post("/classify")
+    @hot.post("/classify")
     async def classify(request: Request) -> Response:
         """Read the multipart upload exactly as the service does, skip decode and model."""
         await read_upload(request, max_images=1)
         return Response(CONSTANT, media_type="application/json")
+
+    app.include_router(hot)
 
     @app.get("/readyz")
     async def readyz() -> dict[str, str]:

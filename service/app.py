@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.middleware import RequestAccounting
-from service.routes import router
+from service.routes import classify_router, router
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Early-exit image classification with a compute budget per request.")
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.include_router(classify_router)
     app.include_router(router)
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
                        log_requests=settings.access_log)

@@ -3,10 +3,10 @@ request metrics, and one structured access-log line per request."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -75,12 +75,12 @@ class RequestAccounting:
         if status >= 400:
             metrics.observe_rejected(model, state.get("erde_error", "error"))
         if self.log_requests:
-            access_log.info(json.dumps({
+            access_log.info(orjson.dumps({
                 "method": scope.get("method"), "path": scope.get("path"), "code": status, "model": model,
                 "exit": state.get("erde_exits"), "budget": state.get("erde_budget"),
                 "threshold": state.get("erde_threshold"), "latency_ms": round(seconds * 1000, 3),
                 "error": state.get("erde_error"),
-            }, separators=(",", ":")))
+            }).decode())
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -94,7 +94,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _send_json(send: Send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
+    payload = orjson.dumps(body)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close")]})
