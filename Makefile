@@ -45,8 +45,8 @@ serve: $(STAMP)
 # Benchmarks print tables (never timed asserts); wrk is the loopback load generator.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk)
-	$(PY) -m bench.engine
-	$(PY) -m bench.http
+	$(PY) -m bench.engine > reports/bench-engine.md && cat reports/bench-engine.md
+	$(PY) -m bench.http > reports/bench-http.md && cat reports/bench-http.md
 
 # Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
 # one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then

@@ -8,8 +8,8 @@ multipart bodies for all, bounded in seconds and requests) at concurrency 1, 16 
 depth (`threshold=0`) and at budget 0.25; then the same stack answering a constant for the same
 upload (its transport floor). The whole round runs twice, servers in the same order (A/B/A/B),
 and each cell is the median of the rounds, so that drift in machine speed cancels. The
-in-process ceiling is our engine on pre-decoded tensors (bench.engine.measure), batch
-min(concurrency, max batch size). Peak RSS: VmHWM summed over the server's process tree.
+in-process ceiling (measured in every round, median) is our engine on pre-decoded tensors
+(bench.engine.measure), batch min(concurrency, max batch size). Peak RSS: VmHWM summed over the server's process tree.
 
 Run from the repo root with the project venv: `.venv/bin/python -m bench.peers.run` (or
 `make bench-peers`). Environment: BENCH_SECONDS (per run, default 4), BENCH_MAX_REQUESTS,
@@ -373,7 +373,8 @@ def build_report(art, ran: list[Server], left_out: list[Server], ceil: dict, sta
         "cell is the median over rounds",
         "- Floor: each stack answering a constant after reading the same upload (ours: `bench/floor.py`; peers: "
         "`--constant`)",
-        f"- Ceiling: our engine in-process on pre-decoded tensors, batch min(concurrency, {MAX_BATCH}), 1 torch thread",
+        f"- Ceiling: our engine in-process on pre-decoded tensors, batch min(concurrency, {MAX_BATCH}), 1 torch "
+        "thread, measured at the start of every round (median)",
     ]
     return f"""# Benchmarks against peers: the same artifact behind five servers
 
@@ -400,6 +401,12 @@ def build_report(art, ran: list[Server], left_out: list[Server], ceil: dict, sta
 ## Targets (issue 6)
 
 {chr(10).join(verdicts)}
+
+The ceiling is one core running nothing but the network; the floor is one event loop answering a
+constant. The service needs both at once, plus decode and the reply, on the same two cores as the
+load generator: the CPU per request summed over its two processes and wrk bounds it, not either
+process alone. Where the time goes, and what each change bought, is in
+[service-profile.md](service-profile.md).
 
 ## Checks and notes
 
@@ -461,9 +468,10 @@ def main() -> None:
         if not s.python.exists():
             s.failed.append(f"no venv at {s.python.parent.parent.relative_to(ROOT)} (bench/peers/venvs.sh failed; "
                             f"see .bench/peers/{s.peer}.install.log)")
-    print(f"ceiling: in-process engine on {art.name}/{art.version}", flush=True)
-    ceil = ceiling(art)
+    ceilings = []
     for round_no in range(1, ROUNDS + 1):
+        ceilings.append(ceiling(art))  # in every round, beside the servers, so it drifts with them
+        print(f"round {round_no}: ceiling (in-process engine on {art.name}/{art.version}) measured", flush=True)
         for s in candidates:
             if not s.python.exists() or any("wrong answers" in f for f in s.failed):
                 continue
@@ -489,6 +497,7 @@ def main() -> None:
           for s in candidates),
         "wrk -t1 -cC -dSs --timeout 10s --latency -s budget-<b>.lua http://127.0.0.1:PORT   # C in 1 16 64",
     ])
+    ceil = {key: statistics.median(c[key] for c in ceilings) for key in ceilings[0]}
     report = build_report(art, ran, left_out, ceil, started, commands)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(report)
