@@ -71,7 +71,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
     print(f"# HTTP over loopback: {art.name}/{art.version}, wrk 1 thread, {SECONDS} s per run, "
-          f"Fashion-MNIST PNG uploads (one server process, uvloop + httptools)\n")
+          f"Fashion-MNIST PNG uploads (one server process, uvloop + httptools, and its inference process)\n")
     print(table(["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "non-2xx"], rows))
 
 
