@@ -9,40 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
 from bench.common import STORE, default_artifact, table
-from bench.load import lua, write_bodies, wrk
+from bench.load import launch, lua, server_port, stop, write_bodies, wrk
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 MAX_REQUESTS = int(os.environ.get("BENCH_MAX_REQUESTS", "200000"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
+STARTUP_TIMEOUT_S = 60
 
 
 def main() -> None:
@@ -52,10 +29,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="erde-bench-"))
     env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1"}
     rows = []
-    service_port, floor_port = free_port(), free_port()
-    service = start([sys.executable, "-m", "service"], service_port, {**env, "ERDE_PORT": str(service_port)},
-                    tmp / "service.log")
-    floor = start([sys.executable, "-m", "bench.floor", str(floor_port)], floor_port, env, tmp / "floor.log")
+    service_port, floor_port = server_port(), server_port()
+    service, _ = launch([sys.executable, "-m", "service"], service_port, env, tmp / "service.log", STARTUP_TIMEOUT_S)
+    floor, _ = launch([sys.executable, "-m", "bench.floor", str(floor_port)], floor_port, env, tmp / "floor.log",
+                      STARTUP_TIMEOUT_S)
     try:
         floor_script = lua(tmp, write_bodies(tmp, {}, art.spec.size), "floor", MAX_REQUESTS)
         targets = [("floor (constant)", floor_port, floor_script)]
@@ -68,8 +45,7 @@ def main() -> None:
                 rows.append([name, concurrency, f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", r["errors"]])
     finally:
         for proc in (service, floor):
-            proc.terminate()
-            proc.wait(20)
+            stop(proc)
     print(f"# HTTP over loopback: {art.name}/{art.version}, wrk 1 thread, {SECONDS} s per run, "
           f"Fashion-MNIST PNG uploads (one server process, uvloop + httptools, and its inference process)\n")
     print(table(["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "non-2xx"], rows))

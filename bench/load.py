@@ -1,14 +1,25 @@
-"""The one load generator for every HTTP benchmark: wrk (one client thread, loopback), bounded in
-seconds and requests, cycling real Fashion-MNIST test images sent as PNG multipart bodies."""
+"""Servers under load, for every HTTP benchmark: starting and stopping them, and the one load
+generator, wrk (one client thread, loopback), bounded in seconds and requests, cycling real
+Fashion-MNIST test images sent as PNG multipart bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import random
 import re
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
+
 from bench.common import sample_images
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BOUNDARY = "erdebenchboundary"
 LUA = """
@@ -70,3 +81,71 @@ def wrk(port: int, script: Path, concurrency: int, seconds: float) -> dict[str, 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     return {"rps": float(rps.group(1)) if rps else 0.0, "p50": latency_ms("50"), "p99": latency_ms("99"),
             "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)}
+
+
+def children(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (Ray's actors run under its raylet, BentoML's under circus)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        tree += kids
+        frontier += kids
+    return tree
+
+
+def server_port() -> int:
+    """A free port outside the kernel's ephemeral range (32768-60999) and Ray's worker ports (10002-19999):
+    Ray and BentoML start helpers that bind random ephemeral ports, which could take a port picked by
+    binding port 0 before the server binds it ("Failed to bind to address")."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+def launch(cmd: list[str], port: int, env: dict[str, str], log: Path,
+           timeout_s: float) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own session (cwd: the repo root) and wait for /readyz; (process, seconds to ready)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "ERDE_PORT": str(port)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc, time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop(proc)
+    raise RuntimeError(f"not ready after {timeout_s} s: {log.read_text()[-1500:]}")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left of its tree (our processes only)."""
+    tree = children(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    for pid in tree:  # Ray's actors sit in their own process groups
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        print(f"warning: server {proc.pid} still not gone 60 s after SIGKILL", flush=True)

@@ -20,7 +20,7 @@ DEFAULT_BUDGETS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15)
 
 
 def measure_test_split(model: EarlyExitResNet, curve: CalibrationCurve, test: TensorData,
-                 budgets: tuple[float, ...] | list[float] = DEFAULT_BUDGETS) -> dict[str, Any]:
+                       budgets: tuple[float, ...] | list[float] = DEFAULT_BUDGETS) -> dict[str, Any]:
     """Per-exit accuracy, full depth, and each budget's operating point measured on `test`."""
     outputs = exit_outputs(model, test)
     return metrics_from_outputs(outputs, curve, budgets)

@@ -18,16 +18,13 @@ BENCH_ROUNDS (default 2), BENCH_PEERS (comma list, default all), ERDE_STORE / ER
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import io
 import os
 import platform
-import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -41,7 +38,7 @@ import torch
 
 from bench.common import STORE, default_artifact, sample_images, table
 from bench.engine import measure
-from bench.load import lua, write_bodies, wrk
+from bench.load import children, launch, lua, server_port, stop, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
@@ -98,24 +95,6 @@ def servers() -> list[Server]:
 
 # ---- processes -------------------------------------------------------------------------------------------------
 
-def children(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc (Ray's actors run under its raylet, BentoML's under circus)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        tree += kids
-        frontier += kids
-    return tree
-
-
 def peak_rss_mb(pid: int) -> float:
     total = 0
     for p in children(pid):
@@ -127,52 +106,8 @@ def peak_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def server_port() -> int:
-    """A free port outside the kernel's ephemeral range (32768-60999) and Ray's worker ports (10002-19999):
-    Ray and BentoML start helpers that bind random ephemeral ports, which could take a port picked by
-    binding port 0 before the server binds it ("Failed to bind to address")."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
 def start(server: Server, floor: bool, port: int, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, float]:
-    started = time.monotonic()
-    proc = subprocess.Popen(server.command(floor, port), cwd=ROOT, env={**env, "ERDE_PORT": str(port)},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    while time.monotonic() - started < STARTUP_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc, time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop(proc)
-    raise RuntimeError(f"not ready after {STARTUP_TIMEOUT_S} s: {log.read_text()[-1500:]}")
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left of its tree (our processes only)."""
-    tree = children(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace_s)
-    for pid in tree:  # Ray's actors sit in their own process groups
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        print(f"warning: server {proc.pid} still not gone 60 s after SIGKILL", flush=True)
+    return launch(server.command(floor, port), port, env, log, STARTUP_TIMEOUT_S)
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
