@@ -17,6 +17,7 @@ from types import FrameType
 
 import uvicorn
 
+from service.protocol import uvicorn_options
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -58,8 +59,7 @@ def _multiprocess_dir() -> str:
 
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    common = {"host": settings.host, "port": settings.port, "loop": "uvloop", "http": "httptools",
-              "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}
+    common = uvicorn_options(settings)
     if settings.workers > 1:
         path = _multiprocess_dir()
         try:
