@@ -51,6 +51,10 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 

@@ -21,6 +21,8 @@ class ClassifyOptions(BaseModel):
     max_exit: int | None = Field(None, ge=0, description="hard cap: never run past this exit (0-based)")
     top_k: int = Field(3, ge=1, description="how many classes to list")
     model: str | None = Field(None, pattern=MODEL_NAME, description="model name; default: the server's")
+    timeout_ms: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                     description="answer 504 past this many ms (the server's limit still applies)")
 
     @model_validator(mode="after")
     def _one_of_budget_or_threshold(self) -> ClassifyOptions:

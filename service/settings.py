@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, le=256)  # intra-op threads of the inference worker
     drain_timeout_s: float = Field(10.0, ge=0)  # SIGTERM: longest wait for queued and in-flight requests
     retry_after_s: int = Field(1, ge=1)  # Retry-After on 503
+
+    # faults (issue 10)
+    request_timeout_s: float = Field(5.0, gt=0, le=3600)  # past it a request gets 504 (a request's timeout_ms
+    # can only shorten it)
+    hang_timeout_s: float = Field(2.0, gt=0, le=600)  # an inference process holding work without progress
+    # this long is killed and replaced (its rows get 503)
+    test_slow_ms: float = Field(0.0, ge=0, le=10_000)  # test-only: every batch takes this much longer
     access_log: bool = True  # one structured line per request
 
     @model_validator(mode="after")
