@@ -16,8 +16,7 @@ import torch
 from bench.common import default_artifact, sample_images, table
 from erde.data import normalize
 from erde.nets import fuse_for_inference
-from service.engine.batcher import Job
-from service.engine.compute import choose_stage_backends, run_batch
+from service.engine.compute import Sample, choose_stage_backends, run_batch
 
 BUDGETS = (1.0, 0.5, 0.25)
 BAR = {1: 0.5, 32: 0.7}
@@ -32,7 +31,7 @@ def measure(model, xs: torch.Tensor, theta: float, batch: int, macs: list[int], 
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds / repeats:
             start = done % (len(xs) - batch + 1)
-            jobs = [Job(x, theta, cap, 1, 0.0) for x in xs[start:start + batch]]
+            jobs = [Sample(x, theta, cap, 1, 0.0) for x in xs[start:start + batch]]
             exits = run_batch(model, jobs, lambda *_: None, mkldnn=backends)
             spent += sum(macs[e] for e in exits)
             counted += len(exits)

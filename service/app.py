@@ -11,11 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.admission import AdmissionControl
 from service.errors import install_error_handlers
 from service.middleware import RequestAccounting
+from service.oip import router as oip_router
 from service.routes import classify_router, router
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
+from service.ui import ui_router
 
 log = logging.getLogger("erde.service")
 
@@ -61,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(classify_router)
     app.include_router(router)
+    app.include_router(oip_router)  # the Open Inference Protocol (v2 REST) under /v2
+    app.include_router(ui_router())  # the demo page at / and /ui, and /stats
+    app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
                        log_requests=settings.access_log)
     return app

@@ -1,25 +1,39 @@
-"""`erde serve`: run the service under uvicorn, draining on SIGTERM.
+"""`erde serve`: run the service under uvicorn, draining on SIGTERM, with one worker or many.
 
 SIGTERM (or Ctrl-C) first turns /readyz to 503 and refuses new work with 503 + Retry-After,
 while queued and in-flight requests are answered; once idle (or after `drain_timeout_s`)
-uvicorn shuts down as usual. A second signal stops at once.
+uvicorn shuts down as usual. A second signal stops at once. SIGHUP reloads the store.
+
+With `workers` > 1 a small supervisor (`Supervisor`) binds the socket, starts the workers (each
+a whole one-worker service: app, inference processes, `DrainingServer`) and gives every signal
+the same meaning as with one worker: SIGHUP is forwarded, so each worker verifies, warms and
+swaps in place; SIGTERM/SIGINT are forwarded once, so each worker drains, and the supervisor
+exits when all have; a worker that dies is replaced. uvicorn's own supervisor restarts workers
+on SIGHUP and stops them with its plain server, which does not drain.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
+import socket
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from prometheus_client import multiprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Process
 
 from service.protocol import uvicorn_options
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
+
+log = logging.getLogger("erde.service")
+METRICS_MARK = ".erde-metrics"  # marks a directory this service made for multiprocess metrics
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,7 +45,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
-            logging.getLogger("erde.service").info("draining: finishing queued and in-flight requests")
+            log.info("draining: finishing queued and in-flight requests")
             self.runtime.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout
             return
@@ -44,31 +58,112 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _multiprocess_dir() -> str:
-    """Several workers share metrics through files in a directory that is empty at every start:
-    the one PROMETHEUS_MULTIPROC_DIR names (emptied), else a fresh one for this server."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path)
-    else:
-        path = tempfile.mkdtemp(prefix="erde-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
+def draining_server(settings: Settings) -> DrainingServer:
+    from service.app import create_app  # after the multiprocess directory is set, never before
+
+    app = create_app(settings)
+    return DrainingServer(uvicorn.Config(app, **uvicorn_options(settings)), app.state.runtime,
+                          settings.drain_timeout_s)
+
+
+class WorkerProcess(Process):
+    """One worker of several: a whole service with its own `DrainingServer`, built in the child."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # runs in the child
+        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which forwards it once
+        self._server = draining_server(get_settings())
+        super().target(sockets)
+
+
+class Supervisor:
+    """Starts `workers` service processes on one socket and forwards signals to them (see the module doc)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = uvicorn.Config("service.app:create_app", factory=True, **uvicorn_options(settings))
+        self.processes: list[WorkerProcess] = []
+        self.signals: list[int] = []
+        self.stopping = False
+
+    def run(self) -> None:
+        sockets = [self.config.bind_socket()]
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda sig, frame: self.signals.append(sig))
+        self.processes = [self._start(sockets) for _ in range(self.settings.workers)]
+        log.info("supervisor %d started %d workers", os.getpid(), len(self.processes))
+        while self.processes:
+            time.sleep(0.1)
+            self._handle_signals()
+            self._reap(sockets)
+        for sock in sockets:
+            sock.close()
+        log.info("supervisor %d: every worker has exited", os.getpid())
+
+    def _start(self, sockets: list[socket.socket]) -> WorkerProcess:
+        process = WorkerProcess(self.config, sockets)
+        process.start()
+        return process
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP: every worker reloads the store")
+                self._forward(signal.SIGHUP)
+            elif not self.stopping:
+                log.info("draining every worker")
+                self.stopping = True
+                self._forward(signal.SIGTERM)
+            else:
+                log.info("second signal: stopping every worker now")
+                self._forward(signal.SIGINT)
+
+    def _forward(self, sig: int) -> None:
+        for process in self.processes:
+            if process.process.is_alive():
+                os.kill(process.pid, sig)
+
+    def _reap(self, sockets: list[socket.socket]) -> None:
+        """Forget workers that have exited; replace them unless stopping (or unless they never started)."""
+        for index, process in reversed(list(enumerate(self.processes))):
+            if process.process.is_alive():
+                continue
+            process.join()
+            del self.processes[index]
+            multiprocess.mark_process_dead(process.pid)  # its live gauges leave the aggregate
+            if self.stopping:
+                continue
+            if process.exitcode == STARTUP_FAILURE:
+                log.error("worker %d failed to start; stopping", process.pid)
+                self.stopping = True
+                self._forward(signal.SIGTERM)
+                continue
+            log.error("worker %d exited (code %s); starting another", process.pid, process.exitcode)
+            self.processes.append(self._start(sockets))
+
+
+def multiprocess_dir() -> str:
+    """Several workers share metrics through files in a directory that is empty at every start: the one
+    PROMETHEUS_MULTIPROC_DIR names, or a fresh one. A named directory is emptied only if this service
+    made it (its mark is there) or it is empty: never a directory that holds anything else."""
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = Path(named) if named else Path(tempfile.mkdtemp(prefix="erde-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    entries = {p.name for p in path.iterdir()}
+    if entries and METRICS_MARK not in entries:
+        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR={path} holds files this service did not write; "
+                         "name an empty directory")
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    (path / METRICS_MARK).touch()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return str(path)
 
 
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    common = uvicorn_options(settings)
     if settings.workers > 1:
-        path = _multiprocess_dir()
-        try:
-            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+        multiprocess_dir()
+        Supervisor(settings).run()
         return
-    from service.app import create_app  # after the multiprocess directory is set, never before
-
-    app = create_app(settings)
-    server = DrainingServer(uvicorn.Config(app, **common), app.state.runtime, settings.drain_timeout_s)
-    server.run()
+    draining_server(settings).run()

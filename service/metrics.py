@@ -41,15 +41,26 @@ STAGE_DURATION = Histogram("erde_stage_duration_seconds", "Per-image time in eac
 MACS = Counter("erde_macs_total", "Multiply-accumulates spent answering images", ["model"])
 MACS_FULL = Counter("erde_macs_full_total", "Multiply-accumulates the same images would cost at full depth",
                     ["model"])
-BUDGET = Histogram("erde_budget", "Budget (fraction of full MACs) each image was answered under", ["model"],
-                   buckets=BUDGET_BUCKETS)
+BUDGET = Histogram("erde_budget", "Budget (fraction of full MACs) each image asked for (the default when none)",
+                   ["model"], buckets=BUDGET_BUCKETS)
+BUDGET_USED = Histogram("erde_budget_used", "Budget each image was answered under (cheaper than asked when degraded)",
+                        ["model"], buckets=BUDGET_BUCKETS)
 BATCH_SIZE = Histogram("erde_batch_size", "Rows per micro-batch", ["model"], buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge("erde_queue_depth", "Images waiting in the inference queue", ["model"],
                     multiprocess_mode="livesum")
 INFLIGHT = Gauge("erde_inflight_requests", "Requests being handled now", multiprocess_mode="livesum")
 REJECTED = Counter("erde_rejected_total", "Requests refused, by reason", ["model", "reason"])
-MODEL_INFO = Gauge("erde_model_info", "1 for every model version being served", ["model", "version"],
-                   multiprocess_mode="liveall")
+# Several workers: the max over live processes, so a version is 1 while any worker serves it, and 0 once
+# all have moved on (a retired series cannot be removed from the other processes' files).
+MODEL_INFO = Gauge("erde_model_info", "1 for every model version being served (0: retired)", ["model", "version"],
+                   multiprocess_mode="livemax")
+# overload (issue 12). Several workers: each runs its own controller, the dashboard shows the highest.
+LOAD_PRESSURE = Gauge("erde_load_pressure", "Overload controller pressure: 0 answers rows as asked, 1 at their floors",
+                      ["model"], multiprocess_mode="livemax")
+DEGRADED = Counter("erde_degraded_total", "Images answered at a cheaper operating point than asked, under load",
+                   ["model"])
+UNSATISFIABLE = Counter("erde_unsatisfiable_total", "Requests refused 422 because no operating point meets their "
+                        "min_accuracy (within their budget)", ["model"])
 RELOADS = Counter("erde_reloads_total", "Store reloads by result (ok, unchanged, failed)", ["result"])
 
 
@@ -80,13 +91,18 @@ def observe_request(model: str, endpoint: str, code: int, seconds: float) -> Non
 
 
 @never_raises
-def observe_image(model: str, exit_index: int, macs: int, full_macs: int, budget: float | None,
-                  decode_s: float, queue_s: float, inference_s: float) -> None:
+def observe_image(model: str, exit_index: int, macs: int, full_macs: int, requested_budget: float | None,
+                  budget_used: float | None, degraded: bool, decode_s: float, queue_s: float,
+                  inference_s: float) -> None:
     _series(EXITS, model, str(exit_index)).inc()
     _series(MACS, model).inc(macs)
     _series(MACS_FULL, model).inc(full_macs)
-    if budget is not None:
-        _series(BUDGET, model).observe(budget)
+    if requested_budget is not None:
+        _series(BUDGET, model).observe(requested_budget)
+    if budget_used is not None:
+        _series(BUDGET_USED, model).observe(budget_used)
+    if degraded:
+        _series(DEGRADED, model).inc()
     _series(STAGE_DURATION, model, "decode").observe(decode_s)
     _series(STAGE_DURATION, model, "queue").observe(queue_s)
     _series(STAGE_DURATION, model, "inference").observe(inference_s)
@@ -105,6 +121,13 @@ def set_queue_depth(model: str, depth: int) -> None:
 @never_raises
 def observe_rejected(model: str, reason: str) -> None:
     _series(REJECTED, model, reason).inc()
+    if reason == "unsatisfiable":  # the floors' own counter, so that it needs no wiring where 422s are raised
+        _series(UNSATISFIABLE, model).inc()
+
+
+@never_raises
+def set_load_pressure(model: str, pressure: float) -> None:
+    _series(LOAD_PRESSURE, model).set(pressure)
 
 
 @never_raises
@@ -116,6 +139,8 @@ def set_inflight(delta: int) -> None:
 def set_model_info(model: str, version: str, serving: bool) -> None:
     if serving:
         MODEL_INFO.labels(model, version).set(1)
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MODEL_INFO.labels(model, version).set(0)
     else:
         MODEL_INFO.remove(model, version)
 

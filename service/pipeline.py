@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from service import metrics
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult
-from service.errors import BadOptions, ServiceError, Unavailable, UnsupportedImage
+from service.errors import BadOptions, DeadlineExceeded, ServiceError, Unavailable, UnsupportedImage
 from service.multipart import boundary_of, parse_multipart
 from service.policy import Decision
 from service.registry import ServedModel
@@ -51,7 +52,25 @@ async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], d
     return images, fields
 
 
-def resolve(runtime: Runtime, request: Request, fields: dict[str, str]) -> tuple[ServedModel, Decision]:
+@dataclass(frozen=True)
+class Order:
+    """What a request asks of a model, once its options are checked."""
+
+    served: ServedModel
+    decision: Decision
+    deadline: float  # monotonic seconds; past it the request is answered 504
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's exit, and the rule it actually ran under (cheaper than asked under overload)."""
+
+    result: ExitResult
+    rule: Decision
+
+
+def resolve(runtime: Runtime, request: Request, fields: dict[str, str], started: float) -> Order:
+    """Options -> model, rule and deadline (`started`: monotonic time the request arrived)."""
     if runtime.draining:
         raise Unavailable("the service is shutting down; retry on another instance",
                           retry_after=runtime.settings.retry_after_s, reason="draining")
@@ -61,33 +80,51 @@ def resolve(runtime: Runtime, request: Request, fields: dict[str, str]) -> tuple
     decision = served.policy.decide(options)
     request.state.erde_budget = decision.budget
     request.state.erde_threshold = decision.threshold
-    return served, decision
+    return Order(served, decision, started + request_timeout(runtime, options.timeout_ms))
 
 
-async def infer(served: ServedModel, decision: Decision, images: list[bytes]) -> list[ExitResult]:
-    """Every image's exit; the first refused image (in the order sent) fails the request."""
+def request_timeout(runtime: Runtime, timeout_ms: float | None) -> float:
+    """Seconds a request may take: the server's limit, or less when the request asks for less."""
+    limit = runtime.settings.request_timeout_s
+    return limit if timeout_ms is None else min(limit, timeout_ms / 1000)
+
+
+async def infer(order: Order, images: list[bytes]) -> list[Answer]:
+    """Every image's exit by the order's deadline; the first refused image (in the order sent) fails
+    the request. Past the deadline the rows are withdrawn (or their results dropped) and it is 504."""
     loop = asyncio.get_running_loop()
     now = time.monotonic()
-    jobs = [Job(data, decision.threshold, decision.cap, decision.top_k, now, loop.create_future()) for data in images]
-    served.worker.submit(jobs)
-    if len(jobs) == 1:
-        return [await jobs[0].future]
-    results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+    jobs = [Job(data, order.decision, now, order.deadline, loop.create_future()) for data in images]
+    worker = order.served.worker
+    worker.submit(jobs)
+    try:
+        async with asyncio.timeout(max(0.0, order.deadline - now)):
+            if len(jobs) == 1:
+                results = [await jobs[0].future]
+            else:
+                results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+    except TimeoutError:
+        worker.withdraw(jobs)
+        for job in jobs:
+            job.future.cancel()
+        raise DeadlineExceeded(f"no answer within the request's deadline of {(order.deadline - now) * 1e3:.0f} ms",
+                               retry_after=worker.retry_after, reason="deadline") from None
     for index, result in enumerate(results):
-        if isinstance(result, ServiceError):
+        if isinstance(result, ServiceError) and len(jobs) > 1:
             result.message = f"image {index}: {result.message}"
         if isinstance(result, BaseException):
             raise result
-    return results
+    return [Answer(result, job.rule) for result, job in zip(results, jobs, strict=True)]
 
 
-def encode(served: ServedModel, decision: Decision, result: ExitResult, started: float) -> dict[str, Any]:
+def encode(served: ServedModel, answer: Answer, started: float) -> dict[str, Any]:
     """One reply (DESIGN section 5), and the per-image metrics that go with it."""
+    result, decision = answer.result, answer.rule
     art = served.artifact
     macs = art.macs_per_exit[result.exit]
     classes = art.classes
-    metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.budget,
-                          result.decode_s, result.queue_s, result.inference_s)
+    metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.requested_budget,
+                          decision.budget, decision.degraded, result.decode_s, result.queue_s, result.inference_s)
     return {
         "model": art.name, "version": art.version,
         "label": classes[result.top_ids[0]], "class_id": result.top_ids[0], "confidence": result.top_probs[0],
@@ -96,7 +133,8 @@ def encode(served: ServedModel, decision: Decision, result: ExitResult, started:
         "exit": result.exit, "exits": art.model.num_exits, "entropy": result.entropy,
         "threshold": decision.threshold, "budget": decision.budget, "budget_clamped": decision.clamped,
         "max_exit": decision.cap if decision.cap < art.model.num_exits - 1 else None,
-        "expected_accuracy": decision.expected.accuracy,
+        "min_accuracy": decision.min_accuracy, "requested_budget": decision.requested_budget,
+        "degraded": decision.degraded, "expected_accuracy": decision.expected.accuracy,
         "macs": macs, "macs_fraction": macs / served.full_macs,
         "latency_ms": {"decode": result.decode_s * 1e3, "queue": result.queue_s * 1e3,
                        "inference": result.inference_s * 1e3, "total": (time.perf_counter() - started) * 1e3},
@@ -106,8 +144,10 @@ def encode(served: ServedModel, decision: Decision, result: ExitResult, started:
 async def classify(runtime: Runtime, request: Request, max_images: int) -> list[dict[str, Any]]:
     """The whole path for one request of one or more images."""
     started = time.perf_counter()
+    arrived = time.monotonic()
     images, fields = await read_upload(request, max_images)
-    served, decision = resolve(runtime, request, fields)
-    results = await infer(served, decision, images)
-    request.state.erde_exits = [r.exit for r in results] if len(results) > 1 else results[0].exit
-    return [encode(served, decision, r, started) for r in results]
+    order = resolve(runtime, request, fields, arrived)
+    answers = await infer(order, images)
+    exits = [a.result.exit for a in answers]
+    request.state.erde_exits = exits if len(exits) > 1 else exits[0]
+    return [encode(order.served, a, started) for a in answers]

@@ -73,6 +73,10 @@ class ModelRegistry:
             raise UnknownModel(f"unknown model {name!r}; available: {known}", reason="unknown_model")
         return served
 
+    def find(self, name: str | None) -> ServedModel | None:
+        """The served model by name (None: the default), or None when there is no such model."""
+        return self._models.get(name or self.default_name() or "")
+
     def default_name(self) -> str | None:
         if self.settings.default_model in self._models:
             return self.settings.default_model
@@ -86,43 +90,54 @@ class ModelRegistry:
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
-                             threads=s.torch_threads,
+                             threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s, slow_s=s.test_slow_ms / 1000,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
-                              s.default_budget, s.max_top_k)
+                              s.default_budget, s.max_top_k, s.min_accuracy)
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions)
 
     def reload(self) -> dict[str, str]:
-        """Serve the newest version of every model in the store; returns name -> outcome."""
+        """Serve the newest version of every model in the store that verifies; returns name -> outcome.
+
+        A model already served moves only to its newest version (a broken one leaves the old serving);
+        a model not yet served (a cold start) falls back to the newest version that verifies.
+        """
         outcome: dict[str, str] = {}
         with self._lock:
-            found = list_versions(self.settings.store)
-            for name, versions in found.items():
+            for name, versions in list_versions(self.settings.store).items():
                 current = self._models.get(name)
-                newest = versions[-1]
-                if current is not None and current.artifact.version == newest:
+                if current is not None and current.artifact.version == versions[-1]:
                     current.versions = versions
                     outcome[name] = "unchanged"
                     continue
-                try:
-                    served = self._load(name, newest, versions)
-                except Exception as exc:  # a broken artifact must never take the service down
-                    log.error("refused %s/%s: %s", name, newest, exc)
-                    metrics.observe_reload("failed")
-                    outcome[name] = f"failed: {exc}"
+                candidates = [versions[-1]] if current is not None else versions[::-1]
+                served = None
+                for version in candidates:
+                    try:
+                        served = self._load(name, version, versions)
+                        break
+                    except Exception as exc:  # a broken artifact must never take the service down
+                        log.error("refused %s/%s: %s", name, version, exc, exc_info=not isinstance(exc, ValueError))
+                        metrics.observe_reload("failed")
+                        outcome[name] = f"failed: {exc}"
+                if served is None:
                     continue
                 self._models[name] = served  # atomic swap: new requests go to the new version
-                metrics.set_model_info(name, newest, True)
+                metrics.set_model_info(name, served.artifact.version, True)
                 metrics.observe_reload("ok")
-                outcome[name] = f"loaded {newest}"
-                log.info("serving %s/%s", name, newest)
+                outcome[name] = f"loaded {served.artifact.version}"
+                log.info("serving %s/%s", name, served.artifact.version)
                 if current is not None:
                     metrics.set_model_info(name, current.artifact.version, False)
                     threading.Thread(target=current.worker.close, args=(self.settings.drain_timeout_s,),
                                      daemon=True).start()
         return outcome
+
+    def down(self) -> list[str]:
+        """Models with no live inference process right now (crashed, hung, or failing to restart)."""
+        return [name for name, served in sorted(self._models.items()) if not served.worker.live]
 
     def close(self, timeout: float) -> None:
         for served in list(self._models.values()):

@@ -86,9 +86,9 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"model": ErrorReply}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready: models loaded and warmed, and not draining."""
-    if not runtime.ready:
-        state = "draining" if runtime.draining else "not ready"
-        raise Unavailable(f"service is {state}", code="not_ready", retry_after=runtime.settings.retry_after_s)
+    reason = runtime.unready_reason()
+    if reason is not None:
+        raise Unavailable(reason, code="not_ready", retry_after=runtime.settings.retry_after_s)
     return JSONResponse({"status": "ready", "models": runtime.registry.names})
 
 

@@ -24,7 +24,20 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and bool(self.registry.names)
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why /readyz must answer 503 now, or None: loading, draining, no model, or a model down."""
+        if self.draining:
+            return "the service is draining"
+        if not self.started:
+            return "models are loading"
+        if not self.registry.names:
+            return "no model could be loaded"
+        down = self.registry.down()
+        if down:
+            return f"no live inference process for model {', '.join(down)}"
+        return None
 
     def idle(self) -> bool:
         return self.inflight == 0 and all(self.registry.get(n).worker.depth == 0 for n in self.registry.names)

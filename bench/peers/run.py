@@ -42,8 +42,7 @@ from bench.load import children, launch, lua, server_port, stop, write_bodies, w
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
-from service.engine.batcher import Job
-from service.engine.compute import choose_stage_backends, run_batch
+from service.engine.compute import Sample, choose_stage_backends, run_batch
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +126,7 @@ def expected_answers(art, pngs: list[bytes]) -> dict[str, list[tuple[int, int]]]
         answers = []
         for png in pngs:
             got: list = []
-            run_batch(net, [Job(decode_image(png, art.spec, limits), theta, net.num_exits - 1, 1, 0.0)],
+            run_batch(net, [Sample(decode_image(png, art.spec, limits), theta, net.num_exits - 1, 1, 0.0)],
                       lambda _, r, got=got: got.extend(r), mkldnn=backends)
             answers.append((got[0].top_ids[0], got[0].exit))
         out[budget] = answers

@@ -22,8 +22,7 @@ import torch
 from bench.common import default_artifact
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
-from service.engine.batcher import Job
-from service.engine.compute import ExitResult, choose_stage_backends, run_batch
+from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
 from service.settings import Settings
 
 # The service runs its network on one intra-op thread (ERDE_TORCH_THREADS=1); the peers get the same.
@@ -71,10 +70,10 @@ class PeerModel:
     def predict(self, xs: Sequence[torch.Tensor], thetas: Sequence[float]) -> list[dict[str, Any]]:
         """One early-exit pass over a batch; each row stops at its own θ."""
         self._set_threads()
-        jobs = [Job(x, float(t), self.last_exit, 1, 0.0) for x, t in zip(xs, thetas, strict=True)]
+        jobs = [Sample(x, float(t), self.last_exit, 1, 0.0) for x, t in zip(xs, thetas, strict=True)]
         results: dict[int, ExitResult] = {}
 
-        def collect(done: list[Job], out: list[ExitResult]) -> None:
+        def collect(done: list[Sample], out: list[ExitResult]) -> None:
             results.update((id(j), r) for j, r in zip(done, out, strict=True))
 
         run_batch(self.net, jobs, collect, mkldnn=self.mkldnn)

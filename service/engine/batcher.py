@@ -1,4 +1,5 @@
-"""Forming micro-batches: a pure function of the pending queue and the clock (testable without sleeping)."""
+"""What the server queues for a model, and how micro-batches form: a pure function of the pending
+queue and the clock (testable without sleeping)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
+from service.policy import Decision
 
 
 @dataclass(eq=False)
 class Job:
-    """One image waiting for the network, with its own exit rule."""
+    """One encoded image waiting for the model's inference process, with the rule it asked for."""
 
-    x: torch.Tensor  # (C, H, W) normalised input
-    threshold: float  # θ: stop at the first exit with entropy below it
-    cap: int  # last exit this image may reach (max_exit, or the model's last)
-    top_k: int  # how many classes the reply lists
+    image: bytes  # the encoded file; decoded in the inference process
+    asked: Decision  # the rule the request asked for (θ, cap, top_k, floor)
     enqueued: float  # monotonic seconds when it entered the queue
+    deadline: float = math.inf  # monotonic seconds past which nobody waits for it
     future: asyncio.Future | None = field(default=None, repr=False)  # resolved with an ExitResult
+    used: Decision | None = None  # the rule it was sent with (cheaper than `asked` under overload)
+
+    @property
+    def rule(self) -> Decision:
+        return self.used or self.asked
 
 
 def take_batch(pending: deque[Job], now: float, max_size: int, max_delay: float) -> list[Job] | float:

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from erde.exits import exit_scores, last_exit, stops
 from erde.nets import EarlyExitResNet
-from service.engine.batcher import Job
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One decoded image in a batch, with its own exit rule (the inference side of a queued Job)."""
+
+    x: torch.Tensor  # (C, H, W) normalised input
+    threshold: float  # θ: stop at the first exit with entropy below it
+    cap: int  # last exit this image may reach (max_exit, or the model's last)
+    top_k: int  # how many classes the reply lists
+    enqueued: float  # monotonic seconds when it entered the server's queue
 
 
 @dataclass(frozen=True)
@@ -26,16 +37,6 @@ class ExitResult:
     queue_s: float  # enqueue -> batch start
     inference_s: float  # batch start -> release
     decode_s: float = 0.0  # this image's decode, in the inference process
-
-
-def _exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and entropy per row, in numpy: a few small-array ops cost less there
-    than torch's per-op dispatch, and this runs once per stage."""
-    z = logits.double().numpy()  # (b, K)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    probs = np.exp(logp)
-    return probs, -(probs * logp).sum(axis=1)
 
 
 @torch.inference_mode()
@@ -72,7 +73,8 @@ def _set_mkldnn(enabled: bool) -> None:
 
 
 @torch.inference_mode()
-def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[Job], list[ExitResult]], None],
+def run_batch(model: EarlyExitResNet, jobs: list[Sample],
+              release: Callable[[list[Sample], list[ExitResult]], None],
               clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None) -> list[int]:
     """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took.
 
@@ -81,15 +83,15 @@ def run_batch(model: EarlyExitResNet, jobs: list[Job], release: Callable[[list[J
     started = clock()
     h = torch.stack([j.x for j in jobs])  # (B, C, H, W)
     theta = np.array([j.threshold for j in jobs])  # (B,)
-    cap = np.array([min(j.cap, model.num_exits - 1) for j in jobs])  # (B,)
+    cap = np.array([last_exit(j.cap, model.num_exits) for j in jobs])  # (B,)
     rows = np.arange(len(jobs))  # original index of each row still running
     exits = [0] * len(jobs)
     for i in range(model.num_exits):
         if mkldnn is not None:
             _set_mkldnn(mkldnn[i])
         h = model.stage(i, h)
-        probs, ent = _exit_scores(model.exit(i, h))
-        done = (ent < theta) | (cap <= i)
+        probs, ent = exit_scores(model.exit(i, h))
+        done = stops(ent, theta, cap, i)
         idx = np.flatnonzero(done)
         if idx.size:
             k = max(jobs[r].top_k for r in rows[idx])

@@ -28,6 +28,7 @@ import mmap
 import signal
 import struct
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -38,8 +39,7 @@ from safetensors.torch import save as save_tensors
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
 from service.decode import ImageLimits, decode_image
-from service.engine.batcher import Job
-from service.engine.compute import ExitResult, choose_stage_backends, run_batch
+from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
 from service.errors import ServiceError
 
 log = logging.getLogger("erde.service")
@@ -81,11 +81,11 @@ class Row:
     size: int
 
 
-def encode_batch(batch_id: int, slot: int, jobs: list[Job], offsets: list[int]) -> bytes:
-    floats = np.array([[j.threshold for j in jobs], [j.enqueued for j in jobs]], dtype=np.float64)
-    ints = np.array([[j.cap for j in jobs], [j.top_k for j in jobs], offsets, [len(j.x) for j in jobs]],
-                    dtype=np.int64)
-    return BATCH.pack(b"B", batch_id, slot, len(jobs)) + floats.tobytes() + ints.tobytes()
+def encode_batch(batch_id: int, slot: int, rows: list[Row]) -> bytes:
+    floats = np.array([[r.threshold for r in rows], [r.enqueued for r in rows]], dtype=np.float64)
+    ints = np.array([[r.cap for r in rows], [r.top_k for r in rows], [r.offset for r in rows],
+                     [r.size for r in rows]], dtype=np.int64)
+    return BATCH.pack(b"B", batch_id, slot, len(rows)) + floats.tobytes() + ints.tobytes()
 
 
 def decode_batch(message: bytes) -> tuple[int, int, list[Row]]:
@@ -137,9 +137,54 @@ def decode_exited(message: bytes, top_k: list[int]) -> tuple[int, list[tuple[int
     return batch_id, out
 
 
+@dataclasses.dataclass(frozen=True)
+class Exited:
+    """Rows of a batch that left at one exit."""
+
+    batch_id: int
+    results: list[tuple[int, ExitResult]]  # (row in the batch, its result)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """One row whose image the decoder refused."""
+
+    batch_id: int
+    row: int
+    error: ServiceError
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The batch is over and its slot free; `failed`: its unreleased rows get an error."""
+
+    batch_id: int
+    failed: bool
+
+
+class ProtocolError(Exception):
+    """A message from the process that the server does not understand: the process is not trusted further."""
+
+
+def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished:
+    """One message from the process, typed; `top_k(batch_id)` gives each row's k for that batch."""
+    kind = message[:1]
+    if kind == b"E":
+        batch_id = EXITED.unpack_from(message)[1]
+        return Exited(*decode_exited(message, top_k(batch_id)))
+    if kind == b"X":
+        return Refused(*decode_refused(message))
+    if kind in (b"D", b"F") and len(message) == ID.size:
+        return Finished(ID.unpack(message)[1], kind == b"F")
+    raise ProtocolError(f"unknown reply kind {kind!r}")
+
+
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
-          arena_path: str, arena_bytes: int, threads: int, max_rows: int) -> None:
-    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop."""
+          arena_path: str, arena_bytes: int, threads: int, max_rows: int, slow_s: float = 0.0) -> None:
+    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop.
+
+    `slow_s` stretches every batch by that long: a test-only knob that makes overload reproducible.
+    """
     # The server drains on SIGTERM and then stops this process; a signal to the whole process
     # group must not kill it first. It also ends when the server's end of the pipe closes.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -148,7 +193,7 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
     model = fuse_for_inference(blob.build())
     backends = choose_stage_backends(model, max_rows)
     warm = torch.zeros(spec.channels, spec.size, spec.size)
-    run_batch(model, [Job(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends)
+    run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends)
     with open(arena_path, "r+b") as f:
         arena = memoryview(mmap.mmap(f.fileno(), 0))
     replies.send_bytes(READY)
@@ -159,8 +204,13 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             return
         if message[:1] == STOP:
             return
+        if message[:1] != b"B":
+            log.error("unknown message %r from the server; stopping", message[:1])
+            return
         batch_id, slot, rows = decode_batch(message)
         try:
+            if slow_s:
+                time.sleep(slow_s)
             run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
             replies.send_bytes(ID.pack(b"D", batch_id))
         except (EOFError, OSError):
@@ -176,8 +226,8 @@ def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limi
 
     An image's queue time runs until the network starts, so it includes the batch's decoding.
     """
-    jobs: list[Job] = []
-    where: dict[int, tuple[int, float]] = {}  # id(job) -> (its row in the batch, its decode seconds)
+    samples: list[Sample] = []
+    where: dict[int, tuple[int, float]] = {}  # id(sample) -> (its row in the batch, its decode seconds)
     for i, row in enumerate(rows):
         started = time.perf_counter()
         try:
@@ -185,13 +235,13 @@ def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limi
         except ServiceError as exc:
             replies.send_bytes(encode_refused(batch_id, i, exc))
             continue
-        job = Job(x, row.threshold, row.cap, row.top_k, row.enqueued)
-        where[id(job)] = (i, time.perf_counter() - started)
-        jobs.append(job)
+        sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued)
+        where[id(sample)] = (i, time.perf_counter() - started)
+        samples.append(sample)
 
-    def release(done: list[Job], results: list[ExitResult]) -> None:
-        placed = [where[id(j)] for j in done]
+    def release(done: list[Sample], results: list[ExitResult]) -> None:
+        placed = [where[id(s)] for s in done]
         replies.send_bytes(encode_exited(batch_id, [r for r, _ in placed], results, [d for _, d in placed]))
 
-    if jobs:
-        run_batch(model, jobs, release, mkldnn=backends)
+    if samples:
+        run_batch(model, samples, release, mkldnn=backends)

@@ -7,14 +7,19 @@ and its replies are read by the loop itself (`add_reader`), resolving each row's
 as its exit is known (or its image is refused). Two slots let the next full batch wait inside
 the process while the current one runs.
 
-If the process dies, its in-flight rows get 503 and a new process is started; queued rows wait
-for it. `close` refuses new jobs, answers the queued ones, then stops the process.
+Faults: a process that dies, or that holds work without answering for `hang_timeout_s` (the
+watchdog), is killed and replaced; its in-flight rows get 503 and queued rows wait for the new
+process (each until its own deadline). A process that cannot be restarted is retried with
+back-off; after `RESTART_TRIES` failures the model is down: queued and new rows get 503 and
+`live` is False (so /readyz says which model). `close` refuses new jobs, answers the queued
+ones, then stops the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import mmap
 import multiprocessing
@@ -38,6 +43,8 @@ log = logging.getLogger("erde.service")
 
 SLOTS = 2  # batches in the process at once: the one running and the next (full) one
 START_TIMEOUT_S = 300.0
+RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
+MAX_BACKOFF_S = 30.0
 # Inference processes are forked from a server process that has imported torch once, not spawned
 # afresh (seconds each) and not forked from the server itself (threads, event loop, sockets).
 _context = multiprocessing.get_context("forkserver")
@@ -57,7 +64,9 @@ def _end_processes() -> None:
 class ModelWorker:
     def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
-                 name: str = "model", threads: int = 1, on_batch: Callable[[int], None] = lambda size: None,
+                 name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0, slow_s: float = 0.0,
+                 adjust: Callable[[list[Job], float, float], None] = lambda jobs, now, fill: None,
+                 on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.blob = process.ModelBlob.of(model)
         self.spec = spec
@@ -69,6 +78,9 @@ class ModelWorker:
         self.max_batch_delay_s = max_batch_delay_s
         self.queue_size = queue_size
         self.retry_after = retry_after
+        self.hang_timeout_s = hang_timeout_s
+        self.slow_s = slow_s  # test-only: stretch every batch (reproducible overload)
+        self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
         self.on_depth = on_depth
         self._pending: deque[Job] = deque()
@@ -76,12 +88,16 @@ class ModelWorker:
         self._free_slots = list(range(SLOTS))
         self._batch_ids = iter(range(1, 2**32))
         self._timer: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._progress_at = 0.0  # monotonic time of the process's last sign of work
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._arena: memoryview | None = None  # SLOTS x arena_bytes, shared with the process
         self._closed = False
+        self._down = False  # restarts failed RESTART_TRIES times in a row; still retried with back-off
+        self._stop = threading.Event()  # ends the restart thread's back-off early on close
         self._drained = threading.Event()
 
     # ---- lifecycle (any thread) ----------------------------------------------------------------------------
@@ -95,6 +111,7 @@ class ModelWorker:
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new jobs, answer the queued ones, stop the process; True when done within `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._stop.set()
         loop = self._loop
         if loop is None or loop.is_closed():
             self._closed = True
@@ -119,6 +136,11 @@ class ModelWorker:
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def live(self) -> bool:
+        """A process is attached: false between a crash (or a hang) and its replacement."""
+        return self._requests is not None
+
     def _spawn(self) -> Callable[[], None]:
         """Start a process, wait for it to be ready; returns the step that attaches it to the loop."""
         size = SLOTS * self.arena_bytes
@@ -131,7 +153,7 @@ class ModelWorker:
             replies_r, replies_w = _context.Pipe(duplex=False)
             proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
                                     args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
-                                          self.arena_bytes, self.threads, self.max_batch_size))
+                                          self.arena_bytes, self.threads, self.max_batch_size, self.slow_s))
             proc.start()
             requests_r.close()
             replies_w.close()
@@ -147,10 +169,17 @@ class ModelWorker:
         arena = memoryview(buffer)
 
         def attach() -> None:
+            if self._closed and not self._pending:  # closed while it started: nothing left for it
+                requests_w.send_bytes(process.STOP)
+                requests_w.close()
+                replies_r.close()
+                return
             self._proc, self._requests, self._replies, self._arena = proc, requests_w, replies_r, arena
             self._free_slots = list(range(SLOTS))
+            self._down = False
             _running.add(self)
             self._loop.add_reader(replies_r.fileno(), self._on_replies)
+            self._schedule_watchdog()
             log.info("inference process %d serves %s", proc.pid, self.name)
             self._dispatch()
 
@@ -159,18 +188,38 @@ class ModelWorker:
     # ---- the event loop's side -----------------------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (`x`: an encoded image), all or none; a full or closing queue answers 503 at
-        once. On the loop thread."""
-        if any(len(j.x) > self.arena_bytes for j in jobs):
+        """Queue jobs, all or none; a full, closing or down queue answers 503 at once. On the loop thread."""
+        if any(len(j.image) > self.arena_bytes for j in jobs):
             raise PayloadTooLarge(f"an image is larger than {self.arena_bytes} bytes")
-        if self._closed:
-            raise Unavailable("the model is being replaced or the service is shutting down; retry",
-                              retry_after=self.retry_after, reason="draining")
-        if len(self._pending) + len(jobs) > self.queue_size:
-            raise Unavailable("the inference queue is full; retry shortly", code="overloaded",
-                              retry_after=self.retry_after, reason="queue_full")
+        refusal = self.refusal(len(jobs))
+        if refusal is not None:
+            raise refusal
         self._pending.extend(jobs)
         self._dispatch()
+
+    def refusal(self, rows: int = 1) -> Unavailable | None:
+        """Why `rows` more rows cannot be queued now (closing, down, full), or None. Cheap: the server
+        asks it from the request's headers, before reading the body."""
+        if self._closed:
+            return Unavailable("the model is being replaced or the service is shutting down; retry",
+                               retry_after=self.retry_after, reason="draining")
+        if self._down:
+            return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
+                               code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
+        if len(self._pending) + rows > self.queue_size:
+            self.adjust([], time.monotonic(), 1.0)  # a full queue is the strongest load signal there is
+            return Unavailable("the inference queue is full; retry shortly", code="overloaded",
+                               retry_after=self.retry_after, reason="queue_full")
+        return None
+
+    def withdraw(self, jobs: list[Job]) -> None:
+        """Forget jobs nobody waits for any more (their deadline passed): out of the queue if still
+        there; if already sent, their results are dropped when they come back."""
+        for job in jobs:
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+        self.on_depth(len(self._pending))
+        self._check_drained()
 
     def _dispatch(self) -> None:
         """Send batches while the process has a free slot: any batch when it is idle, only a full
@@ -191,20 +240,29 @@ class ModelWorker:
 
     def _send(self, jobs: list[Job]) -> None:
         """Write the batch's images into a free slot's arena (the ones that do not fit go back to the
-        head of the queue) and announce it."""
+        head of the queue) and announce it. Rows nobody waits for any more are dropped here."""
+        jobs = [j for j in jobs if j.future is None or not j.future.done()]
+        if not jobs:
+            return
+        now = time.monotonic()
+        self.adjust(jobs, now, len(self._pending) / self.queue_size)
         slot = self._free_slots.pop()
-        base, at, offsets = slot * self.arena_bytes, 0, []
+        base, at, rows = slot * self.arena_bytes, 0, []
         for i, job in enumerate(jobs):
-            if at + len(job.x) > self.arena_bytes:
+            size = len(job.image)
+            if at + size > self.arena_bytes:
                 self._pending.extendleft(reversed(jobs[i:]))
                 jobs = jobs[:i]
                 break
-            self._arena[base + at:base + at + len(job.x)] = job.x
-            offsets.append(at)
-            at += len(job.x)
+            self._arena[base + at:base + at + size] = job.image
+            rule = job.rule
+            rows.append(process.Row(rule.threshold, job.enqueued, rule.cap, rule.top_k, at, size))
+            at += size
+        if not self._inflight:
+            self._progress_at = now  # the watchdog's clock starts when an idle process gets work
         batch_id = next(self._batch_ids)
         self._inflight[batch_id] = (slot, jobs)
-        self._requests.send_bytes(process.encode_batch(batch_id, slot, jobs, offsets))
+        self._requests.send_bytes(process.encode_batch(batch_id, slot, rows))
         self.on_batch(len(jobs))
 
     def _on_replies(self) -> None:
@@ -213,72 +271,126 @@ class ModelWorker:
             while replies.poll():
                 self._handle(replies.recv_bytes())
         except (EOFError, OSError):
-            self._lost(replies)
+            self._lost()
+        except (process.ProtocolError, KeyError):
+            log.exception("the inference process for %s sent a reply the server cannot place; replacing it",
+                          self.name)
+            self._kill()
 
     def _handle(self, message: bytes) -> None:
-        kind = message[:1]
-        if kind == b"E":
-            batch_id = process.EXITED.unpack_from(message)[1]
-            jobs = self._inflight[batch_id][1]
-            for row, result in process.decode_exited(message, [j.top_k for j in jobs])[1]:
+        self._progress_at = time.monotonic()
+        reply = process.decode_reply(message, self._top_k)
+        if isinstance(reply, process.Exited):
+            jobs = self._inflight[reply.batch_id][1]
+            for row, result in reply.results:
                 future = jobs[row].future
                 if future is not None and not future.done():
                     future.set_result(result)
-            return
-        if kind == b"X":
-            batch_id, row, error = process.decode_refused(message)
-            future = self._inflight[batch_id][1][row].future
+        elif isinstance(reply, process.Refused):
+            future = self._inflight[reply.batch_id][1][reply.row].future
             if future is not None and not future.done():
-                future.set_exception(error)
-            return
-        _, batch_id = process.ID.unpack_from(message)
-        slot, jobs = self._inflight.pop(batch_id)
-        self._free_slots.append(slot)
-        if kind == b"F":
-            _fail(jobs, RuntimeError("inference failed"))
-        self._dispatch()
-        self._check_drained()
+                future.set_exception(reply.error)
+        else:
+            slot, jobs = self._inflight.pop(reply.batch_id)
+            self._free_slots.append(slot)
+            if reply.failed:
+                _fail(jobs, RuntimeError("inference failed"))
+            self._dispatch()
+            self._check_drained()
 
-    def _lost(self, replies: Connection) -> None:
-        """The process ended: fail what it held; start another unless we are closing."""
-        self._loop.remove_reader(replies.fileno())
-        replies.close()
+    def _top_k(self, batch_id: int) -> list[int]:
+        return [j.rule.top_k for j in self._inflight[batch_id][1]]
+
+    def _schedule_watchdog(self) -> None:
+        self._watchdog = self._loop.call_later(max(0.05, self.hang_timeout_s / 4), self._watch)
+
+    def _watch(self) -> None:
+        """Kill a process that holds work and has shown no progress for `hang_timeout_s` (a hang, a
+        stopped process, a livelock): its rows are answered 503 now instead of at their deadlines."""
+        self._watchdog = None
+        if self._requests is None:
+            return
+        stalled = time.monotonic() - self._progress_at
+        if self._inflight and stalled > self.hang_timeout_s:
+            log.error("inference process %d for %s made no progress for %.1f s with %d rows; replacing it",
+                      self._proc.pid, self.name, stalled, sum(len(j) for _, j in self._inflight.values()))
+            self._kill()
+            return
+        self._schedule_watchdog()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()  # SIGKILL ends a stopped process too
+        self._lost()
+
+    def _lost(self) -> None:
+        """The process ended (or was killed): fail what it held; start another unless we are closing."""
+        if self._requests is None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._loop.remove_reader(self._replies.fileno())
+        self._replies.close()
         self._requests.close()
         self._requests = self._replies = None
         for _, jobs in self._inflight.values():
-            _fail(jobs, Unavailable("the inference process restarted; retry", retry_after=self.retry_after,
+            _fail(jobs, Unavailable("the inference process was replaced; retry", retry_after=self.retry_after,
                                     reason="worker_restart"))
         self._inflight.clear()
         if self._closed:
             self._check_drained()
             return
         log.error("inference process %d for %s ended; starting another", self._proc.pid, self.name)
-        threading.Thread(target=self._restart, name=f"erde-restart-{self.name}", daemon=True).start()
+        threading.Thread(target=self._restart, args=(self._proc,), name=f"erde-restart-{self.name}",
+                         daemon=True).start()
 
-    def _restart(self) -> None:
-        try:
-            attach = self._spawn()
-        except RuntimeError:
-            log.exception("could not restart the inference process for %s", self.name)
-            self._loop.call_soon_threadsafe(self._give_up)
+    def _restart(self, old: multiprocessing.process.BaseProcess) -> None:
+        """Start a replacement, with exponential back-off between failed tries; never gives up while open."""
+        old.join(5)
+        failures, backoff = 0, float(self.retry_after)
+        while not self._stop.is_set():
+            try:
+                attach = self._spawn()
+            except RuntimeError:
+                failures += 1
+                log.exception("could not restart the inference process for %s (try %d)", self.name, failures)
+                if failures == RESTART_TRIES:
+                    self._loop.call_soon_threadsafe(self._give_up)
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                continue
+            self._loop.call_soon_threadsafe(attach)
             return
-        self._loop.call_soon_threadsafe(attach)
 
     def _give_up(self) -> None:
-        self._closed = True
-        _fail(list(self._pending), Unavailable("the model's inference process is down", retry_after=self.retry_after,
-                                                reason="worker_down"))
+        """Restarts keep failing: say so to every queued and new row instead of letting them wait."""
+        self._down = True
+        log.error("model %s is down: its inference process could not be restarted %d times; still retrying",
+                  self.name, RESTART_TRIES)
+        _fail(list(self._pending), Unavailable(f"model {self.name!r} has no live inference process",
+                                               code="model_unavailable", retry_after=self.retry_after,
+                                               reason="worker_down"))
         self._pending.clear()
+        self.on_depth(0)
         self._check_drained()
 
     def _begin_close(self) -> None:
         self._closed = True
+        if self._requests is None:  # no process to answer the queue: say so rather than wait
+            _fail(list(self._pending), Unavailable("the model is being replaced or the service is shutting down; "
+                                                   "retry", retry_after=self.retry_after, reason="draining"))
+            self._pending.clear()
         self._dispatch()
         self._check_drained()
 
     def _check_drained(self) -> None:
         if not self._closed or self._pending or self._inflight:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._requests is not None:
             self._requests.send_bytes(process.STOP)
         self._drained.set()

@@ -10,19 +10,32 @@ from dataclasses import replace
 import pytest
 import torch
 
+from erde.calibrate import OperatingPoint
 from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
 from service.decode import ImageLimits, decode_image
 from service.engine import process
 from service.engine.batcher import Job, take_batch
-from service.engine.compute import ExitResult, run_batch
+from service.engine.compute import ExitResult, Sample, run_batch
 from service.engine.worker import ModelWorker
 from service.errors import PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
+from service.policy import Decision
 from tests.service import images
 
+POINT = OperatingPoint(0.0, 1.0, 0.9, [0.0, 0.0, 1.0])
 
-def job(enqueued: float, threshold: float = 0.0, cap: int = 2, top_k: int = 1) -> Job:
-    return Job(torch.zeros(1, 16, 16), threshold, cap, top_k, enqueued)
+
+def rule(threshold: float = 0.0, cap: int = 2, top_k: int = 1) -> Decision:
+    """A request's rule as the policy would decide it for an expert θ."""
+    return Decision(threshold, None, False, cap, top_k, POINT, None, None, False, 0.0)
+
+
+def job(enqueued: float, data: bytes = b"", threshold: float = 0.0, future: asyncio.Future | None = None) -> Job:
+    return Job(data, rule(threshold), enqueued, future=future)
+
+
+def sample(threshold: float = 0.0, cap: int = 2, top_k: int = 1, x: torch.Tensor | None = None) -> Sample:
+    return Sample(torch.zeros(1, 16, 16) if x is None else x, threshold, cap, top_k, 0.0)
 
 
 def test_empty_queue_waits_forever() -> None:
@@ -55,9 +68,8 @@ def model():
 
 
 def test_rows_keep_their_own_threshold_and_cap(model) -> None:
-    released: list[list[tuple[Job, int]]] = []
-    jobs = [job(0.0, threshold=0.0), job(0.0, threshold=1e9), job(0.0, threshold=0.0, cap=1),
-            job(0.0, threshold=1e9, top_k=3), job(0.0, threshold=0.0, cap=0)]
+    released: list[list[tuple[Sample, int]]] = []
+    jobs = [sample(0.0), sample(1e9), sample(0.0, cap=1), sample(1e9, top_k=3), sample(0.0, cap=0)]
     exits = run_batch(model, jobs, lambda js, rs: released.append([(j, r.exit) for j, r in zip(js, rs, strict=True)]))
     assert exits == [2, 0, 1, 0, 0]
     # Released stage by stage: the rows done at exit 0 come out first, in one hand-off.
@@ -72,10 +84,10 @@ def test_batched_rows_answer_like_single_rows(model) -> None:
     alone = []
     for x, t in zip(xs, thresholds, strict=True):
         got: list = []
-        run_batch(model, [Job(x, t, 2, 4, 0.0)], lambda js, rs, got=got: got.extend(rs))
+        run_batch(model, [sample(t, top_k=4, x=x)], lambda js, rs, got=got: got.extend(rs))
         alone.append(got[0])
     together = {}
-    batch = [Job(x, t, 2, 4, 0.0) for x, t in zip(xs, thresholds, strict=True)]
+    batch = [sample(t, top_k=4, x=x) for x, t in zip(xs, thresholds, strict=True)]
     run_batch(model, batch, lambda js, rs: together.update({id(j): r for j, r in zip(js, rs, strict=True)}))
     for j, single in zip(batch, alone, strict=True):
         r = together[id(j)]
@@ -98,13 +110,14 @@ def upload(seed: int) -> bytes:
 
 def test_full_queue_refuses_at_once_and_all_or_nothing(model) -> None:
     worker = make_worker(model, max_batch_size=2, queue_size=3)  # not started: nothing drains
-    worker.submit([Job(upload(0), 0.0, 2, 1, 0.0), Job(upload(1), 0.0, 2, 1, 0.0)])
+    worker.submit([job(0.0, upload(0)), job(0.0, upload(1))])
+    assert worker.refusal() is None  # room for one more
     with pytest.raises(Unavailable) as refused:
-        worker.submit([Job(upload(2), 0.0, 2, 1, 0.0), Job(upload(3), 0.0, 2, 1, 0.0)])
+        worker.submit([job(0.0, upload(2)), job(0.0, upload(3))])
     assert refused.value.status == 503 and refused.value.retry_after == 1
     assert worker.depth == 2  # the refused pair left nothing behind
     with pytest.raises(PayloadTooLarge):  # larger than a slot's arena: refused before it is queued
-        worker.submit([Job(b"x" * 4097, 0.0, 2, 1, 0.0)])
+        worker.submit([job(0.0, b"x" * 4097)])
 
 
 def test_worker_answers_and_drains_on_close(model) -> None:
@@ -112,35 +125,35 @@ def test_worker_answers_and_drains_on_close(model) -> None:
         loop = asyncio.get_running_loop()
         worker = make_worker(model, max_batch_size=8, max_batch_delay_s=0.05, queue_size=16)
         await loop.run_in_executor(None, worker.start, loop)
-        jobs = [Job(upload(i), t, 2, 1, 0.0, loop.create_future()) for i, t in enumerate((0.0, 1e9, 0.0))]
+        jobs = [job(0.0, upload(i), t, loop.create_future()) for i, t in enumerate((0.0, 1e9, 0.0))]
         worker.submit(jobs)
         closed = loop.run_in_executor(None, worker.close, 5.0)  # close while they wait: they still get answers
         results = await asyncio.gather(*(j.future for j in jobs))
         assert await closed
         with pytest.raises(Unavailable):
-            worker.submit([Job(upload(0), 0.0, 2, 1, 0.0)])
+            worker.submit([job(0.0, upload(0))])
         return [r.exit for r in results]
 
     assert asyncio.run(main()) == [2, 0, 2]
 
 
 def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
-    jobs = [Job(b"a" * n, t, c, k, e) for n, (t, c, k, e) in zip((5, 7, 9), [(0.5, 2, 1, 1.25), (0.0, 0, 3, 2.5),
-                                                                           (1e9, 1, 2, 3.75)], strict=True)]
-    batch_id, slot, rows = process.decode_batch(process.encode_batch(7, 1, jobs, [0, 5, 12]))
-    assert (batch_id, slot) == (7, 1)
-    assert rows == [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7),
-                    process.Row(1e9, 3.75, 1, 2, 12, 9)]
+    sent_rows = [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7),
+                 process.Row(1e9, 3.75, 1, 2, 12, 9)]
+    batch_id, slot, rows = process.decode_batch(process.encode_batch(7, 1, sent_rows))
+    assert (batch_id, slot, rows) == (7, 1, sent_rows)
     refused = UnsupportedImage("not a supported image", code="corrupt_image")
     batch_id, row, error = process.decode_refused(process.encode_refused(7, 2, refused))
     assert (batch_id, row, error.status, error.code, error.reason, error.message) == \
         (7, 2, 415, "corrupt_image", "corrupt_image", "not a supported image")
     sent = [ExitResult(1, 0.25, [0.7, 0.2, 0.1], [4, 0, 9], 0.01, 0.002), ExitResult(1, 0.5, [0.6, 0.3], [2, 1], 0.02,
                                                                                     0.002)]
-    batch_id, received = process.decode_exited(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
-                                               [j.top_k for j in jobs])
-    assert batch_id == 7
-    assert received == [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))]
+    reply = process.decode_reply(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
+                                 lambda batch: [r.top_k for r in sent_rows])
+    assert reply == process.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
+    assert process.decode_reply(process.ID.pack(b"F", 7), list) == process.Finished(7, failed=True)
+    with pytest.raises(process.ProtocolError):  # an unknown message is an error, never a silent "done"
+        process.decode_reply(process.ID.pack(b"Z", 7), list)
 
 
 def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None:
@@ -153,7 +166,7 @@ def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None
         worker = make_worker(model)
         await loop.run_in_executor(None, worker.start, loop)
         try:
-            jobs = [Job(data, t, 2, k, 0.0, loop.create_future())
+            jobs = [Job(data, rule(t, top_k=k), 0.0, future=loop.create_future())
                     for data, t, k in zip(uploads, thresholds, [1, 2, 3, 4] * 3, strict=False)]
             for j in jobs:  # one at a time, as requests arrive: batches form while the process is busy
                 worker.submit([j])
@@ -164,7 +177,7 @@ def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None
     results = asyncio.run(main())
     assert isinstance(results[4], ServiceError) and results[4].status == 415  # refused alone
     expected: dict[int, ExitResult] = {}
-    jobs = [Job(decode_image(data, SPEC, LIMITS), t, 2, k, 0.0)
+    jobs = [sample(t, top_k=k, x=decode_image(data, SPEC, LIMITS))
             for data, t, k in zip(uploads, thresholds, [1, 2, 3, 4] * 3, strict=False) if data != uploads[4]]
     run_batch(model, jobs, lambda js, rs: expected.update({id(j): r for j, r in zip(js, rs, strict=True)}))
     got = [r for i, r in enumerate(results) if i != 4]
