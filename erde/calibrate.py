@@ -1,22 +1,20 @@
 """Calibration: from per-exit entropies on held-out data to a budget -> threshold rule.
 
-The exit rule (DESIGN section 3): stop at the first exit whose softmax entropy is below θ; the
-last exit always answers. θ = 0 runs to the end; θ above log K always stops at the first exit.
+The exit rule itself (DESIGN section 3) lives in `erde.exits`, shared with the serving loop; this
+module simulates it over a θ grid. Reading and writing run folders is `erde.runs`'s job.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from erde.data import TensorData, iterate_batches
-from erde.losses import entropy
+from erde.exits import exit_scores, exit_taken
 from erde.nets import EarlyExitResNet
 
 # Validation accuracies closer than this are a tie; the cheaper θ wins (about 3 of 6000 images).
@@ -27,7 +25,7 @@ NEAR_TIE = 5e-4
 class ExitOutputs:
     """Every exit's entropy and prediction for a set of images: arrays of shape (N, n_exits)."""
 
-    entropy: np.ndarray
+    entropy: np.ndarray  # float64, from erde.exits.exit_scores
     prediction: np.ndarray
     labels: np.ndarray  # (N,)
 
@@ -46,18 +44,9 @@ def exit_outputs(model: EarlyExitResNet, data: TensorData, batch_size: int = 512
     ents, preds = [], []
     for x, _ in iterate_batches(data, batch_size, shuffle=False):
         logits = model.forward_all(x)
-        ents.append(torch.stack([entropy(lg) for lg in logits], 1))
+        ents.append(np.stack([exit_scores(lg)[1] for lg in logits], 1))  # float64, as served
         preds.append(torch.stack([lg.argmax(-1) for lg in logits], 1))
-    return ExitOutputs(torch.cat(ents).numpy(), torch.cat(preds).numpy(), data.labels.numpy())
-
-
-def exit_taken(entropies: np.ndarray, threshold: float, max_exit: int | None = None) -> np.ndarray:
-    """The exit each row answers at: first i with entropy < θ, else the last (or the cap)."""
-    last = entropies.shape[1] - 1 if max_exit is None else min(max_exit, entropies.shape[1] - 1)
-    if last == 0:
-        return np.zeros(len(entropies), dtype=np.int64)
-    below = entropies[:, :last] < threshold
-    return np.where(below.any(1), below.argmax(1), last)
+    return ExitOutputs(np.concatenate(ents), torch.cat(preds).numpy(), data.labels.numpy())
 
 
 def simulate(outputs: ExitOutputs, macs: list[int], threshold: float, max_exit: int | None = None) -> OperatingPoint:
@@ -130,14 +119,3 @@ class CalibrationCurve:
 def sweep(outputs: ExitOutputs, macs: list[int], points: int = 401) -> CalibrationCurve:
     return CalibrationCurve([simulate(outputs, macs, float(t)) for t in threshold_grid(outputs, points)], list(macs))
 
-
-def calibrate_run(run_dir: Path, points: int = 401) -> CalibrationCurve:
-    """Sweep θ on a finished run's validation split and write `calibration.json` into the run."""
-    from erde.macs import macs_per_exit
-    from erde.train import load_run_data, load_trained
-
-    cfg, model, _ = load_trained(run_dir)
-    val = load_run_data(cfg).val
-    curve = sweep(exit_outputs(model, val), macs_per_exit(model), points)
-    (Path(run_dir) / "calibration.json").write_text(json.dumps(curve.to_dict(), indent=1))
-    return curve

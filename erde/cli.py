@@ -45,7 +45,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_arch: str, default
 
 
 def _train_config(args: argparse.Namespace, loss: LossConfig, teacher: str | None):
-    from erde.train import TrainConfig
+    from erde.runs import TrainConfig
 
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ValueError("--epochs and --batch-size must be at least 1 and --lr positive")
@@ -76,7 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from erde.calibrate import calibrate_run
+    from erde.runs import calibrate_run
 
     curve = calibrate_run(Path(args.run), points=args.points)
     print(f"calibration written: {Path(args.run) / 'calibration.json'} ({len(curve.points)} thresholds)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -10,12 +9,11 @@ from typing import Any
 
 import torch
 
-from erde.calibrate import CalibrationCurve, calibrate_run
 from erde.data import InputSpec, load_dataset
 from erde.evaluate import markdown_table, measure_test_split
 from erde.macs import macs_per_exit
+from erde.runs import CALIBRATION, TrainConfig, calibrate_run, load_trained, read_calibration
 from erde.store import write_artifact
-from erde.train import TrainConfig, load_trained
 
 
 def model_card(name: str, version: str, cfg: TrainConfig, spec: InputSpec, classes: list[str],
@@ -61,12 +59,11 @@ the test split, not a per-image guarantee.
 def export_run(run_dir: Path, store: Path, name: str, version: str, overwrite: bool = False) -> Path:
     """Calibrate (if not yet), evaluate on the test split, and write `<store>/<name>/<version>/`."""
     cfg, model, state = load_trained(run_dir)
-    calibration_file = Path(run_dir) / "calibration.json"
-    curve = (CalibrationCurve.from_dict(json.loads(calibration_file.read_text())) if calibration_file.is_file()
-             else calibrate_run(run_dir))
+    curve = read_calibration(run_dir) or calibrate_run(run_dir)
     macs = macs_per_exit(model)
     if curve.macs_per_exit != macs:
-        raise ValueError(f"{calibration_file} does not match this network's MACs; run 'erde calibrate' again")
+        raise ValueError(f"{Path(run_dir) / CALIBRATION} does not match this network's MACs; "
+                         "run 'erde calibrate' again")
     spec = InputSpec.from_dict(state["input_spec"])
     test = load_dataset(cfg.dataset, "test", Path(cfg.data_dir) if cfg.data_dir else None,
                         image_size=spec.size, image_mode=spec.mode)

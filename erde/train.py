@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,57 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from erde.data import InputSpec, TensorData, iterate_batches, load_dataset, train_val_split
-from erde.losses import LossConfig, distillation_loss
+from erde.data import InputSpec, TensorData, iterate_batches
+from erde.losses import distillation_loss
 from erde.nets import EarlyExitResNet, NetConfig, build_model, model_config
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a run; written to config.json and read back by resume and export."""
-
-    out_dir: str  # run folder: config, checkpoints, final weights, log
-    arch: str = "resnet20"  # registered architecture (erde.nets.list_models())
-    dataset: str = "fashion-mnist"  # see erde.data.DATASETS
-    data_dir: str | None = None  # dataset folder; None = the dataset's default place
-    download: bool = False  # let torchvision download CIFAR/SVHN (needs network)
-    image_size: int = 32  # imagefolder only: side the images are resized to
-    image_mode: str = "RGB"  # imagefolder only: "L" or "RGB"
-    val_fraction: float = 0.1  # share of the training split held out for validation/calibration
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1  # peak SGD learning rate (cosine decay after one warm-up epoch)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0  # seeds init, split, order and augmentation
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    device: str = "auto"  # "auto" picks CUDA when present, else CPU
-    teacher: str | None = None  # artifact folder of the teacher (students only)
-    loss: LossConfig = field(default_factory=lambda: LossConfig(kind="ce"))
-    max_train_batches: int = 0  # >0 caps batches per epoch (smoke tests)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        data["loss"] = LossConfig(**data.get("loss", {}))
-        return cls(**data)
-
-
-@dataclass
-class RunData:
-    train: TensorData
-    val: TensorData
-
-
-def load_run_data(cfg: TrainConfig) -> RunData:
-    """The training split and the validation split carved from it (same seed, same split)."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    full = load_dataset(cfg.dataset, "train", data_dir, cfg.download, cfg.image_size, cfg.image_mode)
-    train, val = train_val_split(full, cfg.val_fraction, cfg.seed)
-    return RunData(train, val)
+from erde.runs import TrainConfig, load_run_data
+from erde.store import read_artifact
 
 
 def net_config_for(arch: str, data: TensorData) -> NetConfig:
@@ -159,8 +112,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = build_model(net_config_for(cfg.arch, data.train)).to(device)
     teacher = None
     if cfg.teacher:
-        from erde.store import read_artifact  # the teacher is a verified artifact (import cycle otherwise)
-
         teacher = read_artifact(Path(cfg.teacher)).model.to(device).eval()
         if teacher.num_exits != model.num_exits:
             raise ValueError(f"teacher has {teacher.num_exits} exits, student {model.num_exits}: they must match")
@@ -227,17 +178,3 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "weights.safetensors")
     return out
 
-
-def load_trained(run_dir: Path) -> tuple[TrainConfig, EarlyExitResNet, dict[str, Any]]:
-    """A finished run's config, network (eval mode, CPU) and state (history, input spec, classes)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "weights.safetensors").is_file():
-        raise ValueError(f"{run_dir} is not a finished run (no weights.safetensors); train or --resume it first")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    state = json.loads((run_dir / "state.json").read_text())
-    spec = InputSpec.from_dict(state["input_spec"])
-    net_cfg = model_config(cfg.arch, in_channels=spec.channels, input_size=spec.size,
-                           num_classes=len(state["classes"]))
-    model = build_model(net_cfg)
-    model.load_state_dict(load_file(run_dir / "weights.safetensors"))
-    return cfg, model.eval(), state

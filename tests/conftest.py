@@ -9,7 +9,8 @@ import pytest
 
 from erde.export import export_run
 from erde.losses import LossConfig
-from erde.train import TrainConfig, train
+from erde.runs import TrainConfig
+from erde.train import train
 
 
 @dataclass

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from erde.calibrate import CalibrationCurve, ExitOutputs, OperatingPoint, exit_taken, simulate, sweep
+from erde.calibrate import CalibrationCurve, ExitOutputs, OperatingPoint, simulate, sweep
 
 MACS = [10, 20, 40]
 
@@ -23,13 +23,6 @@ def test_threshold_zero_is_full_depth_and_huge_is_first_exit() -> None:
     curve = sweep(out, MACS, points=50)
     assert min(p.threshold for p in curve.points) == 0.0
     assert curve.points[-1].exit_histogram == [1.0, 0.0, 0.0]  # the grid's top always stops at exit 0
-
-
-def test_exit_rule_is_strict_and_capped() -> None:
-    ent = np.array([[0.5, 0.1, 0.0], [0.2, 0.9, 0.0], [0.9, 0.9, 0.9]])
-    assert exit_taken(ent, 0.5).tolist() == [1, 0, 2]  # 0.5 is not below 0.5
-    assert exit_taken(ent, 0.5, max_exit=0).tolist() == [0, 0, 0]
-    assert exit_taken(ent, 0.0, max_exit=1).tolist() == [1, 1, 1]
 
 
 def point(theta: float, macs: float, acc: float) -> OperatingPoint:

@@ -8,8 +8,9 @@ import torch
 import erde.train
 from erde.calibrate import CalibrationCurve
 from erde.data import iterate_batches, load_dataset
+from erde.runs import TrainConfig, load_trained
 from erde.store import read_artifact
-from erde.train import TrainConfig, load_trained, train
+from erde.train import train
 
 
 def test_artifact_predicts_exactly_like_the_trained_run(tiny_pipeline) -> None:
