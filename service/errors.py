@@ -55,6 +55,12 @@ class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 
 
+class Unsatisfiable(ServiceError):
+    """No operating point meets the request's min_accuracy (within its budget); the message says what would."""
+
+    status, code = 422, "unsatisfiable"
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 

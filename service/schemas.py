@@ -18,6 +18,10 @@ class ClassifyOptions(BaseModel):
                                  description="most expected compute, as a fraction of the full model's MACs")
     threshold: float | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="expert override of the entropy threshold θ (not with budget)")
+    min_accuracy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                       description="floor on the calibrated expected accuracy: alone, the cheapest "
+                                                   "point that meets it; with budget, the most accurate point within "
+                                                   "the budget, which must meet it (422 unsatisfiable otherwise)")
     max_exit: int | None = Field(None, ge=0, description="hard cap: never run past this exit (0-based)")
     top_k: int = Field(3, ge=1, description="how many classes to list")
     model: str | None = Field(None, pattern=MODEL_NAME, description="model name; default: the server's")
@@ -28,6 +32,12 @@ class ClassifyOptions(BaseModel):
     def _one_of_budget_or_threshold(self) -> ClassifyOptions:
         if self.budget is not None and self.threshold is not None:
             raise ValueError("give either budget or threshold, not both")
+        if self.min_accuracy is not None and self.threshold is not None:
+            raise ValueError("min_accuracy is a floor on the calibrated operating points and a threshold bypasses "
+                             "them: give min_accuracy alone or with budget")
+        if self.min_accuracy is not None and self.max_exit is not None:
+            raise ValueError("min_accuracy cannot be promised under max_exit: the calibration did not measure capped "
+                             "depths; give min_accuracy alone or with budget")
         return self
 
 
@@ -68,9 +78,15 @@ class ClassifyReply(BaseModel):
     exits: int = Field(description="number of exits the model has")
     entropy: float = Field(description="softmax entropy (nats) at the answering exit")
     threshold: float = Field(description="θ used")
-    budget: float | None = Field(description="budget used (null when a threshold was given)")
+    budget: float | None = Field(description="budget used (null when a threshold was given): the one asked for, "
+                                             "a cheaper one when degraded, the point's expected MACs fraction "
+                                             "when only min_accuracy was given")
     budget_clamped: bool = Field(description="true when the budget was below the cheapest operating point")
     max_exit: int | None
+    min_accuracy: float | None = Field(description="the accuracy floor asked for (null when not given)")
+    requested_budget: float | None = Field(description="budget asked for (the server default when none; null "
+                                                       "when a threshold or only min_accuracy was given)")
+    degraded: bool = Field(description="true when answered at a cheaper operating point than asked, under load")
     expected_accuracy: float = Field(description="calibrated accuracy of the operating point used")
     macs: int = Field(description="multiply-accumulates spent on this image")
     macs_fraction: float = Field(description="macs / full-depth MACs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,35 +15,64 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ERDE_", extra="ignore")
 
-    host: str = "127.0.0.1"  # loopback unless configured (the container sets 0.0.0.0)
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)  # uvicorn worker processes; >1 uses multiprocess metrics
-    store: Path = Path("model_store")  # model store root; the newest version of every model is served
-    default_model: str = "fashion-mnist"  # used when a request names no model (else the only/first one)
-    default_budget: float = Field(0.5, gt=0, le=1)  # budget when a request gives neither budget nor threshold
+    host: str = Field("127.0.0.1", description="bind address; loopback unless configured (the container sets 0.0.0.0)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; >1 uses multiprocess metrics")
+    store: Path = Field(Path("model_store"),
+                        description="model store root; the newest version of every model is served")
+    default_model: str = Field("fashion-mnist",
+                               description="used when a request names no model (else the only/first one)")
+    default_budget: float = Field(0.5, gt=0, le=1,
+                                  description="budget when a request gives neither budget nor threshold")
 
-    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # per request body, enforced while streaming
-    max_pixels: int = Field(16_000_000, ge=64)  # width x height, checked before decoding (pixel bombs)
-    min_image_side: int = Field(8, ge=1)  # smaller images carry too little to classify
-    image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # PIL format allow-list
-    max_batch_images: int = Field(64, ge=1)  # images per /classify/batch request
-    max_top_k: int = Field(100, ge=1)  # top_k above min(this, classes) is refused
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024,
+                                  description="largest request body, enforced while streaming")
+    max_pixels: int = Field(16_000_000, ge=64,
+                            description="largest width x height, checked before decoding (pixel bombs)")
+    min_image_side: int = Field(8, ge=1, description="smallest side accepted; smaller images carry too little "
+                                                     "to classify")
+    image_formats: tuple[str, ...] = Field(("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"),
+                                           description="PIL format allow-list (a JSON list)")
+    max_batch_images: int = Field(64, ge=1, description="images per /classify/batch request")
+    max_top_k: int = Field(100, ge=1, description="top_k above min(this, classes) is refused")
 
-    max_batch_size: int = Field(32, ge=1, le=1024)  # rows per micro-batch
-    max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # longest wait for a batch to fill; 0: take
-    # what is queued (a busy worker lets requests pile up, so batches form under load without waiting)
-    queue_size: int = Field(512, ge=1)  # queued images per model; a full queue answers 503 at once
-    torch_threads: int = Field(1, ge=1, le=256)  # intra-op threads of the inference worker
-    drain_timeout_s: float = Field(10.0, ge=0)  # SIGTERM: longest wait for queued and in-flight requests
-    retry_after_s: int = Field(1, ge=1)  # Retry-After on 503
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows per micro-batch")
+    max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000, description=(
+        "longest wait for a batch to fill; 0: take what is queued (a busy worker lets requests pile up, "
+        "so batches form under load without waiting)"))
+    queue_size: int = Field(512, ge=1, description="queued images per model; a full queue answers 503 at once")
+    torch_threads: int = Field(1, ge=1, le=256, description="intra-op threads of each inference process")
+    drain_timeout_s: float = Field(10.0, ge=0,
+                                   description="SIGTERM: longest wait for queued and in-flight requests")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on 503, in seconds")
 
     # faults (issue 10)
-    request_timeout_s: float = Field(5.0, gt=0, le=3600)  # past it a request gets 504 (a request's timeout_ms
-    # can only shorten it)
-    hang_timeout_s: float = Field(2.0, gt=0, le=600)  # an inference process holding work without progress
-    # this long is killed and replaced (its rows get 503)
-    test_slow_ms: float = Field(0.0, ge=0, le=10_000)  # test-only: every batch takes this much longer
-    access_log: bool = True  # one structured line per request
+    request_timeout_s: float = Field(5.0, gt=0, le=3600, description=(
+        "past it a request gets 504 (a request's timeout_ms can only shorten it)"))
+    hang_timeout_s: float = Field(2.0, gt=0, le=600, description=(
+        "an inference process holding work without progress this long is killed and replaced "
+        "(its rows get 503)"))
+    test_slow_ms: float = Field(0.0, ge=0, le=10_000,
+                                description="test-only: every batch takes this much longer")
+
+    # overload (issue 12): rows that wait too long are answered at cheaper operating points (service/overload.py)
+    overload: Literal["degrade", "reject"] = Field(
+        "degrade", description="degrade: answer late rows at cheaper points; reject: never degrade, a full queue "
+                               "answers 503")
+    target_queue_ms: float = Field(20.0, gt=0, le=60_000, description=(
+        "queueing delay the controller holds rows under: a fifth of the 100 ms p99 SLO, leaving the rest for "
+        "a batch's inference and HTTP on a loaded CPU"))
+    min_accuracy: float = Field(0.85, gt=0, le=1, description=(
+        "server floor for rows without min_accuracy: about what a linear classifier gets on Fashion-MNIST; "
+        "the shipped student's cheapest point (87.7%) is above it"))
+    overload_hold_fraction: float = Field(0.5, gt=0, lt=1, description=(
+        "hysteresis: pressure holds while the delay is between this fraction of the target and the target, "
+        "and recovers only below it"))
+    overload_rise_s: float = Field(0.5, gt=0, le=600, description=(
+        "seconds from pressure 0 to 1 at twice the target delay (proportionally faster further above it)"))
+    overload_recover_s: float = Field(5.0, gt=0, le=3600,
+                                      description="seconds from pressure 1 to 0 with no queueing delay")
+    access_log: bool = Field(True, description="one structured line per request")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

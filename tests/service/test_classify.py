@@ -9,8 +9,8 @@ import pytest
 from tests.service import images
 
 REPLY_KEYS = {"model", "version", "label", "class_id", "confidence", "top_k", "exit", "exits", "entropy",
-              "threshold", "budget", "budget_clamped", "max_exit", "expected_accuracy", "macs", "macs_fraction",
-              "latency_ms"}
+              "threshold", "budget", "budget_clamped", "max_exit", "min_accuracy", "requested_budget", "degraded",
+              "expected_accuracy", "macs", "macs_fraction", "latency_ms"}
 
 
 def classify(server, data: bytes, **fields: str) -> dict:
