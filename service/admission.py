@@ -16,6 +16,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Unavailable, error_body
+from service.record import record_of
 from service.runtime import Runtime
 
 CLASSIFY_PATHS = frozenset({"/classify", "/classify/batch"})
@@ -50,13 +51,13 @@ class AdmissionControl:
         served = runtime.registry.find(name)
         if served is None:  # unknown (or not yet loaded): the full path answers it with its own error
             return None
-        scope.setdefault("state", {})["erde_model"] = served.name
+        record_of(scope).model = served.name
         return served.worker.refusal()
 
 
 async def refuse(scope: Scope, send: Send, error: Unavailable) -> None:
     """A 503 JSON reply that closes the connection (the request's body is left unread)."""
-    scope.setdefault("state", {})["erde_error"] = error.reason
+    record_of(scope).reason = error.reason
     payload = orjson.dumps(error_body(error.code, error.message))
     await send({"type": "http.response.start", "status": error.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),

@@ -1,0 +1,129 @@
+"""Faults with real processes: a frozen inference process, deadlines, a broken newest version at
+cold start, and several workers signalled under load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from erde.export import export_run
+from tests.service import images
+from tests.service.conftest import Server, eventually
+from tests.service.steady_load import SteadyLoad
+
+PNG = images.png()
+
+
+def post(url: str, timeout: float = 30, **fields: str) -> httpx.Response:
+    return httpx.post(f"{url}/classify", data=fields, files={"image": ("a.png", PNG, "image/png")}, timeout=timeout)
+
+
+def inference_pids(server: Server) -> list[int]:
+    return [int(p) for p in re.findall(r"inference process (\d+) serves toy", server.log.read_text())]
+
+
+def timed_post(url: str) -> tuple[int, float, str | None]:
+    started = time.monotonic()
+    reply = post(url)
+    return reply.status_code, time.monotonic() - started, reply.headers.get("retry-after")
+
+
+def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_deadline(make_server) -> None:
+    server = make_server(request_timeout_s=3, hang_timeout_s=1)
+    assert post(server.url).status_code == 200
+    [frozen] = inference_pids(server)
+    os.kill(frozen, signal.SIGSTOP)  # holds whatever it is sent, answers nothing, stays "alive"
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            replies = [pool.submit(timed_post, server.url) for _ in range(8)]
+            readiness = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (readiness and readiness[-1] == 200 and 503 in readiness):
+                ready = httpx.get(f"{server.url}/readyz", timeout=5)
+                readiness.append(ready.status_code)
+                if ready.status_code == 503:
+                    assert "toy" in ready.json()["error"]["message"] and ready.headers["retry-after"]
+                time.sleep(0.01)
+            outcomes = [r.result() for r in replies]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed by the watchdog, as it should be
+            os.kill(frozen, signal.SIGCONT)
+    for status, seconds, retry_after in outcomes:
+        assert seconds < 3 + 1, outcomes  # within the deadline plus a second
+        assert status == 200 or (status in (503, 504) and retry_after), outcomes
+    assert any(status == 503 for status, _, _ in outcomes)  # the rows the frozen process held
+    assert 503 in readiness and readiness[-1] == 200  # unready without a live process, ready after
+    assert "made no progress" in server.log.read_text()
+    eventually(lambda: len(set(inference_pids(server))) == 2)
+    assert post(server.url).status_code == 200  # the replacement serves
+    eventually(lambda: server.metric("erde_rejected_total", reason="worker_restart") >= 1)
+
+
+def test_timeout_ms_on_a_busy_model_is_504_at_once(make_server) -> None:
+    server = make_server(test_slow_ms=1500, hang_timeout_s=10, max_batch_size=1)
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post, server.url)  # holds the process for 1.5 s
+        time.sleep(0.3)
+        started = time.monotonic()
+        late = post(server.url, timeout_ms="1")
+        took = time.monotonic() - started
+        assert busy.result().status_code == 200
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert late.headers["retry-after"] and took < 1.0
+    eventually(lambda: server.metric("erde_rejected_total", reason="deadline") == 1)
+    bad = post(server.url, timeout_ms="0")
+    assert bad.status_code == 422 and "timeout_ms" in bad.json()["error"]["message"]
+
+
+def test_the_server_timeout_bounds_every_wait(make_server) -> None:
+    server = make_server(test_slow_ms=2500, hang_timeout_s=10, request_timeout_s=1, max_batch_size=1)
+    started = time.monotonic()
+    reply = post(server.url)
+    assert reply.status_code == 504 and time.monotonic() - started < 2.0
+
+
+def test_a_broken_newest_version_at_cold_start_serves_the_previous_one(make_server, tiny_pipeline, tmp_path) -> None:
+    store = tmp_path / "store"
+    export_run(tiny_pipeline.student_run, store, "toy", "1")
+    shutil.copytree(store / "toy" / "1", store / "toy" / "2")
+    manifest = json.loads((store / "toy" / "2" / "manifest.json").read_text())
+    (store / "toy" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+    weights = store / "toy" / "2" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated: its sha256 no longer matches
+    server = make_server(store=store)
+    assert post(server.url).json()["version"] == "1"
+    assert "refused toy/2" in server.log.read_text()
+    assert server.metric("erde_reloads_total", result="failed") == 1
+    assert server.metric("erde_model_info", model="toy", version="1") == 1
+
+
+def test_two_workers_reload_on_sighup_and_drain_on_sigterm_under_load(make_server, tiny_pipeline, tmp_path) -> None:
+    store = tmp_path / "store"
+    export_run(tiny_pipeline.student_run, store, "toy", "1")
+    server = make_server(store=store, workers=2, drain_timeout_s=10)
+    with SteadyLoad(server.url, clients=6) as load:
+        load.wait_for(20)
+        export_run(tiny_pipeline.student_run, store, "toy", "2")
+        server.signal(signal.SIGHUP)
+        # Version 1 reads 0 only once no worker serves it (the max over live workers).
+        eventually(lambda: server.metric("erde_model_info", model="toy", version="1") == 0
+                   and server.metric("erde_model_info", model="toy", version="2") == 1, timeout=60)
+        served = [post(server.url).json()["version"] for _ in range(12)]  # fresh connections: any worker
+        assert served == ["2"] * 12
+        before = load.count()
+        load.wait_for(before + 20)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0  # every worker drained, then the supervisor exited
+    assert not load.unanswered(), load.summary()
+    assert not load.dishonest(), load.summary()
+    assert load.summary()[200] > 40
+    log = server.log.read_text()
+    assert log.count("draining: finishing queued and in-flight requests") == 2
