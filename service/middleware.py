@@ -44,7 +44,9 @@ class RequestAccounting:
             declared = _content_length(scope)
             if declared is not None and declared > self.max_body:
                 state["erde_error"] = "too_large"
-                await _send_json(send_status, 413, error_body("too_large", self._too_large_message()))
+                message = self._too_large_message()  # in the Open Inference Protocol's shape on its path
+                body = {"error": message} if endpoint == "v2_infer" else error_body("too_large", message)
+                await _send_json(send_status, 413, body)
             else:
                 await self.app(scope, self._limited(receive), send_status)
         finally:
