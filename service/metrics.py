@@ -139,6 +139,8 @@ def set_inflight(delta: int) -> None:
 def set_model_info(model: str, version: str, serving: bool) -> None:
     if serving:
         MODEL_INFO.labels(model, version).set(1)
+        for metric in (LOAD_PRESSURE, DEGRADED, UNSATISFIABLE):  # at 0 from the start: rates and panels
+            _series(metric, model)  # have data before the first overload or unsatisfiable floor
     elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MODEL_INFO.labels(model, version).set(0)
     else:

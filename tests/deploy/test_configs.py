@@ -26,9 +26,11 @@ METRICS_WITH_MODEL = {
     "erde_requests_total", "erde_exits_total", "erde_request_duration_seconds", "erde_stage_duration_seconds",
     "erde_macs_total", "erde_macs_full_total", "erde_budget", "erde_batch_size", "erde_queue_depth",
     "erde_rejected_total", "erde_model_info",
+    "erde_budget_used", "erde_load_pressure", "erde_degraded_total", "erde_unsatisfiable_total",  # issue 12
 }
 METRICS_WITHOUT_MODEL = {"erde_inflight_requests", "erde_reloads_total"}
-HISTOGRAMS = {"erde_request_duration_seconds", "erde_stage_duration_seconds", "erde_budget", "erde_batch_size"}
+HISTOGRAMS = {"erde_request_duration_seconds", "erde_stage_duration_seconds", "erde_budget", "erde_budget_used",
+              "erde_batch_size"}
 METRIC_RE = re.compile(r"(?<![\w:])(erde_[a-z_]+)(\{[^}]*\})?")
 
 
@@ -182,6 +184,8 @@ def test_alerts_cover_errors_latency_and_saturation() -> None:
     assert re.search(r"histogram_quantile\(0\.99,\s*sum by \([^)]*\) \(rate\(erde_request_duration_seconds_bucket",
                      exprs), "no p99 latency alert"
     assert "erde_queue_depth" in exprs and "erde_rejected_total" in exprs, "no saturation alert"
+    (degrading,) = [r for r in alerts if "erde_degraded_total" in r["expr"]]
+    assert duration_seconds(degrading["for"]) >= 600, "degrading pages only after 10 minutes (issue 12)"
 
 
 # ---- Grafana ----
@@ -256,6 +260,13 @@ REQUIRED_PANELS = {
     "queue depth and in-flight": ({"timeseries"}, [r"erde_queue_depth", r"erde_inflight_requests"]),
     "rejections by reason": ({"timeseries"}, [r"sum by \([^)]*\breason\b[^)]*\) \(rate\(erde_rejected_total"]),
     "model info": ({"table"}, [r"erde_model_info"]),
+    # overload and floors (issue 12)
+    "load pressure": ({"timeseries", "gauge", "stat"}, [r"max by \(model\) \(erde_load_pressure"]),
+    "degraded share": ({"timeseries", "stat"},
+                       [r"rate\(erde_degraded_total.*/ sum by \(model\) \(rate\(erde_exits_total"]),
+    "unsatisfiable floors": ({"timeseries"}, [r"sum by \(model\) \(rate\(erde_unsatisfiable_total"]),
+    "budget asked vs used": ({"timeseries"}, [r"rate\(erde_budget_sum.*/.*rate\(erde_budget_count",
+                                              r"rate\(erde_budget_used_sum.*/.*rate\(erde_budget_used_count"]),
 }
 
 
