@@ -79,8 +79,12 @@ def wrk(port: int, script: Path, concurrency: int, seconds: float) -> dict[str, 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": latency_ms("50"), "p99": latency_ms("99"),
-            "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)}
+    total = re.search(r"(\d+) requests in", out)
+    requests, refused = int(total.group(1)) if total else 0, int(non2xx.group(1)) if non2xx else 0
+    rate = float(rps.group(1)) if rps else 0.0
+    return {"rps": rate, "p50": latency_ms("50"), "p99": latency_ms("99"), "requests": requests,
+            "ok_rps": rate * (requests - refused) / requests if requests else 0.0,
+            "errors": refused + (sum(map(int, sock.groups())) if sock else 0)}
 
 
 def children(pid: int) -> list[int]:

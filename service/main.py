@@ -83,6 +83,7 @@ class Supervisor:
         self.config = uvicorn.Config("service.app:create_app", factory=True, **uvicorn_options(settings))
         self.processes: list[WorkerProcess] = []
         self.signals: list[int] = []
+        self.ready: set[int] = set()  # pids of workers that have finished starting
         self.stopping = False
 
     def run(self) -> None:
@@ -94,6 +95,7 @@ class Supervisor:
         while self.processes:
             time.sleep(0.1)
             self._handle_signals()
+            self._note_ready()
             self._reap(sockets)
         for sock in sockets:
             sock.close()
@@ -103,6 +105,12 @@ class Supervisor:
         process = WorkerProcess(self.config, sockets)
         process.start()
         return process
+
+    def _note_ready(self) -> None:
+        """Remember which workers have finished starting (asked over uvicorn's health pipe)."""
+        for process in self.processes:
+            if process.pid not in self.ready and process.is_ready(timeout=0.01):
+                self.ready.add(process.pid)
 
     def _handle_signals(self) -> None:
         while self.signals:
@@ -133,8 +141,9 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid)  # its live gauges leave the aggregate
             if self.stopping:
                 continue
-            if process.exitcode == STARTUP_FAILURE:
-                log.error("worker %d failed to start; stopping", process.pid)
+            if process.exitcode == STARTUP_FAILURE or process.pid not in self.ready:
+                # It would fail the same way again (bad settings, no loadable app): stop, as uvicorn does.
+                log.error("worker %d failed to start (code %s); stopping", process.pid, process.exitcode)
                 self.stopping = True
                 self._forward(signal.SIGTERM)
                 continue
