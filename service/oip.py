@@ -192,7 +192,7 @@ def read_inputs(header: dict[str, Any], tail: memoryview) -> dict[str, list]:
     offset = 0
     for spec in inputs:
         name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in INPUTS or name in found:
+        if not isinstance(name, str) or name not in INPUTS or name in found:
             raise BadOptions("inputs: each of 'image' (BYTES [N]) and 'budget' (FP32 [N]) at most once, no others")
         if spec.get("datatype") != INPUTS[name]:
             raise BadOptions(f"{name}: datatype must be {INPUTS[name]}")
@@ -254,13 +254,15 @@ def read_outputs(header: dict[str, Any], top_k: str | None) -> list[Requested]:
     """The outputs asked for (all of them if none), each JSON or binary as Triton decides it:
     the output's `binary_data`, else the request's `binary_data_output`, else JSON."""
     binary_default = _dict(header.get("parameters"), "parameters").get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise BadOptions("binary_data_output must be true or false")
     asked = header.get("outputs")
     if asked is None:
         asked = [{"name": name} for name in OUTPUTS]
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise BadOptions("outputs must be a list of objects")
     names = [o.get("name") for o in asked]
-    if not set(names) <= set(OUTPUTS) or len(set(names)) != len(names):
+    if not all(isinstance(n, str) and n in OUTPUTS for n in names) or len(set(names)) != len(names):
         raise BadOptions(f"outputs: each at most once, of {', '.join(OUTPUTS)}")
     outputs = []
     for name, spec in zip(names, asked, strict=True):

@@ -173,7 +173,7 @@ def _doc(*inputs: dict, **fields) -> dict:
 
 BAD_JSON = {  # request -> status, a fragment of the error
     "bad base64": (_doc(_image(["not base64!"])), 400, "not a base64 string"),
-    "image not an image": (_doc(_image([b64(b"hello")])), 415, ""),
+    "image not an image": (_doc(_image([b64(b"hello")])), 415, "not a supported image"),
     "image as FP32": (_doc(_image(datatype="FP32")), 422, "datatype must be BYTES"),
     "shape and data disagree": (_doc(_image(shape=[2])), 422, "2 elements"),
     "shape of rank 2": (_doc(_image(shape=[1, 1])), 422, "shape must be [N]"),
@@ -200,6 +200,9 @@ BAD_JSON = {  # request -> status, a fragment of the error
     "classification 0": (_doc(outputs=[{"name": "probabilities", "parameters": {"classification": 0}}]), 422,
                          "top_k"),
     "unknown output": (_doc(outputs=[{"name": "logits"}]), 422, "each at most once"),
+    "output named by a list": (_doc(outputs=[{"name": ["label"]}]), 422, "each at most once"),
+    "input named by a list": (_doc({**_image(), "name": ["image"]}), 422, "at most once"),
+    "binary_data_output not a bool": (_doc(parameters={"binary_data_output": "yes"}), 422, "binary_data_output"),
     "binary_data not a bool": (_doc(outputs=[{"name": "label", "parameters": {"binary_data": "yes"}}]), 422,
                                "binary_data"),
     "id not a string": (_doc(id=7), 422, "id must be a string"),
@@ -268,6 +271,16 @@ def test_binary_request_by_hand(server) -> None:
     assert len(response.content) == length + 8
     assert exits.tolist() == [classify(server, p, budget="0.3")["exit"] for p in PNGS[:2]]
     assert label_out["data"] == [classify(server, p, budget="0.3")["label"] for p in PNGS[:2]]
+
+
+@pytest.mark.parametrize("bad_row", [1, 2])
+def test_a_refused_row_is_named_by_its_place_in_the_request(server, bad_row) -> None:
+    """Rows with different budgets go in separate infer calls; the error still names the request's row."""
+    data = [b64(PNGS[0])] * 3
+    data[bad_row] = b64(b"not an image")
+    budgets = {"name": "budget", "datatype": "FP32", "shape": [3], "data": [0.5, 0.9, 0.5]}
+    message = error_of(infer_json(server, _doc(_image(data, shape=[3]), budgets)), 415)
+    assert message.startswith(f"image {bad_row}: ")
 
 
 @pytest.mark.parametrize("path", ["/v2/models/nope/infer", "/v2/models/toy/versions/2/infer",
