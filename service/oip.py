@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from service.decode import check_request_pixels
 from service.deps import runtime_of
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
 from service.pipeline import Answer, Order, encode, infer, resolve
@@ -326,6 +327,7 @@ async def classify_rows(runtime: Runtime, request: Request, name: str, req: Infe
             top_k = len(order.served.artifact.classes)
             order = dataclasses.replace(order, decision=dataclasses.replace(order.decision, top_k=top_k))
         plans.append((order, rows))
+    check_request_pixels(req.images, runtime.registry.limits)  # the request's pixel budget, as on /classify
     results = await asyncio.gather(*(_infer_rows(order, req.images, rows, len(req.images)) for order, rows in plans))
     replies: list[dict[str, Any]] = [{}] * len(req.images)
     for (order, rows), answers in zip(plans, results, strict=True):

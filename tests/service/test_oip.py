@@ -300,6 +300,14 @@ def test_too_large_is_413_whether_declared_or_streamed(server) -> None:
     assert "larger than" in error_of(streamed, 413)
 
 
+def test_pixel_limits_hold_per_image_and_per_request(server) -> None:
+    bomb = error_of(infer_json(server, _doc(_image([b64(images.pixel_bomb())]))), 413)
+    assert "pixels" in bomb
+    flat = images.encode(images.Image.new("L", (1500, 1500)))  # 2.25 M pixels in a few KB
+    together = error_of(infer_json(server, _doc(_image([b64(flat)] * 2, shape=[2]))), 413)
+    assert "together" in together
+
+
 def test_requests_are_counted_under_v2_infer(server) -> None:
     ok = dict(model="toy", endpoint="v2_infer", code="200")
     missing = dict(model="unknown", endpoint="v2_infer", code="404")
