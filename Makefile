@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests use: the Fashion-MNIST files (the shipped model's evaluation) and
-# Prometheus + promtool + docker-compose (the deployment tests). Installed only when missing.
+# Debian packages the tests use: the Fashion-MNIST files (the shipped model's evaluation),
+# Prometheus + promtool + docker-compose (the deployment tests) and HAProxy (the rolling update of
+# tests/deploy/test_rollout.py). Installed only when missing.
 system-deps:
 	@missing=""; \
 	[ -f $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
