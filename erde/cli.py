@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from erde.data import DATASETS
 from erde.losses import LossConfig
 from erde.nets import list_models
 
+COMMANDS_GROUP = "erde.commands"  # entry points that add verbs (pyproject.toml: the service's `serve`)
 EPILOG = """Typical run on Fashion-MNIST (apt-get install -y dataset-fashion-mnist):
   erde train-teacher --arch resnet20 --out runs/teacher
   erde export runs/teacher --store runs/store --name teacher --version 1
@@ -106,12 +108,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from service.main import run
-
-    run()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erde", description="Early-exit students distilled with ERDE.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,9 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("serve", help="run the HTTP service (settings from ERDE_* variables)")
-    p.set_defaults(func=cmd_serve)
+    add_registered_commands(sub)
     return parser
+
+
+def add_registered_commands(sub: argparse._SubParsersAction) -> None:
+    """Verbs that installed packages register in the `erde.commands` entry-point group, each a function
+    that adds its subparser: the service adds `serve` this way, so erde never imports the service."""
+    for command in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        command.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

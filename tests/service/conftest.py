@@ -75,8 +75,12 @@ def start_server(store: Path, log_dir: Path, **settings: object) -> Server:
            "ERDE_DEFAULT_MODEL": "toy", "PYTHONUNBUFFERED": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update({f"ERDE_{k.upper()}": str(v) for k, v in settings.items()})
-    log = log_dir / f"server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log.open("w"),
+    return launch(["-m", "service"], env, port, log_dir / f"server-{port}.log")
+
+
+def launch(args: list[str], env: dict[str, str], port: int, log: Path) -> Server:
+    """Run `python <args>` as a server listening on `port`, and wait until /readyz answers 200."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + 60
