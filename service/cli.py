@@ -53,6 +53,15 @@ def settings_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def settings_table() -> str:
+    """The same as `settings_help`, as the README's markdown table (scripts/settings_table.py writes it)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        option = f"`{flag(name)}`" if name in FLAGS else ""
+        rows.append(f"| `{variable(name)}` | {option} | `{shown_default(field.default)}` | {field.description} |")
+    return "\n".join(rows)
+
+
 def add_command(commands: argparse._SubParsersAction) -> None:
     """The `erde.commands` entry point: adds `serve` to the `erde` command's verbs."""
     p = commands.add_parser("serve", help="run the HTTP service (settings from ERDE_* variables or flags)",

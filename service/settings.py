@@ -17,7 +17,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless configured (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; >1 uses multiprocess metrics")
+    workers: int = Field(1, ge=1, le=64, description="server processes on one socket; >1 shares metrics through "
+                                                     "prometheus-client's multiprocess mode")
     store: Path = Field(Path("model_store"),
                         description="model store root; the newest version of every model is served")
     default_model: str = Field("fashion-mnist",
@@ -72,7 +73,7 @@ class Settings(BaseSettings):
         "seconds from pressure 0 to 1 at twice the target delay (proportionally faster further above it)"))
     overload_recover_s: float = Field(5.0, gt=0, le=3600,
                                       description="seconds from pressure 1 to 0 with no queueing delay")
-    access_log: bool = Field(True, description="one structured line per request")
+    access_log: bool = Field(True, description="one JSON line per request on the erde.access logger")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

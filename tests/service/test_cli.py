@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import FLAGS, flag, shown_default, variable
+from service.cli import FLAGS, flag, settings_table, shown_default, variable
 from service.settings import Settings
 from tests.service.conftest import ROOT, free_port, launch
 from tests.service.images import png
@@ -30,6 +30,12 @@ def test_help_lists_every_setting() -> None:
     for literal in ("ERDE_PORT, --port (default 8000)", 'ERDE_IMAGE_FORMATS (default ["PNG","JPEG",',
                     "ERDE_ACCESS_LOG (default true)", "--default-model DEFAULT_MODEL"):
         assert literal in text, literal
+
+
+def test_readme_lists_the_same_settings() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+    assert block == settings_table(), "run .venv/bin/python scripts/settings_table.py to update README.md"
 
 
 def _spawned_workers(pid: int) -> int:
