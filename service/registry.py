@@ -16,8 +16,10 @@ from typing import Any
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.decode import ImageLimits
+from service.engine.adaptive import AdaptiveBudgets
 from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
+from service.overload import OverloadLaw
 from service.policy import BudgetPolicy
 from service.settings import Settings
 
@@ -55,7 +57,7 @@ class ServedModel:
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.limits = ImageLimits(settings.max_pixels, settings.min_image_side, settings.image_formats)
+        self.limits = ImageLimits.from_settings(settings)
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()  # one reload at a time
         self.loop: asyncio.AbstractEventLoop | None = None  # where the workers answer; set before reload
@@ -87,14 +89,16 @@ class ModelRegistry:
         if artifact.name != name or artifact.version != version:
             raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
         s = self.settings
+        policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
+                              s.default_budget, s.max_top_k, s.min_accuracy)
+        adaptive = AdaptiveBudgets(policy, OverloadLaw.from_settings(s), degrade=s.overload == "degrade",
+                                   on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s, slow_s=s.test_slow_ms / 1000,
-                             on_batch=lambda size: metrics.observe_batch(name, size),
+                             adjust=adaptive, on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
-        policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
-                              s.default_budget, s.max_top_k, s.min_accuracy)
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions)
 
