@@ -127,3 +127,21 @@ def test_two_workers_reload_on_sighup_and_drain_on_sigterm_under_load(make_serve
     assert load.summary()[200] > 40
     log = server.log.read_text()
     assert log.count("draining: finishing queued and in-flight requests") == 2
+
+
+def test_a_full_queue_refuses_from_the_headers_on_both_protocols(make_server) -> None:
+    # One batch in each of the two process slots, one row in the queue: each batch takes 2 s.
+    server = make_server(test_slow_ms=2000, hang_timeout_s=10, request_timeout_s=20, max_batch_size=1, queue_size=1)
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(post, server.url) for _ in range(3)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == 1)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            ours = client.post("/classify", files={"image": ("a.png", PNG, "image/png")})
+            oip = client.post("/v2/models/toy/infer", json={"inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not even base64"]}]})
+            assert not any(f.done() for f in held)
+        assert [f.result().status_code for f in held] == [200] * 3
+    assert ours.status_code == 503 and ours.json()["error"]["code"] == "overloaded" and ours.headers["retry-after"]
+    assert "connection" not in ours.headers  # its small body was read: the connection stays for the retry
+    assert oip.status_code == 503 and "queue is full" in oip.json()["error"] and oip.headers["retry-after"]
+    eventually(lambda: server.metric("erde_rejected_total", reason="queue_full") == 2)
