@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps data test lint serve bench clean
+.PHONY: install system-deps data test lint serve bench bench-overload clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench-peers: $(STAMP)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk)
 	PYTHON=$(PYTHON) bash bench/peers/venvs.sh
 	$(PY) -m bench.peers.run
+
+# Overload (issue 12): open-loop load from bench/openloop.py at 0.5-3x capacity, ERDE_OVERLOAD=degrade vs reject,
+# on the student and (when exported) the teacher; writes reports/overload.md and .png. About 15 minutes;
+# `$(PY) -m bench.overload --quick` is a one-minute smoke run of the harness.
+bench-overload: $(STAMP) data
+	$(PY) -m bench.overload
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,354 @@
+"""The overload benchmark (issue 12): goodput and accuracy under open-loop load, `degrade` vs `reject`.
+
+Per model: real labelled Fashion-MNIST test images, each request with a floor from a fixed mix
+(none, and two floors on the model's curve). First its capacities, on the `reject` server: C_full,
+the highest offered rate at budget 1.0 whose answered p99 stays under the 100 ms SLO with at most
+1% refused, and C_floor, the same with every row at its floor's operating point (min_accuracy
+alone). Then 0.5, 1, 1.5, 2 and 3 x C_full for a fixed time each, on a `degrade` and a `reject`
+server (both running throughout, used in turn, the order alternating per rate). The load generator
+(bench/openloop.py) runs in its own process and reports whether it kept up.
+
+`python -m bench.overload` writes reports/overload.md and reports/overload.png; `--quick` is a
+smoke run of the harness (under a minute, one model, nothing written to reports/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import table
+from bench.load import BOUNDARY, ROOT, launch, multipart, server_port, stop
+from bench.openloop import NOT_SENT, Outcome, Phase, generate
+from erde.data import load_fashion_mnist
+from erde.store import list_versions
+from service.settings import Settings
+
+SLO_S = 0.100  # the p99 latency target
+STUDENT, TEACHER = "fashion-mnist", "fashion-mnist-teacher"
+# Each model's floor mix (None: no min_accuracy, so the server floor ERDE_MIN_ACCURACY applies when
+# degraded). The student's are the issue's; the teacher's sit at the same places on its own curve.
+FLOORS: dict[str, tuple[float | None, ...]] = {STUDENT: (None, 0.88, 0.91), TEACHER: (None, 0.88, 0.91)}
+STARTUP_TIMEOUT_S = 120
+MAX_REFUSED = 0.01  # a capacity trial fails above this share of non-200 answers
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: list[str]
+    phase_s: float  # seconds per (mode, rate) phase
+    trial_s: float  # seconds per capacity trial
+    multiples: tuple[float, ...]  # offered loads, in units of C_full
+    images: int  # distinct test images sent (cycled)
+    refine: int  # bisection steps of each capacity search
+    start_rate: float  # first rate a capacity search tries
+    cooldown_s: float  # pause between phases: the queue drains, the controller sees no delay
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Whole HTTP requests, with what the harness must know of each: its image's label and its floor."""
+
+    requests: list[bytes]
+    labels: list[int]
+    floors: list[float | None]
+
+
+@dataclass
+class Summary:
+    """One phase or trial, as the report shows it."""
+
+    label: str
+    offered: float  # requests/s offered
+    sent: float  # requests/s the generator actually sent
+    lag_p99_ms: float  # how late the sends were
+    generator_cpu: float  # share of one core the generator used
+    goodput: float  # 200s within the SLO, per second of offered load
+    p50_ms: float
+    p99_ms: float  # of the answered (200) requests
+    refused: float  # share answered 503
+    failed: float  # share with another status, no answer, or not sent
+    degraded: float  # share of the answered that were degraded
+    expected: float  # mean expected accuracy of the answered
+    measured: float  # measured accuracy of the answered, against the labels
+    measured_top_floor: float  # the same, for the requests with the highest floor of the mix
+    below_floor: int  # answered below their floor (must be 0)
+    top_floor_hits: list[bool] = field(default_factory=list, repr=False)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def http_request(body: bytes) -> bytes:
+    return (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def workload(model: str, pngs: list[bytes], labels: list[int], at_floor: bool, server_floor: float) -> Workload:
+    """Image i carries the mix's floor i mod 3. Asked: budget 1.0 plus the floor; at_floor: the floor
+    alone (the server floor for rows without one), i.e. the cheapest point meeting it."""
+    mix = FLOORS[model]
+    requests, floors = [], []
+    for i, png in enumerate(pngs):
+        floor = mix[i % len(mix)]
+        fields = {"model": model}
+        if at_floor:
+            fields["min_accuracy"] = str(server_floor if floor is None else floor)
+        else:
+            fields["budget"] = "1.0"
+            if floor is not None:
+                fields["min_accuracy"] = str(floor)
+        requests.append(http_request(multipart(png, fields)))
+        floors.append(floor)
+    return Workload(requests, labels, floors)
+
+
+def summarise(label: str, rate: float, seconds: float, outcomes: list[Outcome], spread: float, cpu: float,
+              load: Workload, server_floor: float) -> Summary:
+    n = len(outcomes)
+    ok = [o for o in outcomes if o.status == 200]
+    latencies = np.array([o.latency for o in ok]) if ok else np.array([math.inf])
+    top = max(f for f in load.floors if f is not None)
+    hits = [o.reply["class_id"] == load.labels[o.body] for o in ok]
+    top_hits = [h for o, h in zip(ok, hits, strict=True) if load.floors[o.body] == top]
+    below = 0
+    for o in ok:
+        floor = load.floors[o.body]
+        limit = floor if floor is not None else (server_floor if o.reply["degraded"] else 0.0)
+        below += o.reply["expected_accuracy"] < limit - 1e-9
+    sent = [o for o in outcomes if o.status != NOT_SENT]
+    return Summary(
+        label, rate, (len(sent) - 1) / spread if spread > 0 else 0.0,
+        float(np.percentile([o.lag for o in sent], 99)) * 1e3 if sent else math.inf, cpu / seconds,
+        sum(1 for o in ok if o.latency <= SLO_S) / seconds,
+        float(np.percentile(latencies, 50)) * 1e3, float(np.percentile(latencies, 99)) * 1e3,
+        sum(1 for o in outcomes if o.status == 503) / n,
+        sum(1 for o in outcomes if o.status not in (200, 503)) / n,
+        sum(1 for o in ok if o.reply["degraded"]) / len(ok) if ok else 0.0,
+        float(np.mean([o.reply["expected_accuracy"] for o in ok])) if ok else math.nan,
+        float(np.mean(hits)) if ok else math.nan, float(np.mean(top_hits)) if top_hits else math.nan,
+        below, top_hits)
+
+
+def offer(port: int, load: Workload, rate: float, seconds: float, label: str, server_floor: float) -> Summary:
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(load.requests))]
+    outcomes, spread, cpu = generate(Phase("127.0.0.1", port, rate, seconds, order), load.requests)
+    summary = summarise(label, rate, seconds, outcomes, spread, cpu, load, server_floor)
+    print(f"  {label:>22} offered {rate:8.1f}/s sent {summary.sent:8.1f}/s goodput {summary.goodput:8.1f}/s "
+          f"p99 {summary.p99_ms:8.1f} ms 503 {summary.refused:6.1%} degraded {summary.degraded:6.1%}", flush=True)
+    return summary
+
+
+def capacity(port: int, load: Workload, plan: Plan, name: str, server_floor: float) -> tuple[float, list[Summary]]:
+    """The highest rate whose answered p99 is under the SLO with at most MAX_REFUSED refused: from the
+    start rate, x1.5 while trials pass (or /2 while they fail) until the first change, then bisected
+    (geometrically) `plan.refine` times."""
+    trials: list[Summary] = []
+
+    def passes(rate: float) -> bool:
+        s = offer(port, load, rate, plan.trial_s, f"{name} {rate:.0f}/s", server_floor)
+        trials.append(s)
+        time.sleep(plan.cooldown_s)
+        return s.p99_ms < SLO_S * 1e3 and s.refused + s.failed <= MAX_REFUSED
+
+    good, bad, rate = 0.0, math.inf, plan.start_rate
+    while good == 0 or math.isinf(bad):
+        if rate < 1:
+            raise SystemExit(f"{name}: even 1 request/s misses the SLO; is the machine that busy?")
+        if passes(rate):
+            good, rate = rate, rate * 1.5
+        else:
+            bad, rate = rate, rate / 2
+    for _ in range(plan.refine):
+        middle = math.sqrt(good * bad)
+        if passes(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, trials
+
+
+def servers(models: list[str], log_dir: Path) -> dict[str, tuple[subprocess.Popen, int]]:
+    """One server per overload mode, both serving the store throughout (started side by side)."""
+    env = {**os.environ, "ERDE_STORE": str(ROOT / "model_store"), "ERDE_HOST": "127.0.0.1", "ERDE_ACCESS_LOG": "false",
+           "ERDE_DEFAULT_MODEL": models[0]}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    modes = ("degrade", "reject")
+    ports = [server_port() for _ in modes]
+    with ThreadPoolExecutor(len(modes)) as pool:
+        started = list(pool.map(lambda mode, port: launch([sys.executable, "-m", "service"], port,
+                                                          {**env, "ERDE_OVERLOAD": mode}, log_dir / f"{mode}.log",
+                                                          STARTUP_TIMEOUT_S), modes, ports))
+    for mode, port, (_, ready_s) in zip(modes, ports, started, strict=True):
+        print(f"{mode} server on port {port}, ready in {ready_s:.1f} s", flush=True)
+    return {mode: (proc, port) for mode, port, (proc, _) in zip(modes, ports, started, strict=True)}
+
+
+def run_model(model: str, plan: Plan, ports: dict[str, int], test_images: np.ndarray, test_labels: list[int],
+              server_floor: float) -> dict:
+    pngs = [encode_png(im) for im in test_images[:plan.images]]
+    labels = test_labels[:plan.images]
+    asked = workload(model, pngs, labels, False, server_floor)
+    at_floor = workload(model, pngs, labels, True, server_floor)
+    print(f"# {model}: capacities on the reject server", flush=True)
+    c_full, full_trials = capacity(ports["reject"], asked, plan, "C_full", server_floor)
+    c_floor, floor_trials = capacity(ports["reject"], at_floor, plan, "C_floor", server_floor)
+    print(f"# {model}: C_full {c_full:.0f}/s, C_floor {c_floor:.0f}/s", flush=True)
+    phases: dict[tuple[str, float], Summary] = {}
+    for i, multiple in enumerate(plan.multiples):
+        modes = ("degrade", "reject") if i % 2 == 0 else ("reject", "degrade")
+        for mode in modes:
+            label = f"{mode} {multiple:g}C"
+            phases[mode, multiple] = offer(ports[mode], asked, multiple * c_full, plan.phase_s, label, server_floor)
+            time.sleep(plan.cooldown_s)
+    return {"model": model, "c_full": c_full, "c_floor": c_floor, "trials": full_trials + floor_trials,
+            "phases": phases}
+
+
+def targets(result: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets for one model: (what, met, the numbers)."""
+    phases, c_full, c_floor = result["phases"], result["c_full"], result["c_floor"]
+    out = []
+    if ("degrade", 2.0) in phases:
+        degrade, reject = phases["degrade", 2.0], phases["reject", 2.0]
+        need = 0.8 * min(2 * c_full, c_floor)
+        out.append(("2C: degrade goodput >= 0.8 x min(2 C_full, C_floor)", degrade.goodput >= need,
+                    f"{degrade.goodput:.0f}/s vs {need:.0f}/s"))
+        out.append(("2C: degrade goodput >= reject goodput", degrade.goodput >= reject.goodput,
+                    f"{degrade.goodput:.0f}/s vs {reject.goodput:.0f}/s"))
+        out.append(("2C: p99 of the answered <= 100 ms (degrade)", degrade.p99_ms <= SLO_S * 1e3,
+                    f"{degrade.p99_ms:.1f} ms (reject: {reject.p99_ms:.1f} ms)"))
+    below = sum(s.below_floor for s in phases.values())
+    out.append(("no answered request below its floor", below == 0, f"{below} below"))
+    top = max(f for f in FLOORS[result["model"]] if f is not None)
+    hits = [h for (mode, _), s in phases.items() if mode == "degrade" for h in s.top_floor_hits]
+    accuracy = float(np.mean(hits)) if hits else math.nan
+    out.append((f"floor-{top:g} requests (degrade): measured accuracy >= {top - 0.01:.2f}",
+                accuracy >= top - 0.01, f"{accuracy:.4f} over {len(hits)} answers"))
+    low = [s for (mode, m), s in phases.items() if mode == "degrade" and m <= 0.5]
+    if low:
+        share = max(s.degraded for s in low)
+        out.append(("<= 0.5 C_full: nothing degraded", share == 0, f"{share:.2%} degraded"))
+    return out
+
+
+def row(model: str, mode: str, multiple: float, s: Summary) -> list[object]:
+    return [model, mode, f"{multiple:g}", f"{s.offered:.0f}", f"{s.sent:.0f}", f"{s.goodput:.0f}", f"{s.p50_ms:.1f}",
+            f"{s.p99_ms:.1f}", f"{s.refused:.1%}", f"{s.failed:.1%}", f"{s.degraded:.1%}", f"{s.expected:.4f}",
+            f"{s.measured:.4f}", f"{s.measured_top_floor:.4f}", s.below_floor, f"{s.lag_p99_ms:.1f}",
+            f"{s.generator_cpu:.0%}"]
+
+
+HEADERS = ["model", "mode", "x C_full", "offered/s", "sent/s", "goodput/s", "p50 ms", "p99 ms", "503", "other",
+           "degraded", "expected acc", "measured acc", "top-floor acc", "below floor", "send lag p99 ms", "gen CPU"]
+
+
+def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None) -> str:
+    load = os.getloadavg()
+    lines = [f"# Overload: `degrade` vs `reject` under open-loop load ({time.strftime('%Y-%m-%d')})", "",
+             f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} at the end; {plan.phase_s:g} s per phase, "
+             f"{plan.images} Fashion-MNIST test images cycled, SLO p99 {SLO_S * 1e3:.0f} ms. Generated by "
+             "`make bench-overload` (bench/overload.py).", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "## Capacities (reject server)", ""]
+    lines.append(table(["model", "floor mix", "C_full /s", "C_floor /s"],
+                       [[r["model"], ", ".join("none" if f is None else f"{f:g}" for f in FLOORS[r["model"]]),
+                         f"{r['c_full']:.0f}", f"{r['c_floor']:.0f}"] for r in results]))
+    lines += ["", "## Phases", "",
+              "goodput: 200s within the SLO per second; p50/p99 of the 200s; 503 and other (other status, no answer "
+              "or not sent) as shares of all requests; degraded, expected and measured accuracy over the 200s; "
+              "top-floor acc: measured accuracy of the requests with the mix's highest floor.", ""]
+    lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results
+                                 for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
+    behind = [f"{r['model']} {s.label}" for r in results for s in [*r["trials"], *r["phases"].values()]
+              if s.sent < 0.97 * s.offered]
+    lines += ["", f"The generator fell behind (sent under 97% of the offered rate) in: {', '.join(behind)}." if behind
+              else "The generator kept up (sent at least 97% of the offered rate) in every trial and phase."]
+    lines += ["", "## Targets", ""]
+    for r in results:
+        for what, met, numbers in targets(r):
+            lines.append(f"- {r['model']}: {what}: **{'met' if met else 'missed'}** ({numbers})")
+    if plot is not None:
+        lines += ["", f"![goodput and measured accuracy vs offered load]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def draw(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for (goodput_ax, accuracy_ax), r in zip(axes, results, strict=True):
+        for mode, style in (("degrade", "o-"), ("reject", "s--")):
+            points = sorted((m * r["c_full"], s) for (md, m), s in r["phases"].items() if md == mode)
+            offered = [o for o, _ in points]
+            goodput_ax.plot(offered, [s.goodput for _, s in points], style, label=mode)
+            accuracy_ax.plot(offered, [s.measured for _, s in points], style, label=mode)
+        goodput_ax.axhline(r["c_floor"], color="grey", lw=0.8, ls=":", label="C_floor")
+        goodput_ax.set(title=f"{r['model']}: goodput (200 within {SLO_S * 1e3:.0f} ms)", xlabel="offered requests/s",
+                       ylabel="requests/s")
+        accuracy_ax.set(title=f"{r['model']}: measured accuracy of the answered", xlabel="offered requests/s",
+                        ylabel="accuracy")
+        for ax in (goodput_ax, accuracy_ax):
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: the student, short phases, no report files")
+    parser.add_argument("--phase-s", type=float, help="seconds per phase (default 20, quick 1.5)")
+    parser.add_argument("--out", type=Path, help="report path (default reports/overload.md; quick: a temp folder)")
+    args = parser.parse_args()
+    served = list_versions(ROOT / "model_store")
+    notes = []
+    models = [m for m in (STUDENT, TEACHER) if m in served]
+    if TEACHER not in served:
+        notes.append(f"{TEACHER} is not in model_store/: the student alone was measured.")
+    if args.quick:
+        plan = Plan([STUDENT], args.phase_s or 1.5, 1.0, (0.5, 2.0), 300, 0, 400.0, 0.5)
+    else:
+        plan = Plan(models, args.phase_s or 20.0, 5.0, (0.5, 1.0, 1.5, 2.0, 3.0), 3000, 3, 200.0, 3.0)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="erde-overload-")) / "overload.md" if args.quick
+                       else ROOT / "reports" / "overload.md")
+    server_floor = Settings().min_accuracy
+    test = load_fashion_mnist("test")
+    images, labels = test.images[:, 0].numpy(), test.labels.tolist()
+    log_dir = Path(tempfile.mkdtemp(prefix="erde-overload-logs-"))
+    procs = servers(plan.models, log_dir)
+    try:
+        ports = {mode: port for mode, (_, port) in procs.items()}
+        results = [run_model(m, plan, ports, images, labels, server_floor) for m in plan.models]
+    finally:
+        for proc, _ in procs.values():
+            stop(proc)
+    plot = out.with_suffix(".png")
+    draw(results, plot)
+    text = report(results, plan, notes, plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print("\n" + text)
+    print(f"wrote {out} and {plot}")
+
+
+if __name__ == "__main__":
+    main()
