@@ -39,6 +39,12 @@ IMAGES_PER_BUDGET = 4  # per wave
 # max_exit 1 stops at the second exit (the tiny test network has three).
 DEEP_OPTIONS = ({"threshold": 0}, {"threshold": 0, "max_exit": 1})
 WAVES = 3  # separated by a scrape each, so every counter has risen between two samples
+# The shipped student serves beside the tiny one: its curve has floors it cannot meet (the tiny model is
+# right everywhere) and cheaper points to degrade to. The stack's queue target is far below the 5 ms a
+# batch may wait to fill, so every batch finds its rows late and the controller degrades at once.
+SHIPPED = ROOT / "model_store" / "fashion-mnist" / "1"
+FLOOR = 0.9
+OVERLOAD_IMAGES = 12  # per wave, at budget 1 with a floor, concurrently
 STARTUP_TIMEOUT_S = 60.0
 SCRAPE_TIMEOUT_S = 15.0
 
@@ -110,6 +116,7 @@ class Stack:
     fractions: dict[float, list[float]] = field(default_factory=dict)  # budget -> macs_fraction of replies
     exits: set[int] = field(default_factory=set)  # exits that answered
     n_exits: int = 0  # exits the model has
+    degraded: int = 0  # replies of the shipped student answered cheaper than asked
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         reply = self.prometheus.get("/api/v1/query", params={"query": promql})
@@ -150,10 +157,25 @@ class Stack:
             self.exits.add(reply.json()["exit"])
         assert self.classify(png(1), model="no-such-model").status_code == 404
         assert self.classify(b"this is not an image").status_code == 415
+        self.floors(index)
+
+    def floors(self, index: int) -> None:
+        """The shipped student: concurrent rows with a floor (degraded, never below it) and one it cannot meet."""
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            replies = list(pool.map(lambda i: self.classify(png(index * 100 + 70 + i), model="fashion-mnist",
+                                                            budget=1, min_accuracy=FLOOR), range(OVERLOAD_IMAGES)))
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["expected_accuracy"] >= FLOOR and body["requested_budget"] == 1
+            self.degraded += body["degraded"]
+        unmet = self.classify(png(2), model="fashion-mnist", min_accuracy=0.99)
+        assert unmet.status_code == 422 and unmet.json()["error"]["code"] == "unsatisfiable"
 
     def wait_for_scrape(self) -> None:
-        """Until Prometheus has seen every request sent so far."""
-        wait_until(lambda: self.scalar("sum(erde_requests_total)") == self.sent, SCRAPE_TIMEOUT_S,
+        """Until Prometheus has seen every classify request sent so far (probes and scrapes count too)."""
+        sent = 'sum(erde_requests_total{endpoint=~"classify|classify_batch"})'
+        wait_until(lambda: self.scalar(sent) == self.sent, SCRAPE_TIMEOUT_S,
                    f"Prometheus to scrape {self.sent} requests")
 
 
@@ -163,11 +185,13 @@ def stack(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     tmp = tmp_path_factory.mktemp("deploy-live")
     store = tmp / "store"
     shutil.copytree(tiny_pipeline.student_artifact, store / "student" / "1")
+    shutil.copytree(SHIPPED, store / "fashion-mnist" / "1")
     service_port, prometheus_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERDE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(ERDE_HOST="127.0.0.1", ERDE_PORT=str(service_port), ERDE_STORE=str(store),
                ERDE_DEFAULT_MODEL="student", ERDE_TORCH_THREADS="1",
-               ERDE_MAX_BATCH_DELAY_MS="5", ERDE_ACCESS_LOG="false")
+               ERDE_MAX_BATCH_DELAY_MS="5", ERDE_ACCESS_LOG="false", ERDE_TARGET_QUEUE_MS="0.05",
+               ERDE_OVERLOAD_RISE_S="0.01")
     service_log, prometheus_log = tmp / "service.log", tmp / "prometheus.log"
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -221,12 +245,12 @@ def test_dashboard_query_returns_data(stack: Stack, query: Query) -> None:
 def test_model_variable_lists_the_served_model(stack: Stack) -> None:
     """label_values(erde_model_info, model), as Grafana asks it."""
     reply = stack.prometheus.get("/api/v1/label/model/values", params={"match[]": "erde_model_info"})
-    assert reply.json()["data"] == ["student"]
+    assert reply.json()["data"] == ["fashion-mnist", "student"]
 
 
 def test_exit_distribution_shows_several_exits(stack: Stack) -> None:
     for query in QUERIES:
-        if "erde_exits_total" in query.expr:
+        if re.search(r"by \([^)]*\bexit\b", query.expr):  # the panels that split by exit
             exits = {r["metric"]["exit"] for r in stack.query(query.promql)}
             assert len(exits) > 1, f"{query} shows exits {exits}"
 
@@ -251,3 +275,22 @@ def test_alert_rules_load_and_evaluate_without_errors(stack: Stack) -> None:
     # The traffic held a 404 (unknown model) and a 415 (not an image): client mistakes never page.
     alerts = stack.prometheus.get("/api/v1/alerts").json()["data"]["alerts"]
     assert not [a for a in alerts if a["labels"]["alertname"] == "ErdeRequestsRejected"], alerts
+
+
+def by_model(stack: Stack, query: Query) -> dict[str, float]:
+    return {r["metric"].get("model", ""): float(r["value"][1]) for r in stack.query(query.promql)}
+
+
+def test_overload_panels_show_the_degraded_and_unsatisfiable_requests(stack: Stack) -> None:
+    """The floors traffic as the overload panels show it: a pressure above 0, degraded images and
+    unsatisfiable floors on the shipped student alone (the tiny one has no cheaper point and meets every
+    floor), a used budget below the asked one."""
+    assert stack.degraded > 0, "the premise: the shipped student answered some rows cheaper than asked"
+    panels = {q.panel: q for q in QUERIES if q.ref == "A"}
+    assert by_model(stack, panels["Load pressure"])["fashion-mnist"] > 0
+    for title in ("Degraded images (share)", "Unsatisfiable floors"):
+        values = by_model(stack, panels[title])
+        assert values["fashion-mnist"] > 0 and values["student"] == 0, (title, values)
+    (asked,) = [q for q in QUERIES if q.panel == "Budget asked vs used (mean)" and q.ref == "A"]
+    (used,) = [q for q in QUERIES if q.panel == "Budget asked vs used (mean)" and q.ref == "B"]
+    assert by_model(stack, used)["fashion-mnist"] < by_model(stack, asked)["fashion-mnist"]
