@@ -20,13 +20,16 @@ install: $(STAMP)
 
 # Debian packages the tests use: the Fashion-MNIST files (the shipped model's evaluation),
 # Prometheus + promtool + docker-compose (the deployment tests) and HAProxy (the rolling update of
-# tests/deploy/test_rollout.py). Installed only when missing.
+# tests/deploy/test_rollout.py), Chromium + chromedriver (the demo page's browser test, tests/browser).
+# Installed only when missing.
 system-deps:
 	@missing=""; \
 	[ -f $(FMNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
