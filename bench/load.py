@@ -121,10 +121,11 @@ def server_port() -> int:
 
 
 def launch(cmd: list[str], port: int, env: dict[str, str], log: Path,
-           timeout_s: float) -> tuple[subprocess.Popen, float]:
-    """Start a server in its own session (cwd: the repo root) and wait for /readyz; (process, seconds to ready)."""
+           timeout_s: float, cwd: Path = ROOT) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own session (cwd: the repo root, or another checkout) and wait for /readyz;
+    (process, seconds to ready)."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "ERDE_PORT": str(port)}, stdout=log.open("w"),
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "ERDE_PORT": str(port)}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     while time.monotonic() - started < timeout_s:
         if proc.poll() is not None:

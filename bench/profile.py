@@ -1,0 +1,156 @@
+"""Where the service's CPU goes under load: CPU time per request of each of its processes (and of
+the transport floor and of wrk), the mean micro-batch, and a py-spy profile of the event loop and
+of the inference process grouped into the parts reports/service-profile.md names.
+
+CPU time comes from /proc/<pid>/stat before and after a wrk run, divided by the requests served;
+wrk's own from getrusage of this script's children. The profile samples Python stacks
+(`py-spy record --format raw`, busy samples only) and gives each sample to the part whose pattern
+matches the frame nearest the leaf.
+
+Usage: .venv/bin/python -m bench.profile [--seconds 8] [--concurrency 64]   (py-spy from the dev extra)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from bench.common import STORE, default_artifact, table
+from bench.load import launch, lua, server_port, stop, write_bodies, wrk
+from bench.pss import service_processes
+
+TICK = os.sysconf("SC_CLK_TCK")
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # the venv's, off PATH
+# Parts of each process, in priority order: a sample goes to the first part whose pattern matches any
+# frame of its stack (frames read "Class.function (path/file.py:line)"), else to "other".
+EVENT_LOOP_PARTS = [
+    ("decode (PIL open + load + normalise)", r"decode_image|PIL/"),
+    ("access log", r"logging/|_account \(service/middleware"),
+    ("reply building + JSON", r"orjson|\bencode \(service/pipeline|json/"),
+    ("multipart parsing + options", r"service/multipart|read_upload|service/policy|service/schemas|pydantic"),
+    ("metrics, queueing, reading the inference replies", r"prometheus_client|service/metrics|service/engine/"),
+    ("framework stack: uvicorn, Starlette and FastAPI, response send", r"uvicorn/|starlette/|fastapi/|asyncio/"),
+]
+INFERENCE_PARTS = [
+    ("waiting for the next batch (pipe read)", r"multiprocessing/connection|selectors"),
+    ("decode (PIL open, load, normalise)", r"decode_image|PIL/|service/decode"),
+    ("convolutions", r"conv2d|_conv_forward|convolution"),
+    ("exit heads (BN, ReLU, FC)", r"\bexit \(erde/nets"),
+    ("rest of the stages (ReLU, residual adds)", r"torch/nn/|erde/nets"),
+    ("per-stage exit decisions, row selection, replies", r"service/engine/|erde/exits"),
+]
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each process, in seconds."""
+    found = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[pid] = (int(fields[11]) + int(fields[12])) / TICK
+    return found
+
+
+def batch_totals(port: int) -> tuple[float, float]:
+    """(rows, batches) so far, from the erde_batch_size histogram."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    rows = sum(float(v) for v in re.findall(r"^erde_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
+    batches = sum(float(v) for v in re.findall(r"^erde_batch_size_count\{[^}]*\} (\S+)", text, re.M))
+    return rows, batches
+
+
+def cpu_per_request(port: int, server_pid: int, script: Path, args: argparse.Namespace) -> tuple[dict, list]:
+    """One wrk run: its result, and (process, µs of CPU per request, share of a core) for each process and wrk."""
+    roles = service_processes(server_pid)
+    before, wrk_before = cpu_seconds(list(roles)), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = wrk(port, script, args.concurrency, args.seconds)
+    after, wrk_after = cpu_seconds(list(roles)), resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+    used = [(roles[p], after[p] - before[p]) for p in before if p in after] + [("wrk (load generator)", wrk_cpu)]
+    served = max(result["requests"], 1)
+    return result, [(name, cpu / served * 1e6, cpu / args.seconds) for name, cpu in used if cpu > 0]
+
+
+def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY_SPY, "record", "--format", "raw", "--rate", "250", "--duration",
+                             str(max(1, round(seconds))), "--output", str(out), "--pid", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def shares(raw: Path, parts: list[tuple[str, str]]) -> list[list[str]]:
+    """Each part's share of the main thread's samples (helper threads start in threading.py)."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "(threading.py" in stack:
+            continue
+        part = next((name for name, pattern in parts if re.search(pattern, stack)), "other")
+        counts[part] += int(count)
+    total = sum(counts.values()) or 1
+    return [[name, f"{counts[name] / total:.0%}"] for name, _ in [*parts, ("other", "")] if counts[name]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds of wrk load per run")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    for tool in ("wrk", PY_SPY):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed (wrk: apt-get install -y wrk; py-spy: the dev extra)")
+    art = default_artifact()
+    tmp = Path(tempfile.mkdtemp(prefix="erde-profile-"))
+    env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1"}
+    ports = {"service": server_port(), "floor": server_port()}
+    service, _ = launch([sys.executable, "-m", "service"], ports["service"], env, tmp / "service.log", 120)
+    floor, _ = launch([sys.executable, "-m", "bench.floor", str(ports["floor"])], ports["floor"], env,
+                      tmp / "floor.log", 120)
+    targets = [("full depth", "service", service, {"threshold": "0"}),
+               ("budget 0.25", "service", service, {"budget": "0.25"}),
+               ("transport floor (constant answer)", "floor", floor, {})]
+    rows, profiles = [], []
+    try:
+        for label, name, proc, fields in targets:
+            script = lua(tmp, write_bodies(tmp, fields, art.spec.size), label.split()[0], 10_000_000)
+            batches = batch_totals(ports[name]) if name == "service" else None
+            result, per_process = cpu_per_request(ports[name], proc.pid, script, args)
+            if batches:
+                rows_now, count_now = batch_totals(ports[name])
+                label += f" (mean batch {(rows_now - batches[0]) / max(count_now - batches[1], 1):.1f})"
+            rows += [[label, f"{result['rps']:,.0f}", process, f"{us:,.0f}", f"{core:.0%}"]
+                     for process, us, core in per_process]
+        roles = service_processes(service.pid)
+        loop_pid = service.pid
+        inference_pid = next(p for p, r in roles.items() if r == "inference process")
+        script = lua(tmp, write_bodies(tmp, {"threshold": "0"}, art.spec.size), "spy", 10_000_000)
+        spies = [spy(loop_pid, args.seconds, tmp / "loop.txt"), spy(inference_pid, args.seconds, tmp / "inf.txt")]
+        wrk(ports["service"], script, args.concurrency, args.seconds + 1)
+        for s in spies:
+            s.wait(60)
+        profiles = [("event loop (server process)", shares(tmp / "loop.txt", EVENT_LOOP_PARTS)),
+                    ("inference process", shares(tmp / "inf.txt", INFERENCE_PARTS))]
+    finally:
+        stop(service)
+        stop(floor)
+    print(f"# Where the CPU goes: {art.name}/{art.version}, wrk 1 thread c={args.concurrency}, "
+          f"{args.seconds:g} s per run, on {os.cpu_count()} cores shared with wrk\n")
+    print(table(["load", "requests/s", "process", "CPU µs per request", "share of a core"], rows))
+    for name, part_rows in profiles:
+        print(f"\npy-spy, {name}, full depth (share of its main thread's busy samples):\n")
+        print(table(["part", "share"], part_rows))
+
+
+if __name__ == "__main__":
+    main()
