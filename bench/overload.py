@@ -33,14 +33,14 @@ from bench.common import table
 from bench.load import BOUNDARY, ROOT, launch, multipart, server_port, stop
 from bench.openloop import NOT_SENT, Outcome, Phase, generate
 from erde.data import load_fashion_mnist
-from erde.store import list_versions
+from erde.store import list_versions, read_artifact
 from service.settings import Settings
 
 SLO_S = 0.100  # the p99 latency target
 STUDENT, TEACHER = "fashion-mnist", "fashion-mnist-teacher"
-# Each model's floor mix (None: no min_accuracy, so the server floor ERDE_MIN_ACCURACY applies when
-# degraded). The student's are the issue's; the teacher's sit at the same places on its own curve.
-FLOORS: dict[str, tuple[float | None, ...]] = {STUDENT: (None, 0.88, 0.91), TEACHER: (None, 0.88, 0.91)}
+# The floor mix of the student (the issue's; None: no min_accuracy, so ERDE_MIN_ACCURACY applies when
+# degraded). Other models get floors at the same places on their own curve (floor_mix).
+STUDENT_FLOORS = (None, 0.88, 0.91)
 STARTUP_TIMEOUT_S = 120
 MAX_REFUSED = 0.01  # a capacity trial fails above this share of non-200 answers
 
@@ -99,10 +99,28 @@ def http_request(body: bytes) -> bytes:
             f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def workload(model: str, pngs: list[bytes], labels: list[int], at_floor: bool, server_floor: float) -> Workload:
+def accuracy_range(model: str) -> tuple[float, float]:
+    """(expected accuracy of the cheapest operating point, the best one's) of the served version."""
+    art = read_artifact(ROOT / "model_store" / model / list_versions(ROOT / "model_store")[model][-1])
+    cheapest = min(art.calibration.points, key=lambda p: (p.macs_fraction, -p.accuracy))
+    return cheapest.accuracy, max(p.accuracy for p in art.calibration.points)
+
+
+def floor_mix(model: str) -> tuple[float | None, ...]:
+    """The student's mix; for another model, the floors at the same fractions of the way from its
+    cheapest point's accuracy to its best (rounded down to 0.001, so that each stays on offer)."""
+    if model == STUDENT:
+        return STUDENT_FLOORS
+    low, high = accuracy_range(STUDENT)
+    own_low, own_high = accuracy_range(model)
+    return tuple(None if f is None else math.floor((own_low + (f - low) / (high - low) * (own_high - own_low)) * 1e3)
+                 / 1e3 for f in STUDENT_FLOORS)
+
+
+def workload(model: str, mix: tuple[float | None, ...], pngs: list[bytes], labels: list[int], at_floor: bool,
+             server_floor: float) -> Workload:
     """Image i carries the mix's floor i mod 3. Asked: budget 1.0 plus the floor; at_floor: the floor
     alone (the server floor for rows without one), i.e. the cheapest point meeting it."""
-    mix = FLOORS[model]
     requests, floors = [], []
     for i, png in enumerate(pngs):
         floor = mix[i % len(mix)]
@@ -203,8 +221,9 @@ def run_model(model: str, plan: Plan, ports: dict[str, int], test_images: np.nda
               server_floor: float) -> dict:
     pngs = [encode_png(im) for im in test_images[:plan.images]]
     labels = test_labels[:plan.images]
-    asked = workload(model, pngs, labels, False, server_floor)
-    at_floor = workload(model, pngs, labels, True, server_floor)
+    mix = floor_mix(model)
+    asked = workload(model, mix, pngs, labels, False, server_floor)
+    at_floor = workload(model, mix, pngs, labels, True, server_floor)
     print(f"# {model}: capacities on the reject server", flush=True)
     c_full, full_trials = capacity(ports["reject"], asked, plan, "C_full", server_floor)
     c_floor, floor_trials = capacity(ports["reject"], at_floor, plan, "C_floor", server_floor)
@@ -216,8 +235,8 @@ def run_model(model: str, plan: Plan, ports: dict[str, int], test_images: np.nda
             label = f"{mode} {multiple:g}C"
             phases[mode, multiple] = offer(ports[mode], asked, multiple * c_full, plan.phase_s, label, server_floor)
             time.sleep(plan.cooldown_s)
-    return {"model": model, "c_full": c_full, "c_floor": c_floor, "trials": full_trials + floor_trials,
-            "phases": phases}
+    return {"model": model, "floors": mix, "c_full": c_full, "c_floor": c_floor,
+            "trials": full_trials + floor_trials, "phases": phases}
 
 
 def targets(result: dict) -> list[tuple[str, bool, str]]:
@@ -235,7 +254,7 @@ def targets(result: dict) -> list[tuple[str, bool, str]]:
                     f"{degrade.p99_ms:.1f} ms (reject: {reject.p99_ms:.1f} ms)"))
     below = sum(s.below_floor for s in phases.values())
     out.append(("no answered request below its floor", below == 0, f"{below} below"))
-    top = max(f for f in FLOORS[result["model"]] if f is not None)
+    top = max(f for f in result["floors"] if f is not None)
     hits = [h for (mode, _), s in phases.items() if mode == "degrade" for h in s.top_floor_hits]
     accuracy = float(np.mean(hits)) if hits else math.nan
     out.append((f"floor-{top:g} requests (degrade): measured accuracy >= {top - 0.01:.2f}",
@@ -267,7 +286,7 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
     lines += [f"- {n}" for n in notes]
     lines += ["", "## Capacities (reject server)", ""]
     lines.append(table(["model", "floor mix", "C_full /s", "C_floor /s"],
-                       [[r["model"], ", ".join("none" if f is None else f"{f:g}" for f in FLOORS[r["model"]]),
+                       [[r["model"], ", ".join("none" if f is None else f"{f:g}" for f in r["floors"]),
                          f"{r['c_full']:.0f}", f"{r['c_floor']:.0f}"] for r in results]))
     lines += ["", "## Phases", "",
               "goodput: 200s within the SLO per second; p50/p99 of the 200s; 503 and other (other status, no answer "
