@@ -7,7 +7,8 @@ wrk's own from getrusage of this script's children. The profile samples Python s
 (`py-spy record --format raw`, busy samples only) and gives each sample to the part whose pattern
 matches the frame nearest the leaf.
 
-Usage: .venv/bin/python -m bench.profile [--seconds 8] [--concurrency 64]   (py-spy from the dev extra)
+Usage: .venv/bin/python -m bench.profile [--seconds 8] [--concurrency 64] [--revision REV]
+       (py-spy from the dev extra; --revision profiles an earlier version, e.g. 4d9015f: the network in a thread)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.ab import checkout
 from bench.common import STORE, default_artifact, table
 from bench.load import launch, lua, server_port, stop, write_bodies, wrk
 from bench.pss import service_processes
@@ -51,15 +53,16 @@ INFERENCE_PARTS = [
 ]
 
 
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """utime + stime of each process, in seconds."""
+def cpu_seconds(pids: list[int]) -> dict[tuple[int, int], float]:
+    """utime + stime of every thread of each process, in seconds: (pid, tid) -> seconds."""
     found = {}
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[pid] = (int(fields[11]) + int(fields[12])) / TICK
+        for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else []:
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            found[pid, int(task.name)] = (int(fields[11]) + int(fields[12])) / TICK
     return found
 
 
@@ -72,15 +75,24 @@ def batch_totals(port: int) -> tuple[float, float]:
 
 
 def cpu_per_request(port: int, server_pid: int, script: Path, args: argparse.Namespace) -> tuple[dict, list]:
-    """One wrk run: its result, and (process, µs of CPU per request, share of a core) for each process and wrk."""
+    """One wrk run: its result, and (process, µs of CPU per request, share of a core) for each process,
+    each of its threads that used 5% of a core or more when it has several such, and wrk."""
     roles = service_processes(server_pid)
     before, wrk_before = cpu_seconds(list(roles)), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = wrk(port, script, args.concurrency, args.seconds)
     after, wrk_after = cpu_seconds(list(roles)), resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
-    used = [(roles[p], after[p] - before[p]) for p in before if p in after] + [("wrk (load generator)", wrk_cpu)]
+    used = {key: after[key] - before[key] for key in before if key in after}
+    rows = []
+    for pid, name in roles.items():
+        threads = {tid: cpu for (p, tid), cpu in used.items() if p == pid}
+        rows.append((name, sum(threads.values())))
+        busy = {tid: cpu for tid, cpu in threads.items() if cpu >= 0.05 * args.seconds}
+        if len(busy) > 1:
+            rows += [(f"{name}: {'main thread' if tid == pid else f'thread {tid}'}", cpu) for tid, cpu in busy.items()]
+    rows.append(("wrk (load generator)", wrk_cpu))
     served = max(result["requests"], 1)
-    return result, [(name, cpu / served * 1e6, cpu / args.seconds) for name, cpu in used if cpu > 0]
+    return result, [(name, cpu / served * 1e6, cpu / args.seconds) for name, cpu in rows if cpu > 0]
 
 
 def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
@@ -106,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of wrk load per run")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--revision", default=".", help="git revision of the service to profile (bench/ab.py "
+                                                        "checks it out); '.' is the working tree")
     args = parser.parse_args()
     for tool in ("wrk", PY_SPY):
         if not shutil.which(tool):
@@ -114,7 +128,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="erde-profile-"))
     env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1"}
     ports = {"service": server_port(), "floor": server_port()}
-    service, _ = launch([sys.executable, "-m", "service"], ports["service"], env, tmp / "service.log", 120)
+    folder = checkout(args.revision)
+    service, _ = launch([sys.executable, "-m", "service"], ports["service"], {**env, "PYTHONPATH": str(folder)},
+                        tmp / "service.log", 120, cwd=folder)
     floor, _ = launch([sys.executable, "-m", "bench.floor", str(ports["floor"])], ports["floor"], env,
                       tmp / "floor.log", 120)
     targets = [("full depth", "service", service, {"threshold": "0"}),
@@ -131,21 +147,20 @@ def main() -> None:
                 label += f" (mean batch {(rows_now - batches[0]) / max(count_now - batches[1], 1):.1f})"
             rows += [[label, f"{result['rps']:,.0f}", process, f"{us:,.0f}", f"{core:.0%}"]
                      for process, us, core in per_process]
-        roles = service_processes(service.pid)
-        loop_pid = service.pid
-        inference_pid = next(p for p, r in roles.items() if r == "inference process")
+        inference = [p for p, r in service_processes(service.pid).items() if r == "inference process"]
+        spied = [("event loop (server process)", service.pid, EVENT_LOOP_PARTS),  # (what, pid, its parts)
+                 *(("inference process", pid, INFERENCE_PARTS) for pid in inference[:1])]
         script = lua(tmp, write_bodies(tmp, {"threshold": "0"}, art.spec.size), "spy", 10_000_000)
-        spies = [spy(loop_pid, args.seconds, tmp / "loop.txt"), spy(inference_pid, args.seconds, tmp / "inf.txt")]
+        spies = [spy(pid, args.seconds, tmp / f"spy-{pid}.txt") for _, pid, _ in spied]
         wrk(ports["service"], script, args.concurrency, args.seconds + 1)
         for s in spies:
             s.wait(60)
-        profiles = [("event loop (server process)", shares(tmp / "loop.txt", EVENT_LOOP_PARTS)),
-                    ("inference process", shares(tmp / "inf.txt", INFERENCE_PARTS))]
+        profiles = [(what, shares(tmp / f"spy-{pid}.txt", parts)) for what, pid, parts in spied]
     finally:
         stop(service)
         stop(floor)
-    print(f"# Where the CPU goes: {art.name}/{art.version}, wrk 1 thread c={args.concurrency}, "
-          f"{args.seconds:g} s per run, on {os.cpu_count()} cores shared with wrk\n")
+    print(f"# Where the CPU goes: service at {args.revision}, {art.name}/{art.version}, wrk 1 thread "
+          f"c={args.concurrency}, {args.seconds:g} s per run, on {os.cpu_count()} cores shared with wrk\n")
     print(table(["load", "requests/s", "process", "CPU µs per request", "share of a core"], rows))
     for name, part_rows in profiles:
         print(f"\npy-spy, {name}, full depth (share of its main thread's busy samples):\n")
