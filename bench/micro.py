@@ -1,8 +1,8 @@
 """Micro-benchmarks behind single figures of reports/service-profile.md and the README's design
 notes, each measured in isolation (best of several repeats, one torch thread):
 
-- decoding a 28x28 Fashion-MNIST PNG: PIL open + load, torchvision.io.decode_png, and the service's
-  whole decode_image (checks, mode, normalise);
+- decoding a 28x28 Fashion-MNIST PNG: PIL open + load, torchvision.io.decode_png, normalising one
+  image, and the service's whole decode_image (checks, mode, normalise);
 - encoding a typical /classify reply: orjson against json.dumps;
 - each stage of the served network at batch 1 and 32: its share of a full pass against its share
   of the MACs, and oneDNN against torch's native convolutions.
@@ -16,6 +16,7 @@ import io
 import json
 import timeit
 
+import numpy as np
 import orjson
 import torch
 import torchvision.io
@@ -23,7 +24,7 @@ from PIL import Image
 
 from bench.common import default_artifact, sample_images, table
 from erde.nets import fuse_for_inference
-from service.decode import ImageLimits, decode_image
+from service.decode import ImageLimits, _normalization_table, decode_image
 from service.engine.compute import _set_mkldnn
 
 REPLY = {"model": "fashion-mnist", "version": "1", "label": "Ankle boot", "class_id": 9, "confidence": 0.9871,
@@ -46,8 +47,12 @@ def main() -> None:
     png = buf.getvalue()
     png_tensor = torch.frombuffer(bytearray(png), dtype=torch.uint8)
     limits = ImageLimits(16_000_000, 8, ("PNG",))
+    lookup = _normalization_table(art.spec.mean, art.spec.std)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert(art.spec.mode))
     calls = [("PNG decode: PIL open + load", lambda: Image.open(io.BytesIO(png)).load(), 2000),
              ("PNG decode: torchvision.io.decode_png", lambda: torchvision.io.decode_png(png_tensor), 2000),
+             ("normalise one image (the lookup table decode_image uses)",
+              lambda: torch.from_numpy(lookup[0][pixels][None]), 20000),
              ("service decode_image (checks, mode, normalise)", lambda: decode_image(png, art.spec, limits), 2000),
              ("reply: orjson.dumps", lambda: orjson.dumps(REPLY), 20000),
              ("reply: json.dumps", lambda: json.dumps(REPLY), 20000)]
