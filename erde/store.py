@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -24,9 +25,12 @@ from erde.calibrate import CalibrationCurve
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model
 
+log = logging.getLogger("erde.store")
+
 SCHEMA_VERSION = 1
 WEIGHTS, CALIBRATION, MANIFEST, CARD = "weights.safetensors", "calibration.json", "manifest.json", "MODEL_CARD.md"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits, no leading zero
 
 
 class ArtifactError(ValueError):
@@ -177,12 +181,46 @@ def read_artifact(path: Path) -> Artifact:
 
 
 def list_versions(root: Path) -> dict[str, list[str]]:
-    """Model name -> version folders present (numeric, ascending); hidden temporary folders skipped."""
+    """Model name -> version folders present (ascending), skipping and logging what is neither.
+
+    A version is a folder named by a positive integer in ASCII digits ("²".isdigit() is true, but
+    int("²") fails; "01" would shadow "1"). Hidden folders (a write in progress) are skipped
+    silently, plain files too. Symlinks are followed only when their target lies inside the store
+    root: a link out of the store is refused, so the store is the one place the service loads from.
+    An unreadable folder is skipped, so one bad entry never stops a start or a reload.
+    """
+    root = Path(root).resolve()
     found: dict[str, list[str]] = {}
-    for model_dir in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
-        if not model_dir.is_dir() or not NAME_RE.match(model_dir.name):
+    for model_dir in _entries(root):
+        if not NAME_RE.fullmatch(model_dir.name):
+            log.warning("store: skipped %r: not a model name (%s)", model_dir.name, NAME_RE.pattern)
             continue
-        versions = sorted((v.name for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()), key=int)
+        versions = []
+        for version_dir in _entries(model_dir, root):
+            if VERSION_RE.fullmatch(version_dir.name):
+                versions.append(version_dir.name)
+            else:
+                log.warning("store: skipped %s/%r: not a version (a positive integer)", model_dir.name,
+                            version_dir.name)
         if versions:
-            found[model_dir.name] = versions
+            found[model_dir.name] = sorted(versions, key=int)
     return found
+
+
+def _entries(folder: Path, root: Path | None = None) -> list[Path]:
+    """The visible folders in `folder` that the store may read (see `list_versions`), sorted."""
+    root = root or folder
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as exc:
+        log.warning("store: cannot list %s: %s", folder, exc.strerror)
+        return []
+    folders = []
+    for child in children:
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        if child.is_symlink() and not child.resolve().is_relative_to(root):
+            log.warning("store: skipped %s: a symlink out of the store", child.relative_to(root))
+            continue
+        folders.append(child)
+    return folders

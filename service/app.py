@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.admission import AdmissionControl
 from service.errors import install_error_handlers
-from service.middleware import RequestAccounting
+from service.middleware import AllowedHosts, RequestAccounting
 from service.oip import router as oip_router
 from service.routes import classify_router, router
 from service.runtime import Runtime
@@ -58,8 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.draining = True
         await asyncio.get_running_loop().run_in_executor(None, runtime.close)
 
-    app = FastAPI(title="ERDE serving", version="0.1.0", lifespan=lifespan,
-                  description="Early-exit image classification with a compute budget per request.")
+    # /docs and /redoc load their scripts from the fastapi-offline package, not a CDN: they work offline.
+    app = FastAPIOffline(title="ERDE serving", version="0.1.0", lifespan=lifespan,
+                         description="Early-exit image classification with a compute budget per request.")
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(classify_router)
@@ -67,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip_router)  # the Open Inference Protocol (v2 REST) under /v2
     app.include_router(ui_router())  # the demo page at / and /ui, and /stats
     app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
+    app.add_middleware(AllowedHosts, names=(*settings.allowed_hosts, settings.host))  # counted too
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
                        log_requests=settings.access_log)
     return app

@@ -3,6 +3,14 @@
 Each check runs before the work it protects (the pixel count before decoding), and every way an
 upload can be wrong maps to one client error: 413 too large, 415 not a supported image,
 422 unusable image.
+
+Pixels bound the work, not bytes: an all-black 4000x4000 PNG is 15.6 KB and a WebP of it 0.7 KB,
+and each takes tens to hundreds of milliseconds to decode and shrink. So an image may have at most
+`pixels_ratio` times the pixels of the model's input (under the server-wide `max_pixels`), and
+all the images of one request together at most `request_pixels`, read from their headers before
+any is decoded. JPEGs are decoded at a reduced scale (`draft`), and large images are shrunk by
+an integer factor first (`reducing_gap`), which Pillow documents as indistinguishable from the
+exact resampling at 3.0 (tests/service/test_decode.py checks it).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from erde.data import InputSpec
 from service.errors import BadOptions, PayloadTooLarge, UnsupportedImage
+from service.settings import Settings
 
 Image.init()  # register every format plugin now, not on the first request
 
@@ -26,26 +35,40 @@ TRANSPARENT_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 BACKGROUND = (0, 0, 0, 255)
 
 
+REDUCING_GAP = 3.0  # Pillow: from 3.0 the two-step resize is indistinguishable from the exact one
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int
+    max_pixels: int  # per image, whatever the model: the ceiling
     min_side: int
     formats: tuple[str, ...]
+    pixels_ratio: int | None = None  # per image: at most this many times the model's input pixels
+    request_pixels: int | None = None  # all images of one request together (None: no such limit)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ImageLimits:
+        return cls(s.max_pixels, s.min_image_side, s.image_formats, s.max_pixels_ratio, s.max_request_pixels)
+
+    def pixels_for(self, spec: InputSpec) -> int:
+        """The most pixels one image may have for a model with this input."""
+        ratio = self.max_pixels if self.pixels_ratio is None else self.pixels_ratio * spec.size * spec.size
+        return min(self.max_pixels, self.request_pixels or self.max_pixels, ratio)
 
 
-def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+def _open(data: bytes, limits: ImageLimits, max_pixels: int) -> Image.Image:
     if not data:
         raise UnsupportedImage("the image file is empty", code="empty_image")
     try:  # reads the header only; our pixel limit is checked right after, before any decoding
         im = Image.open(io.BytesIO(data), formats=limits.formats)
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"the image has more than {limits.max_pixels} pixels", code="too_many_pixels") from None
+        raise PayloadTooLarge(f"the image has more than {max_pixels} pixels", code="too_many_pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UnsupportedImage(f"not a supported image; send one of: {', '.join(limits.formats)}") from None
     width, height = im.size
-    if width * height > limits.max_pixels:
-        raise PayloadTooLarge(f"the image is {width}x{height}: more than {limits.max_pixels} pixels",
-                              code="too_many_pixels")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"the image is {width}x{height}: more than the {max_pixels} pixels this model "
+                              "takes; send it smaller", code="too_many_pixels")
     if getattr(im, "n_frames", 1) > 1:
         raise UnsupportedImage("animated or multi-frame images are not supported; send a single frame",
                                code="animated_image")
@@ -76,7 +99,7 @@ def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """Encoded image -> normalised float32 tensor (C, size, size), upright (EXIF applied)."""
-    im = _open(data, limits)
+    im = _open(data, limits, limits.pixels_for(spec))
     try:
         if im.format == "JPEG":
             im.draft(spec.mode, (spec.size, spec.size))  # let libjpeg decode at a reduced scale
@@ -85,7 +108,7 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
             im = ImageOps.exif_transpose(im)
         im = _to_mode(im, spec.mode)
         if im.size != (spec.size, spec.size):
-            im = im.resize((spec.size, spec.size), Image.BILINEAR)
+            im = im.resize((spec.size, spec.size), Image.BILINEAR, reducing_gap=REDUCING_GAP)
     except (OSError, ValueError, SyntaxError, EOFError):
         raise UnsupportedImage("the image data is truncated or corrupt", code="corrupt_image") from None
     table = _normalization_table(spec.mean, spec.std)
@@ -93,3 +116,23 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
     if pixels.ndim == 2:
         return torch.from_numpy(table[0][pixels][None])
     return torch.from_numpy(np.stack([table[c][pixels[..., c]] for c in range(3)]))
+
+
+def check_request_pixels(images: list[bytes], limits: ImageLimits) -> None:
+    """Refuse (413) a request whose images together have more than `request_pixels` pixels. Only the
+    headers are read (about 15 µs an image, on the event loop); an image that cannot be opened is
+    left for the decoder to refuse with its own error. One image is bounded by `pixels_for` alone."""
+    if len(images) < 2 or limits.request_pixels is None:
+        return
+    total = 0
+    for data in images:
+        try:
+            width, height = Image.open(io.BytesIO(data), formats=limits.formats).size
+        except Image.DecompressionBombError:
+            width, height = limits.request_pixels + 1, 1
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            continue
+        total += width * height
+        if total > limits.request_pixels:
+            raise PayloadTooLarge(f"the images of this request have more than {limits.request_pixels} pixels "
+                                  "together; send fewer or smaller ones", code="too_many_pixels")

@@ -1,6 +1,8 @@
 """Domain errors carry their HTTP status and code; one handler turns them into JSON.
 
-Every error reply is `{"error": {"code", "message"}}`; messages never hold paths or internals.
+Every error reply is `{"error": {"code", "message"}}`; messages never hold paths or internals, and
+are cut at MAX_MESSAGE characters, so no client string comes back unbounded. Unexpected errors are
+answered (500) and logged with their traceback by the accounting middleware, in one place.
 """
 
 from __future__ import annotations
@@ -11,8 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from service.record import record_of
 
 log = logging.getLogger("erde.service")
+
+MAX_MESSAGE = 1024  # characters of an error message
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before its reply: counted, never sent
 
 
 class ServiceError(Exception):
@@ -62,6 +70,8 @@ class Unsatisfiable(ServiceError):
 
 
 def error_body(code: str, message: str) -> dict:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 1] + "…"
     return {"error": {"code": code, "message": message}}
 
 
@@ -76,23 +86,27 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        request.state.erde_error = exc.reason
+        record_of(request.scope).reason = exc.reason
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        request.state.erde_error = "invalid_option"
+        record_of(request.scope).reason = "invalid_option"
         return JSONResponse(error_body("invalid_option", _validation_message(exc)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        request.state.erde_error = code
+        record_of(request.scope).reason = code
         message = exc.detail if isinstance(exc.detail, str) else "bad request"
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(error_body("internal", "internal error"), status_code=500)
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(request: Request, _: ClientDisconnect) -> JSONResponse:
+        """The client left before its request was read: its fault, no traceback, not a 500. The reply
+        is counted and never sent; a read timeout (the HTTP protocol's 408) keeps its own reason."""
+        record = record_of(request.scope)
+        record.reason = record.reason or "client_disconnect"
+        return JSONResponse(error_body("client_disconnect", "the client closed the connection"),
+                            status_code=CLIENT_CLOSED)

@@ -1,19 +1,53 @@
-"""Request accounting as one pure ASGI middleware: body limit while streaming, in-flight count,
-request metrics, and one structured access-log line per request."""
+"""Two pure ASGI middlewares: request accounting (body limit while streaming, in-flight count,
+request metrics, the last-resort 500, one structured access-log line per request) and the Host
+check against DNS rebinding.
+
+Every HTTP request is counted, under a fixed endpoint label (never a raw path): exact paths first,
+then path templates, and "other" for anything else (unknown paths included).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import time
+from collections.abc import Iterable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import PayloadTooLarge, error_body
+from service.record import RequestRecord, record_of
 
+log = logging.getLogger("erde.service")
 access_log = logging.getLogger("erde.access")
-ENDPOINTS = {"/classify": "classify", "/classify/batch": "classify_batch"}
+
+ENDPOINTS = {"/classify": "classify", "/classify/batch": "classify_batch", "/models": "models",
+             "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/stats": "stats", "/": "ui",
+             "/ui": "ui"}
+TEMPLATES = (  # (path pattern, label): to count a new route, add a line here
+    (re.compile(r"/models/[^/]+"), "models"),
+    (re.compile(r"/ui/.*"), "ui"),
+    (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"), "v2_infer"),
+    (re.compile(r"/v2(?:/.*)?"), "v2"),
+    (re.compile(r"/(?:docs|redoc|openapi\.json|static-offline-docs)(?:/.*)?"), "docs"),
+)
+OTHER = "other"
+WORK = frozenset({"classify", "classify_batch", "v2_infer"})  # endpoints that hold the service's work
+MAX_LOGGED_PATH = 256  # characters of the path in an access-log line
+
+
+def endpoint_of(path: str) -> str:
+    """The fixed label a path is counted under."""
+    label = ENDPOINTS.get(path)
+    if label is not None:
+        return label
+    for pattern, label in TEMPLATES:
+        if pattern.fullmatch(path):
+            return label
+    return OTHER
 
 
 class RequestAccounting:
@@ -24,13 +58,13 @@ class RequestAccounting:
         self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if endpoint is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        state = scope.setdefault("state", {})
-        status = 500
+        endpoint = endpoint_of(scope["path"])
+        record = record_of(scope)
+        status: int | None = None
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -38,21 +72,29 @@ class RequestAccounting:
                 status = message["status"]
             await send(message)
 
-        self.runtime.inflight += 1
-        metrics.set_inflight(1)
+        work = endpoint in WORK
+        if work:
+            self.runtime.inflight += 1
+            metrics.set_inflight(1)
         try:
             declared = _content_length(scope)
             if declared is not None and declared > self.max_body:
-                state["erde_error"] = "too_large"
+                record.reason = "too_large"
                 message = self._too_large_message()  # in the Open Inference Protocol's shape on its path
                 body = {"error": message} if endpoint == "v2_infer" else error_body("too_large", message)
                 await _send_json(send_status, 413, body)
             else:
                 await self.app(scope, self._limited(receive), send_status)
+        except Exception:  # a bug, never a client's doing: one traceback, a JSON 500, and serving goes on
+            log.exception("unexpected error answering %s %s", scope.get("method"), endpoint)
+            record.reason = "error"
+            if status is None:
+                await _send_json(send_status, 500, error_body("internal", "internal error"))
         finally:
-            self.runtime.inflight -= 1
-            metrics.set_inflight(-1)
-            self._account(endpoint, status, state, time.perf_counter() - started, scope)
+            if work:
+                self.runtime.inflight -= 1
+                metrics.set_inflight(-1)
+            self._account(endpoint, record.status or status or 500, record, scope, time.perf_counter() - started)
 
     def _too_large_message(self) -> str:
         return f"the request body is larger than {self.max_body} bytes"
@@ -71,28 +113,72 @@ class RequestAccounting:
 
         return limited
 
-    def _account(self, endpoint: str, status: int, state: dict, seconds: float, scope: Scope) -> None:
-        model = state.get("erde_model", "unknown")
-        metrics.observe_request(model, endpoint, status, seconds)
+    def _account(self, endpoint: str, status: int, record: RequestRecord, scope: Scope, seconds: float) -> None:
+        metrics.observe_request(record.model, endpoint, status, seconds)
         if status >= 400:
-            metrics.observe_rejected(model, state.get("erde_error", "error"))
+            metrics.observe_rejected(record.model, record.reason or "error")
         if self.log_requests:
             access_log.info(orjson.dumps({
-                "method": scope.get("method"), "path": scope.get("path"), "code": status, "model": model,
-                "exit": state.get("erde_exits"), "budget": state.get("erde_budget"),
-                "threshold": state.get("erde_threshold"), "latency_ms": round(seconds * 1000, 3),
-                "error": state.get("erde_error"),
+                "method": scope.get("method"), "path": scope["path"][:MAX_LOGGED_PATH], "endpoint": endpoint,
+                "code": status, "model": record.model, "exit": record.exits, "budget": record.budget,
+                "threshold": record.threshold, "latency_ms": round(seconds * 1000, 3), "error": record.reason,
             }).decode())
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+class AllowedHosts:
+    """Answers 400 to a request whose Host header names a host this service is not: the defence
+    against DNS rebinding (a web page whose own name now resolves to 127.0.0.1 reading /models or
+    /metrics). IP literals always pass, since a rebinding page always sends its own name; names
+    must be listed (`*.example.com` for its subdomains, `*` for any). A request without Host passes:
+    browsers always send one."""
+
+    def __init__(self, app: ASGIApp, names: Iterable[str]) -> None:
+        self.app = app
+        names = {n.lower().rstrip(".") for n in names}
+        self.any = "*" in names
+        self.names = frozenset(n for n in names if not n.startswith("*."))
+        self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+        self.passed: set[bytes] = set()  # Host values already allowed, so most requests skip the parsing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.any:
+            host = _header(scope, b"host")
+            if host is not None and host not in self.passed:
+                if not self.allowed(host.decode("latin-1")):
+                    record_of(scope).reason = "invalid_host"
+                    await _send_json(send, 400, error_body(
+                        "invalid_host", "this service does not answer to that Host name (see ERDE_ALLOWED_HOSTS)"))
+                    return
+                if len(self.passed) < 256:  # bounded: IP literals are endless
+                    self.passed.add(host)
+        await self.app(scope, receive, send)
+
+    def allowed(self, host: str) -> bool:
+        if host.startswith("["):  # [v6]:port
+            name = host[1:host.find("]")]
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name = name.rstrip(".").lower()
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.names or name.endswith(self.suffixes)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 async def _send_json(send: Send, status: int, body: dict) -> None:

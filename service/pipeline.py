@@ -15,11 +15,13 @@ from typing import Any
 from starlette.requests import Request
 
 from service import metrics
+from service.decode import check_request_pixels
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult
 from service.errors import BadOptions, DeadlineExceeded, ServiceError, Unavailable, UnsupportedImage
 from service.multipart import boundary_of, parse_multipart
 from service.policy import Decision
+from service.record import record_of
 from service.registry import ServedModel
 from service.runtime import Runtime
 from service.schemas import ClassifyOptions, parse_options
@@ -76,10 +78,10 @@ def resolve(runtime: Runtime, request: Request, fields: dict[str, str], started:
                           retry_after=runtime.settings.retry_after_s, reason="draining")
     options: ClassifyOptions = parse_options(fields)
     served = runtime.registry.get(options.model)
-    request.state.erde_model = served.name
+    record = record_of(request.scope)
+    record.model = served.name
     decision = served.policy.decide(options)
-    request.state.erde_budget = decision.budget
-    request.state.erde_threshold = decision.threshold
+    record.budget, record.threshold = decision.budget, decision.threshold
     return Order(served, decision, started + request_timeout(runtime, options.timeout_ms))
 
 
@@ -147,7 +149,8 @@ async def classify(runtime: Runtime, request: Request, max_images: int) -> list[
     arrived = time.monotonic()
     images, fields = await read_upload(request, max_images)
     order = resolve(runtime, request, fields, arrived)
+    check_request_pixels(images, runtime.registry.limits)
     answers = await infer(order, images)
     exits = [a.result.exit for a in answers]
-    request.state.erde_exits = exits if len(exits) > 1 else exits[0]
+    record_of(request.scope).exits = exits if len(exits) > 1 else exits[0]
     return [encode(order.served, a, started) for a in answers]

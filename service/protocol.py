@@ -1,13 +1,193 @@
-"""How uvicorn speaks HTTP for this service: the options every server process is started with."""
+"""How uvicorn speaks HTTP for this service: the options every server process is started with, and
+the HTTP protocol that holds the limits an exposed server needs (issues 10 and 11).
+
+`LimitedHttpProtocol` is uvicorn's httptools protocol with four changes:
+- **Request head** (request line and headers) of at most `max_head_bytes`: beyond it 431 and the
+  connection closed, after at most that many bytes and one more read. httptools has no limit of its
+  own and grows a header by concatenation (quadratic: a 100 MB header took 13.9 s and the memory
+  of many copies), so the protocol counts every read while a head is incomplete.
+- **Read timeout**: a request's head and body must arrive within `read_timeout_s` of its first
+  byte, else 408 and the connection closed; a connection that never sends a byte is closed then too.
+  (Between requests, uvicorn's keep-alive timeout closes idle connections.)
+- **Connection cap**: beyond `max_connections` open connections (or requests in progress) a request
+  is answered 503 with Retry-After, as uvicorn's `limit_concurrency` does, but in JSON.
+- **Every reply is JSON**: the protocol's own refusals (400 not HTTP, 408, 431, 503) carry the
+  service's error body, never text/plain, and no reply says `server: uvicorn`.
+
+A refusal made before the app saw the request is counted in `erde_rejected_total` here (model
+"unknown"); one made while the app holds the request (a 408 on a stalled body) goes into the
+request's record, and the accounting middleware counts it with the request.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from dataclasses import dataclass
 from typing import Any
 
+import httptools
+import orjson
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service import metrics
+from service.errors import error_body
+from service.record import UNKNOWN_MODEL, record_of
 from service.settings import Settings
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    max_head_bytes: int  # request line + headers
+    read_timeout_s: float  # from a request's first byte to its last
+    max_connections: int  # open connections, and requests in progress, per server process
+    retry_after_s: int  # Retry-After of the 503 past the connection cap
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: the complete head is over the limit."""
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, limits: HttpLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.limit_concurrency = None  # uvicorn's check answers in text/plain; ours is in on_headers_complete
+        self.in_head = False  # from a request's first byte to the end of its headers
+        self.head_bytes = 0  # bytes read for the current head (whole reads while it is incomplete)
+        self.reading = 0  # length of the read being parsed
+        self.messages_done = 0
+        # One timer per connection, not per request: it fires at the deadline it was set for, and
+        # checks (and re-arms for) the request being read then, if any. Keep-alive requests that
+        # arrive in time never touch it.
+        self.read_deadline: float | None = None  # loop time by which the request being read must be in
+        self.read_timer: asyncio.TimerHandle | None = None
+
+    # connection events
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_read()  # a connection that never sends a byte is closed at this deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        done_before = self.messages_done
+        self.reading = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no WebSocket routes (ws="none"): an Upgrade request is answered as plain HTTP
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, HeadTooLarge):
+                self._head_too_large()
+            else:
+                self._refuse(400, "bad_request", "the request is not valid HTTP/1.1", "bad_http")
+            return
+        if self.in_head:
+            if self.messages_done == done_before:  # no earlier request ended in this read: all of it is head
+                self.head_bytes += len(data)
+            if self.head_bytes > self.limits.max_head_bytes:
+                self._head_too_large()
+
+    # parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head = True
+        self.head_bytes = 0
+        self._start_read()
+
+    def on_headers_complete(self) -> None:
+        limit = self.limits.max_head_bytes
+        if self.head_bytes + self.reading > limit and (  # else it is surely within: no need to add it up
+                len(self.url) + sum(len(name) + len(value) for name, value in self.headers) > limit):
+            raise HeadTooLarge  # a head that ended in this read
+        self.in_head = False
+        limit = self.limits.max_connections
+        over = len(self.connections) > limit or len(self.tasks) >= limit
+        self.app = self._over_capacity if over else self.config.loaded_app
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.messages_done += 1
+        self.read_deadline = None
+
+    # refusals
+
+    def _head_too_large(self) -> None:
+        limit = self.limits.max_head_bytes
+        self._refuse(431, "header_too_large", f"the request line and headers are larger than {limit} bytes",
+                     "header_too_large")
+
+    def _check_read(self) -> None:
+        """The read timer: nothing to do, a later deadline to wait for, or a request that is late."""
+        self.read_timer = None
+        if self.read_deadline is None or self.transport.is_closing():
+            return
+        remaining = self.read_deadline - self.loop.time()
+        if remaining > 0:
+            self.read_timer = self.loop.call_later(remaining, self._check_read)
+            return
+        reading_body = not self.in_head and self.cycle is not None and self.cycle.more_body
+        if self.in_head or reading_body:
+            self._refuse(408, "read_timeout",
+                         f"the request did not arrive within {self.limits.read_timeout_s:g} s", "read_timeout")
+        else:  # nothing sent since the connection opened
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
+        """Answer `status` (unless a reply is already under way) and close the connection."""
+        cycle = self.cycle
+        owed = cycle is not None and not cycle.response_complete  # a reply this connection still owes
+        if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
+            metrics.observe_rejected(UNKNOWN_MODEL, reason)
+            if not owed:
+                self.transport.write(self._error_response(status, code, message))
+        elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
+            record = record_of(cycle.scope)
+            record.status, record.reason = status, reason
+            self.transport.write(self._error_response(status, code, message))
+        if owed:  # the app's receive() now says http.disconnect, and what it sends is dropped
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    def _error_response(self, status: int, code: str, message: str) -> bytes:
+        body = orjson.dumps(error_body(code, message))
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+                 b"\r\nconnection: close\r\n\r\n", body]
+        return b"".join(head)
+
+    async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app for a request past the connection cap: 503 JSON with Retry-After, connection closed."""
+        metrics.observe_rejected(UNKNOWN_MODEL, "too_many_connections")
+        body = orjson.dumps(error_body("too_many_connections", "the server has too many open connections; retry"))
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(self.limits.retry_after_s).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _start_read(self) -> None:
+        self.read_deadline = self.loop.time() + self.limits.read_timeout_s
+        if self.read_timer is None:
+            self.read_timer = self.loop.call_at(self.read_deadline, self._check_read)
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `uvicorn.Config` / `uvicorn.run`, shared by one worker and many."""
-    return {"host": settings.host, "port": settings.port, "loop": "uvloop", "http": "httptools",
+    """Keyword arguments for `uvicorn.Config` / `uvicorn.run`, shared by one worker and many
+    (a partial of a module-level class, so a worker's config can be pickled)."""
+    limits = HttpLimits(settings.max_header_bytes, settings.read_timeout_s, settings.max_connections,
+                        settings.retry_after_s)
+    return {"host": settings.host, "port": settings.port, "loop": "uvloop",
+            "http": functools.partial(LimitedHttpProtocol, limits=limits), "ws": "none", "server_header": False,
             "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}

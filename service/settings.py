@@ -56,6 +56,24 @@ class Settings(BaseSettings):
     test_slow_ms: float = Field(0.0, ge=0, le=10_000,
                                 description="test-only: every batch takes this much longer")
 
+    # limits (issue 11): what one client can make the server hold or do (README, Security)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description=(
+        "largest request line + headers; beyond it 431 and the connection is closed"))
+    read_timeout_s: float = Field(10.0, gt=0, le=3600, description=(
+        "a request's head and body must arrive within this many seconds of its first byte, else 408 "
+        "and the connection is closed"))
+    max_connections: int = Field(1000, ge=1, description=(
+        "open connections (and requests in progress) per server process; beyond it 503 with Retry-After"))
+    max_pixels_ratio: int = Field(1024, ge=1, description=(
+        "an image may have at most this many times the model's input pixels (28x28: 802,816, about "
+        "896x896), under max_pixels"))
+    max_request_pixels: int = Field(4_000_000, ge=64, description=(
+        "total pixels of all images in one request (64 of 250x250), checked from their headers before "
+        "any is decoded"))
+    allowed_hosts: tuple[str, ...] = Field(("localhost",), description=(
+        "Host names answered besides IP literals and ERDE_HOST (a JSON list; '*.example.com' for its "
+        "subdomains, '*' for any): others get 400, against DNS rebinding"))
+
     # overload (issue 12): rows that wait too long are answered at cheaper operating points (service/overload.py)
     overload: Literal["degrade", "reject"] = Field(
         "degrade", description="degrade: answer late rows at cheaper points; reject: never degrade, a full queue "

@@ -1,0 +1,34 @@
+"""What one request did, as one typed record: the pipeline and the error handlers fill it in, the
+accounting middleware reads it once the reply is sent (metrics and the access-log line).
+
+It lives in the ASGI scope's per-request `state` (uvicorn gives every request its own copy), so
+the HTTP protocol, the middleware and the handlers reach the same record without a global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+UNKNOWN_MODEL = "unknown"  # the model label when no served model answered
+_KEY = "erde"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    model: str = UNKNOWN_MODEL  # served model that took the request (a bounded label)
+    budget: float | None = None  # budget and θ the request was answered under
+    threshold: float | None = None
+    exits: int | list[int] | None = None  # exit of each image
+    reason: str | None = None  # bounded erde_rejected_total reason of an error reply
+    status: int | None = None  # the status the client got, when not the one the app sent (408 read timeout)
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    """The request's record, made on first use."""
+    state = scope.setdefault("state", {})
+    record = state.get(_KEY)
+    if record is None:
+        record = state[_KEY] = RequestRecord()
+    return record
