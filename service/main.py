@@ -71,6 +71,7 @@ class WorkerProcess(Process):
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # runs in the child
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which forwards it once
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's reload handler is in place
         self._server = draining_server(get_settings())
         super().target(sockets)
 
@@ -82,12 +83,14 @@ class Supervisor:
         self.settings = settings
         self.config = uvicorn.Config("service.app:create_app", factory=True, **uvicorn_options(settings))
         self.processes: list[WorkerProcess] = []
+        self.sockets: list[socket.socket] = []
         self.signals: list[int] = []
         self.ready: set[int] = set()  # pids of workers that have finished starting
+        self.reload_owed: set[int] = set()  # pids of workers a SIGHUP has not reached yet
         self.stopping = False
 
     def run(self) -> None:
-        sockets = [self.config.bind_socket()]
+        sockets = self.sockets = [self.config.bind_socket()]
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda sig, frame: self.signals.append(sig))
         self.processes = [self._start(sockets) for _ in range(self.settings.workers)]
@@ -98,7 +101,7 @@ class Supervisor:
             self._note_ready()
             self._reap(sockets)
         for sock in sockets:
-            sock.close()
+            sock.close()  # a no-op when already closed by the drain
         log.info("supervisor %d: every worker has exited", os.getpid())
 
     def _start(self, sockets: list[socket.socket]) -> WorkerProcess:
@@ -107,24 +110,36 @@ class Supervisor:
         return process
 
     def _note_ready(self) -> None:
-        """Remember which workers have finished starting (asked over uvicorn's health pipe)."""
+        """Remember which workers have finished starting (asked over uvicorn's health pipe), and give
+        each the SIGHUP it is owed once it can take one (a starting worker has no handler yet)."""
         for process in self.processes:
             if process.pid not in self.ready and process.is_ready(timeout=0.01):
                 self.ready.add(process.pid)
+            if process.pid in self.ready and process.pid in self.reload_owed and process.process.is_alive():
+                self.reload_owed.discard(process.pid)
+                os.kill(process.pid, signal.SIGHUP)
 
     def _handle_signals(self) -> None:
         while self.signals:
             sig = self.signals.pop(0)
             if sig == signal.SIGHUP:
                 log.info("SIGHUP: every worker reloads the store")
-                self._forward(signal.SIGHUP)
+                self.reload_owed = {p.pid for p in self.processes}
+                self._note_ready()
             elif not self.stopping:
                 log.info("draining every worker")
-                self.stopping = True
-                self._forward(signal.SIGTERM)
+                self._stop_all()
             else:
                 log.info("second signal: stopping every worker now")
                 self._forward(signal.SIGINT)
+
+    def _stop_all(self) -> None:
+        """Drain every worker. The supervisor's copy of the listening socket closes now: held open, it
+        would queue connections no worker accepts any more, and reset them when the supervisor exits."""
+        self.stopping = True
+        for sock in self.sockets:
+            sock.close()
+        self._forward(signal.SIGTERM)
 
     def _forward(self, sig: int) -> None:
         for process in self.processes:
@@ -144,8 +159,7 @@ class Supervisor:
             if process.exitcode == STARTUP_FAILURE or process.pid not in self.ready:
                 # It would fail the same way again (bad settings, no loadable app): stop, as uvicorn does.
                 log.error("worker %d failed to start (code %s); stopping", process.pid, process.exitcode)
-                self.stopping = True
-                self._forward(signal.SIGTERM)
+                self._stop_all()
                 continue
             log.error("worker %d exited (code %s); starting another", process.pid, process.exitcode)
             self.processes.append(self._start(sockets))
@@ -175,4 +189,5 @@ def run(settings: Settings | None = None) -> None:
         multiprocess_dir()
         Supervisor(settings).run()
         return
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP while models load must not end the process
     draining_server(settings).run()
