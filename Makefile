@@ -52,6 +52,8 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk)
 	$(PY) -m bench.engine > reports/bench-engine.md && cat reports/bench-engine.md
 	$(PY) -m bench.http > reports/bench-http.md && cat reports/bench-http.md
+	$(PY) -m bench.collapse > reports/bench-collapse.md && cat reports/bench-collapse.md
+	$(PY) -m bench.faults > reports/bench-faults.md && cat reports/bench-faults.md
 
 # Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
 # one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then
