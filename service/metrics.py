@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -152,10 +153,15 @@ def observe_reload(result: str) -> None:
     RELOADS.labels(result).inc()
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition for /metrics: this process's registry, or all workers' in multiprocess mode."""
+def registry() -> CollectorRegistry:
+    """What this service exposes: this process's registry, or all workers' in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return combined
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition for /metrics."""
+    return generate_latest(registry()), CONTENT_TYPE_LATEST

@@ -8,17 +8,13 @@ page never scrapes `/metrics`; rates come from totals sampled at each call, over
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 from fastapi import APIRouter, Response
-from prometheus_client import CollectorRegistry, multiprocess
-from prometheus_client.metrics_core import Metric
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -48,15 +44,8 @@ def load_static(root: Path = STATIC) -> dict[str, tuple[bytes, str]]:
 
 def read_counters() -> Totals:
     """Our counters' totals (requests: the work endpoints', summed over code): this process's, or all workers'."""
-    families: Iterable[Metric]
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        families = registry.collect()
-    else:
-        families = (f for c in (metrics.REQUESTS, metrics.EXITS, metrics.MACS, metrics.MACS_FULL) for f in c.collect())
     totals: Totals = defaultdict(float)
-    for family in families:
+    for family in metrics.registry().collect():
         for sample in family.samples:
             if sample.name in COUNTERS and sample.labels.get("endpoint", WORK_ENDPOINTS[0]) in WORK_ENDPOINTS:
                 totals[sample.name, sample.labels.get("model", ""), sample.labels.get("exit", "")] += sample.value
