@@ -43,7 +43,10 @@ def _add_training_options(p: argparse.ArgumentParser, default_arch: str, default
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--max-train-batches", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--channels-last", action="store_true", help="NHWC tensors (faster convolutions on a GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes (GPU; slow to start)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(its own options; only --device, --threads, --channels-last and --compile come from here)")
 
 
 def _train_config(args: argparse.Namespace, loss: LossConfig, teacher: str | None):
@@ -55,7 +58,8 @@ def _train_config(args: argparse.Namespace, loss: LossConfig, teacher: str | Non
                        download=args.download, image_size=args.image_size, image_mode=args.image_mode,
                        val_fraction=args.val_fraction, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
-                       device=args.device, teacher=teacher, loss=loss, max_train_batches=args.max_train_batches)
+                       device=args.device, teacher=teacher, loss=loss, max_train_batches=args.max_train_batches,
+                       channels_last=args.channels_last, compile=args.compile)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -69,7 +73,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from erde.train import train
 
     loss = LossConfig(kind=args.loss, temperature=args.temperature, alpha=args.alpha, beta=args.beta,
-                      gamma=args.gamma, entropy_last_exit=args.entropy_last_exit)
+                      gamma=args.gamma, entropy_last_exit=args.entropy_last_exit,
+                      entropy_replaces=args.entropy_replaces, gamma_ramp=args.gamma_ramp)
     teacher = None if args.loss == "ce" else args.teacher
     if args.loss != "ce" and not args.teacher:
         raise ValueError(f"--loss {args.loss} needs --teacher (an exported artifact folder)")
@@ -127,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=defaults.beta, help="weight of KD")
     p.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the ERDE entropy term")
     p.add_argument("--entropy-last-exit", action="store_true", help="ablation: entropy term at the last exit too")
+    p.add_argument("--entropy-replaces", action="store_true",
+                   help="ablation: on teacher-wrong samples the entropy term replaces CE (where it applies)")
+    p.add_argument("--gamma-ramp", type=float, default=defaults.gamma_ramp,
+                   help="ablation: γ rises linearly from 0 over this fraction of training (0: constant)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("calibrate", help="sweep the entropy threshold on the validation split")

@@ -47,6 +47,11 @@ class TrainConfig:
     teacher: str | None = None  # artifact folder of the teacher (students only)
     loss: LossConfig = field(default_factory=lambda: LossConfig(kind="ce"))
     max_train_batches: int = 0  # >0 caps batches per epoch (smoke tests)
+    channels_last: bool = False  # NHWC tensors (GPU convolutions); how to run, not what: resume may change it
+    compile: bool = False  # torch.compile the forward passes; how to run, like device and threads
+
+    # Options that say how to run, not what to train: `--resume` takes them from its own command line.
+    RUNTIME_FIELDS = ("device", "threads", "channels_last", "compile")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erde.losses import LossConfig, distillation_loss, entropy, entropy_term, kd_loss
+from erde.losses import LOSS_KINDS, LossConfig, distillation_loss, entropy, entropy_term, kd_loss
 
 
 def test_entropy_bounds() -> None:
@@ -66,3 +66,73 @@ def test_ce_baseline_needs_no_teacher_and_others_do() -> None:
         distillation_loss(LossConfig(kind="erde"), s, y)
     with pytest.raises(ValueError, match="loss kind"):
         LossConfig(kind="mse")
+
+
+@pytest.mark.parametrize(("ramp", "progress", "expected"), [
+    (0.0, 0.0, 0.5), (0.0, 0.7, 0.5),  # no ramp: γ from the first step
+    (0.2, 0.0, 0.0), (0.2, 0.1, 0.25), (0.2, 0.2, 0.5), (0.2, 1.0, 0.5),  # starts at 0, reaches γ at 20%
+    (1.0, 0.5, 0.25), (1.0, 1.0, 0.5),
+])
+def test_gamma_ramp_starts_at_zero_and_reaches_gamma(ramp: float, progress: float, expected: float) -> None:
+    assert LossConfig(gamma=0.5, gamma_ramp=ramp).gamma_at(progress) == pytest.approx(expected)
+
+
+def test_gamma_ramp_scales_only_the_entropy_term() -> None:
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 3])
+    teacher = [torch.eye(4)[[0, 1, 3, 2]] * 5] * 2  # wrong on samples 2 and 3
+    student = [torch.randn(4, 4), torch.randn(4, 4)]
+    ramped = LossConfig(gamma=0.8, gamma_ramp=0.5)
+    start, parts = distillation_loss(ramped, student, labels, teacher, progress=0.0)
+    assert start.item() == pytest.approx((parts["ce"] + parts["kd"]).item(), rel=1e-6)  # γ = 0 at the start
+    middle, _ = distillation_loss(ramped, student, labels, teacher, progress=0.25)
+    end, _ = distillation_loss(ramped, student, labels, teacher, progress=0.9)
+    assert middle.item() == pytest.approx((parts["ce"] + parts["kd"] + 0.4 * parts["ent"]).item(), rel=1e-6)
+    assert end.item() == pytest.approx((parts["ce"] + parts["kd"] + 0.8 * parts["ent"]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="gamma_ramp"):
+        LossConfig(gamma_ramp=1.5)
+
+
+def _wrong_row_moved(cfg: LossConfig, exit_index: int) -> tuple[float, float]:
+    """The loss before and after changing the student's logits of a teacher-wrong row at one exit."""
+    labels = torch.tensor([0, 1, 2])
+    teacher = [torch.eye(3)[[0, 1, 0]] * 5] * 3  # every teacher exit is wrong on sample 2 only
+    torch.manual_seed(1)
+    student = [torch.randn(3, 3) for _ in range(3)]
+    before, _ = distillation_loss(cfg, student, labels, teacher)
+    moved = [s.clone() for s in student]
+    moved[exit_index][2] = torch.tensor([0.0, 0.0, 6.0])  # confident and right: CE falls, entropy falls
+    after, _ = distillation_loss(cfg, moved, labels, teacher)
+    return before.item(), after.item()
+
+
+def test_entropy_replaces_drops_ce_on_teacher_wrong_samples_where_the_entropy_term_applies() -> None:
+    ce_only = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
+    before, after = _wrong_row_moved(LossConfig(entropy_replaces=True, **ce_only), 0)
+    assert after == pytest.approx(before, rel=1e-6)  # exit 0: the wrong row has no CE any more
+    before, after = _wrong_row_moved(LossConfig(entropy_replaces=True, **ce_only), 2)
+    assert after < before  # the last exit keeps CE on every sample (L_E is off there)
+    before, after = _wrong_row_moved(LossConfig(entropy_replaces=True, entropy_last_exit=True, **ce_only), 2)
+    assert after == pytest.approx(before, rel=1e-6)  # ...unless L_E runs at the last exit too
+    before, after = _wrong_row_moved(LossConfig(**ce_only), 0)
+    assert after < before  # without the option, CE trains every sample
+
+
+def test_ce_and_entropy_term_pull_against_each_other_on_a_teacher_wrong_sample() -> None:
+    """Without `entropy_replaces` both act on the row; with it only L_E does, raising its entropy."""
+    labels, teacher = torch.tensor([0]), [torch.tensor([[0.0, 5.0, 0.0]])] * 2  # the teacher is wrong
+    for replaces, entropy_rises in ((False, False), (True, True)):
+        s0 = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)  # confident and right
+        cfg = LossConfig(alpha=1.0, beta=0.0, gamma=0.1, entropy_replaces=replaces)
+        loss, _ = distillation_loss(cfg, [s0, torch.zeros(1, 3)], labels, teacher)
+        loss.backward()
+        stepped = (s0 - 0.5 * s0.grad).detach()
+        assert (entropy(stepped) > entropy(s0.detach())).item() is entropy_rises  # weak γ: CE wins unless replaced
+
+
+def test_loss_parts_are_detached_tensors_for_the_loop_to_sum_on_its_device() -> None:
+    s = [torch.randn(4, 3, requires_grad=True)] * 2
+    t, y = [torch.randn(4, 3)] * 2, torch.tensor([0, 1, 2, 0])
+    for kind in LOSS_KINDS:
+        _, parts = distillation_loss(LossConfig(kind=kind), s, y, t)
+        assert all(isinstance(v, torch.Tensor) and not v.requires_grad and v.ndim == 0 for v in parts.values())
