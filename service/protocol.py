@@ -87,7 +87,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if isinstance(exc.__context__, HeadTooLarge):
                 self._head_too_large()
             else:
-                self._refuse(400, "bad_request", "the request is not valid HTTP/1.1", "bad_http")
+                self._refuse(400, "malformed_http", "the request is not valid HTTP/1.1")
             return
         if self.in_head:
             if self.messages_done == done_before:  # no earlier request ended in this read: all of it is head
@@ -123,8 +123,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _head_too_large(self) -> None:
         limit = self.limits.max_head_bytes
-        self._refuse(431, "header_too_large", f"the request line and headers are larger than {limit} bytes",
-                     "header_too_large")
+        self._refuse(431, "header_too_large", f"the request line and headers are larger than {limit} bytes")
 
     def _check_read(self) -> None:
         """The read timer: nothing to do, a later deadline to wait for, or a request that is late."""
@@ -137,22 +136,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         reading_body = not self.in_head and self.cycle is not None and self.cycle.more_body
         if self.in_head or reading_body:
-            self._refuse(408, "read_timeout",
-                         f"the request did not arrive within {self.limits.read_timeout_s:g} s", "read_timeout")
+            self._refuse(408, "read_timeout", f"the request did not arrive within {self.limits.read_timeout_s:g} s")
         else:  # nothing sent since the connection opened
             self.transport.close()
 
-    def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
-        """Answer `status` (unless a reply is already under way) and close the connection."""
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer `status` (unless a reply is already under way) and close the connection; `code` is
+        also the reason it is counted under."""
         cycle = self.cycle
         owed = cycle is not None and not cycle.response_complete  # a reply this connection still owes
         if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
-            metrics.observe_rejected(UNKNOWN_MODEL, reason)
+            metrics.observe_rejected(UNKNOWN_MODEL, code)
             if not owed:
                 self.transport.write(self._error_response(status, code, message))
         elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
             record = record_of(cycle.scope)
-            record.status, record.reason = status, reason
+            record.status, record.reason = status, code
             self.transport.write(self._error_response(status, code, message))
         if owed:  # the app's receive() now says http.disconnect, and what it sends is dropped
             cycle.disconnected = True

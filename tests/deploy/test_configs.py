@@ -114,6 +114,18 @@ def test_compose_api(compose: dict[str, Any]) -> None:
     assert duration_seconds(api["stop_grace_period"]) > drain
 
 
+def test_compose_api_hardening(compose: dict[str, Any]) -> None:
+    """Issue 11: a read-only root with a bounded tmpfs, no capabilities, bounded memory, CPU and
+    processes, a Host allow-list that names the scraper, and every image pinned by digest."""
+    api = compose["services"]["api"]
+    assert api["read_only"] is True and api["cap_drop"] == ["ALL"]
+    assert [t.split(":")[0] for t in api["tmpfs"]] == ["/tmp"] and "size=" in api["tmpfs"][0]
+    assert api["mem_limit"] and float(api["cpus"]) > 0 and 0 < int(api["pids_limit"]) <= 4096
+    assert "api" in json.loads(api["environment"]["ERDE_ALLOWED_HOSTS"])  # prometheus scrapes api:8000
+    for name in ("prometheus", "grafana"):
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", compose["services"][name]["image"]), name
+
+
 def test_compose_prometheus_and_grafana(compose: dict[str, Any]) -> None:
     prometheus, grafana = compose["services"]["prometheus"], compose["services"]["grafana"]
     assert prometheus["image"].startswith("prom/prometheus")
@@ -307,7 +319,7 @@ def pyproject_pins() -> dict[str, str]:
 def test_dockerfile_stages_user_cmd_and_healthcheck() -> None:
     ins = dockerfile_instructions()
     froms = [a for k, a in ins if k == "FROM"]
-    assert len(froms) >= 2 and all(f.startswith("python:3.11-slim") for f in froms), froms
+    assert len(froms) >= 2 and all(re.match(r"python:3\.11[.\d]*-slim@sha256:[0-9a-f]{64} ", f) for f in froms), froms
     users = [a for k, a in ins if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the runtime stage must run as a non-root USER"
     (cmd,) = [a for k, a in ins if k == "CMD"]

@@ -240,7 +240,7 @@ def test_a_batch_over_the_request_total_is_refused(server: Server) -> None:
 # ---- 6. every reply JSON, no server banner, /docs without a CDN ----
 
 def test_unparsable_requests_get_json_and_no_reply_names_the_server(server: Server) -> None:
-    json_error(exchange(port_of(server), b"NOT HTTP AT ALL\r\n\r\n"), 400, "bad_request")
+    json_error(exchange(port_of(server), b"NOT HTTP AT ALL\r\n\r\n"), 400, "malformed_http")
     with server.client() as c:
         assert "server" not in c.get("/healthz").headers
 
