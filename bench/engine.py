@@ -59,6 +59,7 @@ def main() -> None:
                          f"{mean_macs / macs[-1]:.3f}", f"{ips / rate[batch, 'full depth'][0]:.2f}x"])
     print(f"# In-process engine: {art.name}/{art.version}, torch threads 1, {len(xs)} images, "
           f"oneDNN per stage {backends}\n")
+    print("Written by `make bench` (`.venv/bin/python -m bench.engine`).\n")
     print(table(["batch", "budget", "θ", "images/s", "MMACs/image", "MACs fraction", "vs full depth"], rows))
     print("\nEarly-exit bar at budget 0.25 (images/s >= k x MACs saving x full-depth images/s):")
     bar_rows = []

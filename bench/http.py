@@ -48,6 +48,7 @@ def main() -> None:
             stop(proc)
     print(f"# HTTP over loopback: {art.name}/{art.version}, wrk 1 thread, {SECONDS} s per run, "
           f"Fashion-MNIST PNG uploads (one server process, uvloop + httptools, and its inference process)\n")
+    print("Written by `make bench` (`.venv/bin/python -m bench.http`).\n")
     print(table(["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "non-2xx"], rows))
 
 

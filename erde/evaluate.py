@@ -124,7 +124,10 @@ def evaluate_artifacts(paths: list[Path], out: Path, data_dir: str | None = None
         results[label] = metrics_from_outputs(outputs, art.calibration, budgets)
         curves[label] = _curve_on_test(outputs, art.calibration)
     table = markdown_table(results)
-    (out / f"{title}.md").write_text(f"# {title}\n\n{table}\n\n![accuracy vs MACs]({title}.png)\n\n"
-                                     f"![exit histograms]({title}-exits.png)\n")
+    command = " ".join(["erde evaluate", *map(str, paths), "--out", str(out), "--title", title,
+                        *(["--data-dir", data_dir] if data_dir else []),
+                        *(["--budgets", *map(str, budgets)] if tuple(budgets) != DEFAULT_BUDGETS else [])])
+    (out / f"{title}.md").write_text(f"# {title}\n\nWritten by `{command}`.\n\n{table}\n\n"
+                                     f"![accuracy vs MACs]({title}.png)\n\n![exit histograms]({title}-exits.png)\n")
     _plot(curves, results, out, title)
     return table
