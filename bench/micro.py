@@ -12,6 +12,7 @@ Usage: .venv/bin/python -m bench.micro
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import timeit
@@ -40,6 +41,7 @@ def best_us(fn, number: int = 2000, repeat: int = 5) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     torch.set_num_threads(1)
     art = default_artifact()
     buf = io.BytesIO()
