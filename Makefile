@@ -52,6 +52,8 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk)
 	$(PY) -m bench.engine > reports/bench-engine.md && cat reports/bench-engine.md
 	$(PY) -m bench.http > reports/bench-http.md && cat reports/bench-http.md
+	# Latency per exit vs MACs per exit of the student candidates (issue 14): the time a budget really saves.
+	$(PY) -m bench.exit_latency > reports/exit-latency.md && cat reports/exit-latency.md
 	$(PY) -m bench.collapse > reports/bench-collapse.md && cat reports/bench-collapse.md
 	$(PY) -m bench.faults > reports/bench-faults.md && cat reports/bench-faults.md
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+EXIT_POOLS = ("avg2", "global")  # how intermediate exits pool their map before the FC
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -28,6 +30,8 @@ class NetConfig:
     input_size: int = 28  # square input side in pixels
     num_classes: int = 10
     head_dropout: float = 0.5  # dropout in the intermediate exit heads (the paper's 0.5)
+    stem_stride: int = 1  # 2 halves every map from the stem on: a cheaper stem, an exit 0 that costs less
+    exit_pool: str = "avg2"  # intermediate exits: "avg2" (the paper's 2x2 average) or "global" (one value a channel)
 
     def __post_init__(self) -> None:
         if (self.depth - 2) % 6 != 0 or self.depth < 8:
@@ -40,6 +44,10 @@ class NetConfig:
             raise ValueError(f"input_size must be at least 8 pixels, got {self.input_size}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.exit_pool not in EXIT_POOLS:
+            raise ValueError(f"exit_pool must be one of {', '.join(EXIT_POOLS)}, got {self.exit_pool!r}")
 
     @property
     def blocks_per_stage(self) -> int:
@@ -80,15 +88,17 @@ class BasicBlock(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """The paper's exit: BN -> ReLU -> 2x2 avg-pool -> Dropout -> FC.
+    """The paper's exit: BN -> ReLU -> 2x2 avg-pool -> Dropout -> FC (or global pooling: `exit_pool`).
 
     The last exit is the ordinary classifier, where the map is small: global pooling, no dropout.
     """
 
-    def __init__(self, channels: int, spatial: int, num_classes: int, dropout: float, last: bool) -> None:
+    def __init__(self, channels: int, spatial: int, num_classes: int, dropout: float, last: bool,
+                 pool_kind: str = "avg2") -> None:
         super().__init__()
-        pool: nn.Module = nn.AdaptiveAvgPool2d(1) if last else nn.AvgPool2d(2)
-        pooled = 1 if last else spatial // 2
+        pooled_globally = last or pool_kind == "global"
+        pool: nn.Module = nn.AdaptiveAvgPool2d(1) if pooled_globally else nn.AvgPool2d(2)
+        pooled = 1 if pooled_globally else spatial // 2
         self.body = nn.Sequential(
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
@@ -109,10 +119,11 @@ class EarlyExitResNet(nn.Module):
         super().__init__()
         self.config = config
         w0 = config.widths[0]
-        stem = nn.Sequential(nn.Conv2d(config.in_channels, w0, 3, 1, 1, bias=False), norm(w0), nn.ReLU(inplace=True))
+        stem = nn.Sequential(nn.Conv2d(config.in_channels, w0, 3, config.stem_stride, 1, bias=False), norm(w0),
+                             nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         heads: list[nn.Module] = []
-        cin, spatial = w0, config.input_size
+        cin, spatial = w0, (config.input_size + config.stem_stride - 1) // config.stem_stride
         for i, width in enumerate(config.widths):
             stride = 1 if i == 0 else 2
             spatial = (spatial + stride - 1) // stride
@@ -120,7 +131,7 @@ class EarlyExitResNet(nn.Module):
                       for b in range(config.blocks_per_stage)]
             stages.append(nn.Sequential(stem, *blocks) if i == 0 else nn.Sequential(*blocks))
             last = i == len(config.widths) - 1
-            heads.append(ExitHead(width, spatial, config.num_classes, config.head_dropout, last))
+            heads.append(ExitHead(width, spatial, config.num_classes, config.head_dropout, last, config.exit_pool))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
@@ -246,4 +257,10 @@ register_model("resnet8", NetConfig(depth=8, widths=(16, 32, 64)))  # 9.4 MMACs
 # Student: a slim first stage (8 channels at full resolution) makes exit 0 cost 16% of the student
 # and the student 19.7% of the teacher, so budgets from 0.16 up all mean something.
 register_model("resnet8-slim", NetConfig(depth=8, widths=(8, 32, 64)))  # 6.1 MMACs
+# Candidates for a student whose time tracks its MACs (issue 14; `make bench` measures them): on a CPU
+# an 8-channel stage at full resolution costs far more time per MAC than the later stages do.
+register_model("resnet8-slim-gp", NetConfig(depth=8, widths=(8, 32, 64), exit_pool="global"))  # 6.1 MMACs
+register_model("resnet8-narrow", NetConfig(depth=8, widths=(4, 32, 64)))  # 5.2 MMACs, exit 0 at 5%
+register_model("resnet8-s2", NetConfig(depth=8, widths=(16, 64, 96), stem_stride=2))  # 5.6 MMACs, maps 14/7/4
+register_model("resnet14-s2", NetConfig(depth=14, widths=(16, 32, 64), stem_stride=2))  # 5.6 MMACs, 2 blocks/stage
 register_model("tiny", NetConfig(depth=8, widths=(4, 8, 8)))  # for tests and smoke runs

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from erde.exits import exit_scores, last_exit, stops
+from erde.latency import choose_stage_backends  # noqa: F401  (one backend choice for serving and `erde export`)
+from erde.latency import set_mkldnn as _set_mkldnn
 from erde.nets import EarlyExitResNet
 
 
@@ -37,39 +39,6 @@ class ExitResult:
     queue_s: float  # enqueue -> batch start
     inference_s: float  # batch start -> release
     decode_s: float = 0.0  # this image's decode, in the inference process
-
-
-@torch.inference_mode()
-def choose_stage_backends(model: EarlyExitResNet, batch_size: int, repeats: int = 5) -> list[bool]:
-    """For each stage, whether oneDNN (mkldnn) convolutions beat torch's native ones, timed here.
-
-    Measured, not assumed: on a CPU, oneDNN loses by 2-3x on a wide early map with few channels
-    (our students' first stage) and wins on the narrower, deeper stages.
-    """
-    cfg = model.config
-    h = torch.zeros(batch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
-    choice = []
-    for i in range(model.num_exits):
-        times = {}
-        for enabled in (True, False):
-            _set_mkldnn(enabled)
-            model.stage(i, h)  # warm
-            runs = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model.stage(i, h)
-                runs.append(time.perf_counter() - started)
-            times[enabled] = sorted(runs)[repeats // 2]
-        choice.append(times[True] <= times[False])
-        _set_mkldnn(choice[-1])
-        h = model.stage(i, h)
-    _set_mkldnn(True)
-    return choice
-
-
-def _set_mkldnn(enabled: bool) -> None:
-    """Switch oneDNN convolutions on or off (process-wide; only inference threads run convs)."""
-    torch.backends.mkldnn.set_flags(_enabled=enabled, _fp32_precision=None)
 
 
 @torch.inference_mode()

@@ -44,7 +44,8 @@ def test_student_is_under_a_fifth_of_the_teacher() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"depth": 9}, r"6n\+2"), ({"widths": (16,)}, "two positive"), ({"in_channels": 2}, "1 or 3"),
-    ({"input_size": 4}, "at least 8"), ({"num_classes": 1}, "at least 2"),
+    ({"input_size": 4}, "at least 8"), ({"num_classes": 1}, "at least 2"), ({"stem_stride": 3}, "1 or 2"),
+    ({"exit_pool": "max"}, "avg2, global"),
 ])
 def test_bad_config_says_how_to_fix(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -73,3 +74,24 @@ def test_fused_network_answers_like_the_original(arch: str) -> None:
     with torch.inference_mode():
         for a, b in zip(model.forward_all(x), fused.forward_all(x), strict=True):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_strided_stem_and_global_exits_cost_what_they_should() -> None:
+    base = NetConfig(depth=8, widths=(16, 32, 64))
+    plain, strided = (macs_per_exit(build_model(c)) for c in (base, NetConfig(**{**base.to_dict(), "stem_stride": 2})))
+    assert 3.5 < plain[-1] / strided[-1] < 4.5  # every map a quarter of the pixels
+    model = build_model(NetConfig(depth=8, widths=(8, 16, 32), exit_pool="global"))
+    assert [head.fc.in_features for head in model.heads] == [8, 16, 32]  # one value a channel at every exit
+
+
+def test_configs_without_the_new_fields_read_as_before() -> None:
+    """Manifests written before stem_stride and exit_pool existed rebuild the same network."""
+    old = {k: v for k, v in NetConfig(depth=8, widths=(8, 32, 64)).to_dict().items()
+           if k not in ("stem_stride", "exit_pool")}
+    assert NetConfig.from_dict(old) == model_config("resnet8-slim")
+
+
+def test_candidate_students_are_under_a_fifth_of_the_teacher() -> None:
+    teacher = macs_per_exit(build_model(model_config("resnet20")))[-1]
+    for arch in ("resnet8-slim-gp", "resnet8-narrow", "resnet8-s2", "resnet14-s2"):
+        assert macs_per_exit(build_model(model_config(arch)))[-1] * 5 <= teacher, arch
