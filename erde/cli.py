@@ -92,7 +92,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from erde.export import export_run
 
-    path = export_run(Path(args.run), Path(args.store), args.name, str(args.version), overwrite=args.overwrite)
+    path = export_run(Path(args.run), Path(args.store), args.name, str(args.version), overwrite=args.overwrite,
+                      latency_repeats=args.latency_repeats)
     print(f"artifact written: {path}")
 
 
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name (letters, digits, '-', '_')")
     p.add_argument("--version", type=int, required=True, help="positive integer version")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--latency-repeats", type=int, default=50,
+                   help="timed runs per exit for the latency in the manifest, on this machine (0: none)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="test-split accuracy vs MACs of artifacts: table, plot, histograms")

@@ -51,6 +51,18 @@ class LossConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The method in words, with every option that differs from plain ERDE (model cards, reports)."""
+        if self.kind == "ce":
+            return "cross-entropy at every exit, no teacher"
+        weights = f"T={self.temperature}, α={self.alpha}, β={self.beta}"
+        if self.kind == "kd":
+            return f"knowledge distillation ({weights})"
+        extras = [f"γ ramped over {self.gamma_ramp:.0%} of training"] if self.gamma_ramp else []
+        extras += ["L_E in place of CE on teacher-wrong samples"] if self.entropy_replaces else []
+        extras += ["L_E at the last exit too"] if self.entropy_last_exit else []
+        return f"ERDE ({', '.join([weights, f'γ={self.gamma}', *extras])})"
+
     def gamma_at(self, progress: float) -> float:
         """γ at `progress` (0 at the first step, 1 at the end of training): the ramp, then γ."""
         if self.gamma_ramp == 0:

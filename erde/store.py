@@ -177,7 +177,22 @@ def read_artifact(path: Path) -> Artifact:
         raise ArtifactError(f"{CALIBRATION} was made for other MACs per exit than {MANIFEST} states")
     if spec.channels != model.config.in_channels or spec.size != model.config.input_size:
         raise ArtifactError(f"{MANIFEST}: input spec does not match the network's input")
+    _check_latency(manifest, model.num_exits)
     return Artifact(path, manifest, model, calibration, spec)
+
+
+def _check_latency(manifest: dict[str, Any], num_exits: int) -> None:
+    """`exit_latency` is optional (artifacts before it lack it); when present, `ms` maps each batch
+    size to one non-negative time per exit, so what /models shows is well formed."""
+    latency = manifest.get("exit_latency")
+    if latency is None:
+        return
+    per_batch = latency.get("ms") if isinstance(latency, dict) else None
+    if not isinstance(per_batch, dict) or not per_batch or not all(
+            str(size).isdecimal() and isinstance(times, list) and len(times) == num_exits
+            and all(isinstance(t, int | float) and not isinstance(t, bool) and t >= 0 for t in times)
+            for size, times in per_batch.items()):
+        raise ArtifactError(f"{MANIFEST}: exit_latency.ms must map batch sizes to {num_exits} times (ms), one an exit")
 
 
 def list_versions(root: Path) -> dict[str, list[str]]:

@@ -51,7 +51,7 @@ class ServedModel:
         return {"name": art.name, "version": art.version, "versions": self.versions, "classes": art.classes,
                 "input": art.spec.to_dict(), "arch": art.manifest.get("arch", ""), "exits": art.model.num_exits,
                 "macs_per_exit": art.macs_per_exit, "test_metrics": art.manifest.get("test_metrics"),
-                "calibration": curve}
+                "calibration": curve, "exit_latency": art.manifest.get("exit_latency")}
 
 
 class ModelRegistry:

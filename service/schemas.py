@@ -115,6 +115,8 @@ class ModelInfo(BaseModel):
     macs_per_exit: list[int]
     test_metrics: dict | None
     calibration: list[OperatingPointOut]
+    exit_latency: dict | None = Field(None, description="latency per exit measured at export: `ms` maps a batch "
+                                      "size to one median time per exit; where, how and when (null before it existed)")
 
 
 class ErrorBody(BaseModel):

@@ -70,3 +70,15 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path) -> None:
     train(cfg)
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg)
+
+
+def test_export_measures_latency_per_exit_into_manifest_and_card(tiny_pipeline) -> None:
+    art = read_artifact(tiny_pipeline.student_artifact)
+    latency = art.manifest["exit_latency"]
+    assert sorted(latency["ms"], key=int) == ["1", "32"] and latency["threads"] == 1
+    for times in latency["ms"].values():
+        assert len(times) == 3 and all(t > 0 for t in times)
+    assert latency["ms"]["32"][-1] > latency["ms"]["1"][-1]  # 32 images cost more than one, loaded machine or not
+    assert "cores" in latency["machine"] and latency["statistic"].startswith("median of")
+    card = (tiny_pipeline.student_artifact / "MODEL_CARD.md").read_text()
+    assert "## Latency per exit" in card and f"| 0 | {art.macs_per_exit[0] / art.macs_per_exit[-1]:.3f} | " in card

@@ -79,6 +79,13 @@ CASES = {
     "macs mismatch": (lambda p: rewrite_manifest(p, lambda m: m["macs_per_exit"].append(1)), "macs_per_exit"),
     "path escape": (lambda p: rewrite_manifest(p, lambda m: m["files"].__setitem__("../x", "0")), "outside"),
     "bad net config": (lambda p: rewrite_manifest(p, lambda m: m["net"].update(depth=7)), "network config"),
+    "latency not a table": (lambda p: rewrite_manifest(p, lambda m: m.update(exit_latency=[1, 2])), "exit_latency"),
+    "latency short of an exit": (lambda p: rewrite_manifest(p, lambda m: m["exit_latency"]["ms"]["1"].pop()),
+                                 "exit_latency"),
+    "latency negative": (lambda p: rewrite_manifest(p, lambda m: m["exit_latency"]["ms"]["32"].__setitem__(0, -1)),
+                         "exit_latency"),
+    "latency batch not a number": (lambda p: rewrite_manifest(
+        p, lambda m: m["exit_latency"]["ms"].__setitem__("many", [1.0, 2.0, 3.0])), "exit_latency"),
 }
 
 
@@ -97,3 +104,9 @@ def test_list_versions_skips_temporaries(tiny_pipeline, tmp_path: Path) -> None:
     (tmp_path / "m" / ".3.tmp").mkdir()
     (tmp_path / "m" / "notes").mkdir()
     assert list_versions(tmp_path) == {"m": ["1", "2", "10"]}
+
+
+def test_an_artifact_without_latency_still_reads(artifact: Path) -> None:
+    """exit_latency is optional: artifacts written before it (the shipped fashion-mnist/1) stay valid."""
+    rewrite_manifest(artifact, lambda m: m.pop("exit_latency"))
+    assert "exit_latency" not in read_artifact(artifact).manifest
