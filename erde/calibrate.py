@@ -49,11 +49,15 @@ def exit_outputs(model: EarlyExitResNet, data: TensorData, batch_size: int = 512
     return ExitOutputs(np.concatenate(ents), torch.cat(preds).numpy(), data.labels.numpy())
 
 
+def answers(outputs: ExitOutputs, threshold: float, max_exit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exit each image answers at under θ, and whether that answer is right: two (N,) arrays."""
+    taken = exit_taken(outputs.entropy, threshold, max_exit)
+    return taken, outputs.prediction[np.arange(len(taken)), taken] == outputs.labels
+
+
 def simulate(outputs: ExitOutputs, macs: list[int], threshold: float, max_exit: int | None = None) -> OperatingPoint:
     """Accuracy, expected MACs fraction and exit histogram of the exit rule at θ."""
-    taken = exit_taken(outputs.entropy, threshold, max_exit)
-    rows = np.arange(len(taken))
-    correct = outputs.prediction[rows, taken] == outputs.labels
+    taken, correct = answers(outputs, threshold, max_exit)
     cost = np.asarray(macs, dtype=np.float64)[taken]
     hist = np.bincount(taken, minlength=len(macs)) / max(len(taken), 1)
     return OperatingPoint(float(threshold), float(cost.mean() / macs[-1]), float(correct.mean()),
