@@ -1,15 +1,22 @@
 """A rolling update, for real, on one machine: the drain contract the Kubernetes manifests rely on.
 
 Two replicas (`python -m service` serving the shipped model, read-only) behind HAProxy from Debian,
-configured as a Kubernetes Service and ingress behave: a replica is taken out when /readyz stops
-answering 200 (checked every 200 ms, out at the first failure, like readinessProbe failureThreshold 1),
-a request whose connection is refused goes to the other replica, and nothing else is retried (a POST
-that reached a replica is never sent twice). Under steady load from client threads, replica A gets
-SIGTERM, drains, exits and is replaced by a new process on a new port (a new pod, a new address:
-HAProxy's runtime API takes it, as an ingress controller does), then replica B. Every request is
-counted: each gets a reply, and every reply that is not a 200 is a 503 with Retry-After.
-"""
+driven as a Kubernetes ingress controller drives it. When a pod starts terminating, Kubernetes takes it
+out of the Service's endpoints and, after the preStop pause, sends SIGTERM; here the replica leaves
+HAProxy (runtime API, `state maint`, what HAProxy's own ingress controller does) and gets SIGTERM at the
+same instant: no pause at all, the harshest case, so requests already on their way meet the drain.
+A replacement starts on a new port (a new pod, a new address) and enters once /readyz has answered 200
+twice (health checks every 200 ms; a replica answering 503 is out at once: the readinessProbe). A
+request whose connection is refused goes to the other replica; nothing else is retried, since a POST
+that reached a replica must not be sent twice. Under steady load from client threads, replica A, then
+replica B. Every request is counted: each gets a reply, and every reply that is not a 200 is a 503
+with Retry-After. Every batch takes 30 ms longer than it needs (ERDE_TEST_SLOW_MS), so SIGTERM finds
+requests in flight, which the drain must finish.
 
+Without the endpoint removal, with HAProxy learning of the drain from /readyz alone, a replica that
+drains in 60 ms exits before the next health check, and a request HAProxy sends at that instant on a
+pooled keep-alive connection is lost (README "Rolling update"): that is the gap the preStop pause closes.
+"""
 from __future__ import annotations
 
 import json
@@ -32,7 +39,8 @@ from tests.deploy.deploy_support import ROOT
 from tests.service.conftest import Server, free_port, start_server
 from tests.service.images import png
 
-CLIENTS = 4  # client threads, each one request at a time
+CLIENTS = 8  # client threads, each one request at a time
+SLOW_MS = 30  # every batch takes this much longer (ERDE_TEST_SLOW_MS): SIGTERM always finds work in flight
 MAX_REQUESTS = 20_000  # per client: the load stops by itself whatever happens
 DRAIN_TIMEOUT_S = 10  # as deploy/k8s/config/erde.env
 
@@ -105,10 +113,15 @@ class HAProxy:
                 return fields["status"]
         raise AssertionError(f"HAProxy has no server {server}")
 
-    def move(self, server: str, port: int) -> None:
-        """A new pod, a new address: what an ingress controller does when the endpoints change."""
+    def remove(self, server: str) -> None:
+        """The pod left the endpoints: no new request goes to it; those under way finish."""
+        assert self.command(f"set server replicas/{server} state maint").strip() == ""
+
+    def add(self, server: str, port: int) -> None:
+        """A new pod, a new address; it takes traffic once its health checks pass."""
         answer = self.command(f"set server replicas/{server} addr 127.0.0.1 port {port}")
         assert "changed" in answer, answer
+        assert self.command(f"set server replicas/{server} state ready").strip() == ""
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -193,7 +206,7 @@ def start_replica(tmp_path: Path) -> Iterator[Callable[[], Server]]:
 
     def start() -> Server:
         server = start_server(ROOT / "model_store", tmp_path, default_model="fashion-mnist",
-                              drain_timeout_s=DRAIN_TIMEOUT_S)
+                              drain_timeout_s=DRAIN_TIMEOUT_S, test_slow_ms=SLOW_MS)
         started.append(server)
         return server
 
@@ -223,12 +236,13 @@ def test_rolling_update_loses_no_request(start_replica: Callable[[], Server], tm
         for name in ("a", "b"):
             old = retired[name] = replicas[name]
             signalled = time.monotonic()
+            balancer.remove(name)
             old.signal(signal.SIGTERM)
             assert old.proc.wait(DRAIN_TIMEOUT_S + 15) == 0, old.log.read_text()[-2000:]
             exited = time.monotonic()
             drain_s[name] = round(exited - signalled, 2)
             new = replicas[name] = start_replica()
-            balancer.move(name, port(new))
+            balancer.add(name, port(new))
             wait_until(lambda n=name: balancer.status(n) == "UP", 10, f"new replica {name} in")
             wait_until(lambda s=new: served(s) >= 20, 30, f"new replica {name} serving")
             replace_s[name] = round(time.monotonic() - exited, 1)
@@ -238,14 +252,15 @@ def test_rolling_update_loses_no_request(start_replica: Callable[[], Server], tm
     elapsed = time.monotonic() - began
 
     statuses = Counter(o.status for o in outcomes)
+    drained = {name: answered_while_draining(s) for name, s in retired.items()}
     refusals = Counter((o.error_code, o.retry_after) for o in outcomes if o.status == 503)
     print(f"\nrolling update in {elapsed:.0f} s (two replicas up in {start_s} s, replacements {replace_s} s): "
           f"{len(outcomes)} requests, statuses {dict(statuses)}, 503s by (code, Retry-After) {dict(refusals)}; "
-          f"SIGTERM to exit {drain_s} s; answered after SIGTERM "
-          f"{ {n: dict(answered_while_draining(s)) for n, s in retired.items()} }")
+          f"SIGTERM to exit {drain_s} s; answered after SIGTERM { {n: dict(c) for n, c in drained.items()} }")
     lost = [o for o in outcomes if o.status is None]
     assert not lost, (f"{len(lost)} requests got no reply, e.g. {lost[0].failure}; HAProxy's log, all but 200s:\n"
                       + "".join(line for line in balancer.log.open() if " 200 " not in line)[-3000:])
     assert set(statuses) <= {200, 503}, statuses
     assert all(o.retry_after and o.error_code for o in outcomes if o.status == 503), refusals
     assert statuses[200] >= 200
+    assert sum(c[200] for c in drained.values()) >= 1, "no request was in flight at SIGTERM: the drain went untested"
