@@ -331,7 +331,10 @@ def test_autoscalers_share_one_signal_and_one_target() -> None:
         "metrics"]
     assert kserve_metric["external"]["target"] == {"type": "AverageValue", "averageValue": str(QUEUE_TARGET)}
     assert all("erde_queue_depth" in q for q in autoscaling_queries().values())
-    schema_validator("prometheus-adapter-values.schema.json", KUBERNETES_VERSIONS[0]).validate(adapter_values())
+    adapter = schema_validator("prometheus-adapter-values.schema.json", KUBERNETES_VERSIONS[0])
+    adapter.validate(adapter_values())
+    misspelt = set_path(adapter_values(), ("rules", "custom", 0, "metricQuery"), "sum(erde_queue_depth)")
+    assert any("'metricQuery' was unexpected" in e.message for e in adapter.iter_errors(misspelt))
 
 
 def test_autoscaling_queries_compute_the_queue_depth(tmp_path: Path) -> None:
