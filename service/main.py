@@ -18,9 +18,7 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import time
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -28,12 +26,16 @@ from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Process
 
+from service.multiproc import prepare_metrics_dir
 from service.protocol import uvicorn_options
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("erde.service")
-METRICS_MARK = ".erde-metrics"  # marks a directory this service made for multiprocess metrics
+# Even an idle server drains this long: a client (or a load balancer's pool) that sends on a kept-alive
+# connection meanwhile gets a 503 with `Connection: close` instead of a connection closed under its
+# request (the rolling-update test lost 1 request in 8,466 when the server left 60 ms after SIGTERM).
+MIN_DRAIN_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -52,9 +54,12 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self.drain_deadline is not None and not self.should_exit and (
-                self.runtime.idle() or time.monotonic() > self.drain_deadline):
-            self.should_exit = True
+        if self.drain_deadline is not None and not self.should_exit:
+            now = time.monotonic()
+            drained_for = now - (self.drain_deadline - self.drain_timeout)
+            idle = self.runtime.idle() and drained_for >= min(MIN_DRAIN_S, self.drain_timeout)
+            if idle or now > self.drain_deadline:
+                self.should_exit = True
         return await super().on_tick(counter)
 
 
@@ -165,28 +170,10 @@ class Supervisor:
             self.processes.append(self._start(sockets))
 
 
-def multiprocess_dir() -> str:
-    """Several workers share metrics through files in a directory that is empty at every start: the one
-    PROMETHEUS_MULTIPROC_DIR names, or a fresh one. A named directory is emptied only if this service
-    made it (its mark is there) or it is empty: never a directory that holds anything else."""
-    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    path = Path(named) if named else Path(tempfile.mkdtemp(prefix="erde-metrics-"))
-    path.mkdir(parents=True, exist_ok=True)
-    entries = {p.name for p in path.iterdir()}
-    if entries and METRICS_MARK not in entries:
-        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR={path} holds files this service did not write; "
-                         "name an empty directory")
-    for stale in path.glob("*.db"):
-        stale.unlink()
-    (path / METRICS_MARK).touch()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    return str(path)
-
-
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     if settings.workers > 1:
-        multiprocess_dir()
+        prepare_metrics_dir(fresh_if_unset=True)  # before the workers start; they inherit the variable
         Supervisor(settings).run()
         return
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP while models load must not end the process
