@@ -28,9 +28,15 @@ def _watch_sighup(runtime: Runtime) -> None:
     """SIGHUP reloads the store in a thread (verify + warm before swap); only in the main thread."""
     loop = asyncio.get_running_loop()
 
+    def reload_logged() -> None:
+        try:
+            log.info("reload: %s", runtime.registry.reload())
+        except Exception:  # a reload never takes the service down, and its failure is never lost
+            log.exception("reload of %s failed; the models already served keep serving", runtime.settings.store)
+
     def reload() -> None:
         log.info("SIGHUP: reloading %s", runtime.settings.store)
-        loop.run_in_executor(None, runtime.registry.reload)
+        loop.run_in_executor(None, reload_logged)
 
     try:
         loop.add_signal_handler(signal.SIGHUP, reload)
