@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         val_acc = evaluate_exits(model, data.val, device, fmt=fmt)
         seen = max(seen, 1)
         record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": (correct / seen).tolist(),
-                  "val_acc": val_acc, "seconds": round(time.time() - started, 1),
+                  "val_acc": val_acc, "seconds": round(time.time() - started, 1), "device": device.type,
                   **{name: value.item() / seen for name, value in part_sums.items()}}
         state["history"].append(record)
         state["epoch"] = epoch + 1
