@@ -110,7 +110,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     art = read_artifact(Path(args.artifact))
     m = art.manifest
-    summary = {k: m[k] for k in ("name", "version", "classes", "input", "arch", "macs_per_exit", "test_metrics")}
+    keys = ("name", "version", "classes", "input", "arch", "macs_per_exit", "exit_latency", "test_metrics")
+    summary = {k: m[k] for k in keys if k in m}  # exit_latency: only in artifacts exported since it exists
     print(json.dumps(summary, indent=2))
 
 
