@@ -80,12 +80,12 @@ lane() {  # lane <setting> <seed>: start a student in the background once fewer 
     fi; } &
 }
 
-stop_lanes() {  # on a kill: stop every run this script started (each resumes next time)
+stop_lanes() {  # on a kill or an error: stop every run this script started (each resumes next time)
   local job
   for job in $(jobs -p); do pkill -TERM -P "$job" 2>/dev/null || true; kill -TERM "$job" 2>/dev/null || true; done
-  exit 143
 }
-trap stop_lanes INT TERM
+trap 'stop_lanes; exit 143' INT TERM
+trap stop_lanes EXIT
 
 mkdir -p "$RUNS/logs"
 # 1. The teacher, with the CE student beside it (it needs no teacher).
