@@ -17,11 +17,12 @@ from erde.data import load_fashion_mnist
 from erde.evaluate import DEFAULT_BUDGETS
 from erde.exits import exit_scores, exit_taken, last_exit
 from erde.runs import TrainConfig, load_run_data
-from erde.store import read_artifact
+from erde.store import list_versions, read_artifact
 from service.decode import ImageLimits, decode_image
 from tests.service.conftest import start_server
 
-SHIPPED = Path(__file__).resolve().parents[1] / "model_store" / "fashion-mnist" / "1"
+STORE = Path(__file__).resolve().parents[1] / "model_store"
+SHIPPED = STORE / "fashion-mnist" / list_versions(STORE)["fashion-mnist"][-1]  # the version the server serves
 IMAGES = 320
 # The served network is a fused copy (BN folded) whose entropies differ from the artifact's by
 # about 2e-6; an image this close to θ could go either way, so the test checks none is that close.

@@ -1,5 +1,5 @@
-"""The shipped default model, read-only: integrity, calibration consistency, card vs a fresh
-evaluation on the Fashion-MNIST test split, and budgets that save real MACs over real HTTP."""
+"""The shipped models, read-only: integrity, calibration consistency, card vs a fresh evaluation on
+the Fashion-MNIST test split; and the served default (the newest version) saving real MACs over HTTP."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from PIL import Image
 
 from erde.data import load_fashion_mnist
 from erde.evaluate import measure_test_split
-from erde.store import read_artifact
+from erde.store import list_versions, read_artifact
 from tests.service.conftest import start_server
 
-SHIPPED = Path(__file__).resolve().parents[1] / "model_store" / "fashion-mnist" / "1"
+STORE = Path(__file__).resolve().parents[1] / "model_store"
+SHIPPED = ["fashion-mnist/1", "fashion-mnist/2", "fashion-mnist-teacher/1"]
+STUDENTS = {"fashion-mnist/1", "fashion-mnist/2"}
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return read_artifact(SHIPPED)  # verifies every sha256 and the weights against the network
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    return read_artifact(STORE / request.param)  # verifies every sha256 and the weights against the network
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +31,11 @@ def test_split():
     return load_fashion_mnist("test")
 
 
-def test_is_small_and_erde_trained(shipped) -> None:
-    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+def test_is_small_and_students_are_erde_trained(shipped) -> None:
+    size = sum(f.stat().st_size for f in shipped.path.iterdir())
     assert size < 3 * 1024 * 1024
-    assert shipped.manifest["training"]["loss"]["kind"] == "erde"
+    student = f"{shipped.name}/{shipped.version}" in STUDENTS
+    assert shipped.manifest["training"]["loss"]["kind"] == ("erde" if student else "ce")
     assert shipped.manifest["training"]["dataset"] == "fashion-mnist"
     assert shipped.classes[0] == "T-shirt/top" and len(shipped.classes) == 10
 
@@ -62,7 +65,7 @@ def test_card_and_manifest_match_a_fresh_evaluation(shipped, test_split) -> None
         assert (a["budget"], a["threshold"]) == (b["budget"], b["threshold"])
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
         assert a["macs_fraction"] == pytest.approx(b["macs_fraction"], abs=1e-6)
-    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    card = (shipped.path / "MODEL_CARD.md").read_text()
     assert f"| {fresh['full_depth_accuracy'] * 100:.2f} |" in card
     for row in fresh["budgets"]:
         assert re.search(rf"\| {row['budget']}(?: \(cheapest\))? \| {row['threshold']:.4f} \| "
@@ -75,16 +78,23 @@ def test_lower_budgets_spend_fewer_macs_over_http(test_split, tmp_path) -> None:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    server = start_server(SHIPPED.parents[1], tmp_path, default_model="fashion-mnist")
+    served = read_artifact(STORE / "fashion-mnist" / list_versions(STORE)["fashion-mnist"][-1])
+    # Three budgets the served curve answers at three different costs (a budget may buy a cheaper point).
+    by_cost = {served.calibration.choose(b)[0].macs_fraction: b for b in (0.25, 0.35, 0.5, 0.75, 1.0)}
+    costs = sorted(by_cost)
+    budgets = [str(by_cost[costs[i]]) for i in (-1, len(costs) // 2, 0)]
+    server = start_server(STORE, tmp_path, default_model="fashion-mnist")
     try:
         mean_macs, accuracy = {}, {}
         with server.client() as c:
-            for budget in ("1.0", "0.5", "0.25"):
+            for budget in budgets:
                 replies = [c.post("/classify", data={"budget": budget}, files={"image": ("x.png", p, "image/png")})
                            .json() for p in pngs]
                 mean_macs[budget] = np.mean([r["macs"] for r in replies])
                 accuracy[budget] = np.mean([r["class_id"] == y for r, y in zip(replies, labels, strict=True)])
     finally:
         server.stop()
-    assert mean_macs["1.0"] > mean_macs["0.5"] > mean_macs["0.25"], mean_macs
-    assert accuracy["1.0"] > 0.85 and accuracy["0.25"] > 0.75, accuracy
+    assert replies[0]["version"] == served.version
+    high, middle, low = budgets
+    assert mean_macs[high] > mean_macs[middle] > mean_macs[low], mean_macs
+    assert accuracy[high] > 0.85 and accuracy[low] > 0.75, accuracy
