@@ -105,16 +105,18 @@ def frozen(tmp: Path, env: dict[str, str], png: bytes) -> list[list[object]]:
 def workers(tmp: Path, env: dict[str, str], png: bytes) -> list[list[object]]:
     store = tmp / "store"
     art = default_artifact()
-    shutil.copytree(STORE / art.name / art.version, store / art.name / "1")
+    for version in ("1", "2"):  # the shipped artifact, as version 1 now and as a new version 2 later
+        shutil.copytree(STORE / art.name / art.version, tmp / "versions" / version)
+        manifest = tmp / "versions" / version / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": version}))
+    shutil.copytree(tmp / "versions" / "1", store / art.name / "1")
     port = server_port()
     proc, _ = launch([sys.executable, "-m", "service"], port, {**env, "ERDE_STORE": str(store), "ERDE_WORKERS": "2"},
                      tmp / "workers.log", 120)
     url = f"http://127.0.0.1:{port}"
     rows: list[list[object]] = []
     try:
-        shutil.copytree(store / art.name / "1", store / art.name / "2")
-        manifest = store / art.name / "2" / "manifest.json"
-        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": "2"}))
+        shutil.copytree(tmp / "versions" / "2", store / art.name / "2")
         started = time.monotonic()
         os.kill(proc.pid, signal.SIGHUP)
         swapped = None
