@@ -391,7 +391,13 @@ def test_service_runs_as_locked_down_as_the_pod(tmp_path: Path) -> None:
            "PYTHONDONTWRITEBYTECODE": "1"}  # the last three as docker/Dockerfile sets them
     mounts = [f"mount -t tmpfs -o size={int(quantity(volumes[m['name']]['sizeLimit']))} tmpfs {m['mountPath']}"
               for m in container["volumeMounts"]]
-    script = "\n".join(["set -e", "mount --bind -o ro / /", *mounts, f"cd {ROOT}",
+    # A checkout under one of the pod's mount paths (a clone in /tmp) is hidden by that tmpfs: bind it back,
+    # read-only, from the shell's working directory, which still holds it.
+    hidden = any(str(ROOT).startswith(m["mountPath"].rstrip("/") + "/") for m in container["volumeMounts"])
+    rebind = [f"mkdir -p {ROOT}", f"mount --no-canonicalize --bind /proc/self/cwd {ROOT}",
+              f"mount -o remount,bind,ro {ROOT}"]
+    script = "\n".join(["set -e", f"cd {ROOT}", "mount --bind -o ro / /", *mounts, *(rebind if hidden else []),
+                         f"cd {ROOT}",
                          "exec setpriv --bounding-set -all --inh-caps -all --no-new-privs env -i "
                          + " ".join(f"'{k}={v}'" for k, v in env.items()) + f" {sys.executable} -m service"])
     log = tmp_path / "server.log"
