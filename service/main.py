@@ -161,8 +161,9 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid)  # its live gauges leave the aggregate
             if self.stopping:
                 continue
-            if process.exitcode == STARTUP_FAILURE or process.pid not in self.ready:
-                # It would fail the same way again (bad settings, no loadable app): stop, as uvicorn does.
+            if process.exitcode == STARTUP_FAILURE or (process.pid not in self.ready and process.exitcode > 0):
+                # It failed on its own before serving, and would again (bad settings, no loadable app): stop,
+                # as uvicorn does. One killed by a signal (an OOM kill) is replaced like any other.
                 log.error("worker %d failed to start (code %s); stopping", process.pid, process.exitcode)
                 self._stop_all()
                 continue

@@ -145,3 +145,15 @@ def test_a_full_queue_refuses_from_the_headers_on_both_protocols(make_server) ->
     assert "connection" not in ours.headers  # its small body was read: the connection stays for the retry
     assert oip.status_code == 503 and "queue is full" in oip.json()["error"] and oip.headers["retry-after"]
     eventually(lambda: server.metric("erde_rejected_total", reason="queue_full") == 2)
+
+
+def test_a_killed_worker_is_replaced_by_the_supervisor(make_server) -> None:
+    server = make_server(workers=2)
+    workers = lambda: re.findall(r"Started server process \[(\d+)\]", server.log.read_text())  # noqa: E731
+    eventually(lambda: server.log.read_text().count("Application startup complete.") == 2, timeout=60)
+    os.kill(int(workers()[0]), signal.SIGKILL)
+    eventually(lambda: "exited (code -9); starting another" in server.log.read_text(), timeout=30)
+    eventually(lambda: len(workers()) == 3, timeout=60)
+    eventually(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, timeout=60)
+    assert [post(server.url).status_code for _ in range(8)] == [200] * 8
+    assert server.proc.poll() is None  # the supervisor itself carried on
