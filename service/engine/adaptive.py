@@ -1,7 +1,7 @@
 """Load-adaptive budgets for one model: the glue between its queue, the controller and its policy.
 
-The worker calls it with each batch just before sending it (and with no rows when the queue is
-full). It measures how long the batch's oldest row waited, steps the controller
+The worker calls `adjust` with each batch just before sending it, and `saturate` when its queue is
+full. It measures how long the batch's oldest row waited, steps the controller
 (service/overload.py), and gives every row the rule to run with: its own, or under pressure a
 cheaper operating point no lower than its floor (`BudgetPolicy.degrade`). Rows are degraded when
 they leave the queue, so the ones already queued when load rises are answered cheaper too.
@@ -25,19 +25,20 @@ class AdaptiveBudgets:
         self.on_pressure = on_pressure
         self.state = OverloadState()
 
-    @property
-    def pressure(self) -> float:
-        return self.state.pressure
-
-    def __call__(self, jobs: list[Job], now: float, fill: float) -> None:
-        """`jobs`: the batch about to be sent (empty: the queue refused rows for lack of room);
-        `fill`: the share of the queue still occupied."""
-        if not jobs:  # a full queue: every queued row goes at its floor before anyone is refused
-            self.state = OverloadState(1.0, now)
-        else:
-            self.state = step(self.law, self.state, now - min(j.enqueued for j in jobs), now)
-        self.on_pressure(self.state.pressure)
+    def adjust(self, jobs: list[Job], now: float) -> None:
+        """Give every row of the batch about to be sent the rule to run with, after measuring how long
+        its oldest row waited."""
+        self._measured(step(self.law, self.state, now - min(j.enqueued for j in jobs), now))
         if not self.degrade or self.state.pressure <= 0.0:
             return
         for job in jobs:
             job.used = self.policy.degrade(job.asked, self.state.pressure)
+
+    def saturate(self, now: float) -> None:
+        """The queue refused rows for lack of room, the strongest load signal there is: every queued row
+        goes at its floor before anyone else is refused."""
+        self._measured(OverloadState(1.0, now))
+
+    def _measured(self, state: OverloadState) -> None:
+        self.state = state
+        self.on_pressure(state.pressure)

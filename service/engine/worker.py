@@ -65,7 +65,8 @@ class ModelWorker:
     def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0, slow_s: float = 0.0,
-                 adjust: Callable[[list[Job], float, float], None] = lambda jobs, now, fill: None,
+                 adjust: Callable[[list[Job], float], None] = lambda jobs, now: None,
+                 on_full: Callable[[float], None] = lambda now: None,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.blob = process.ModelBlob.of(model)
@@ -81,6 +82,7 @@ class ModelWorker:
         self.hang_timeout_s = hang_timeout_s
         self.slow_s = slow_s  # test-only: stretch every batch (reproducible overload)
         self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
+        self.on_full = on_full  # told when the queue refuses rows for lack of room
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
         self.on_depth = on_depth
         self._pending: deque[Job] = deque()
@@ -207,7 +209,7 @@ class ModelWorker:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
         if len(self._pending) + rows > self.queue_size:
-            self.adjust([], time.monotonic(), 1.0)  # a full queue is the strongest load signal there is
+            self.on_full(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
         return None
@@ -245,7 +247,7 @@ class ModelWorker:
         if not jobs:
             return
         now = time.monotonic()
-        self.adjust(jobs, now, len(self._pending) / self.queue_size)
+        self.adjust(jobs, now)
         slot = self._free_slots.pop()
         base, at, rows = slot * self.arena_bytes, 0, []
         for i, job in enumerate(jobs):
