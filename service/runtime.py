@@ -22,10 +22,6 @@ class Runtime:
         self.registry.reload()
         self.started = True
 
-    @property
-    def ready(self) -> bool:
-        return self.unready_reason() is None
-
     def unready_reason(self) -> str | None:
         """Why /readyz must answer 503 now, or None: loading, draining, no model, or a model down."""
         if self.draining:
