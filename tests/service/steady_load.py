@@ -1,5 +1,6 @@
 """Steady load for the fault tests: client threads that POST real images until told to stop and
-record how every request ended. A client waits out Retry-After after a 503, as well-behaved ones do."""
+record how every request ended. A client waits out Retry-After after a 503, as well-behaved ones do,
+unless told to retry at once (an impatient client, or a balancer's health-blind retries)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class SteadyLoad:
     clients: int = 4
     timeout: float = 30.0
     fields: dict[str, str] = field(default_factory=dict)
+    honour_retry_after: bool = True
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class SteadyLoad:
                 started = time.monotonic()
                 try:
                     reply = client.post("/classify", data=self.fields, files={"image": ("a.png", PNG, "image/png")})
-                except httpx.ConnectError:  # nothing was sent: the server is gone or not yet there
+                except (httpx.ConnectError, httpx.ConnectTimeout):  # nothing sent: the server is gone or not there yet
                     time.sleep(0.05)
                     continue
                 except httpx.HTTPError as exc:
@@ -65,7 +67,7 @@ class SteadyLoad:
                 version = reply.json().get("version") if reply.status_code == 200 else None
                 self._record(Outcome(reply.status_code, None, time.monotonic() - started, version,
                                      reply.headers.get("retry-after")))
-                if reply.status_code == 503:
+                if reply.status_code == 503 and self.honour_retry_after:
                     self._stop.wait(float(reply.headers.get("retry-after", "1")))
 
     def _record(self, outcome: Outcome) -> None:

@@ -10,10 +10,12 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from erde.export import export_run
 from tests.service import images
 from tests.service.conftest import eventually
+from tests.service.steady_load import SteadyLoad
 
 PNG = images.png()
 
@@ -67,6 +69,21 @@ def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
         assert [f.result().status_code for f in queued] == [200, 200, 200]
     assert server.proc.wait(15) is not None  # exits once drained
     assert "draining" in server.log.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_clients_retrying_at_once_as_the_server_leaves_get_a_reply_or_no_connection(make_server, workers) -> None:
+    # Each draining 503 closes its connection, so every retry is a new connection: some reach the
+    # listening socket as the server leaves, and must be answered or never accepted, not reset.
+    server = make_server(drain_timeout_s=10, workers=workers)
+    with SteadyLoad(server.url, clients=8, honour_retry_after=False) as load:
+        load.wait_for(20)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+    assert not load.unanswered(), load.summary()
+    assert not load.dishonest(), load.summary()
+    assert load.summary()[503] > 50  # refused all through the drain, up to the end
+    assert server.log.read_text().count("no new connections; answering those already queued") == workers
 
 
 def test_sighup_swaps_versions_and_survives_a_corrupt_one(make_server, tiny_pipeline, tmp_path) -> None:
