@@ -9,7 +9,7 @@ depth (`threshold=0`) and at budget 0.25; then the same stack answering a consta
 upload (its transport floor). The whole round runs twice, servers in the same order (A/B/A/B),
 and each cell is the median of the rounds, so that drift in machine speed cancels. The
 in-process ceiling (measured in every round, median) is our engine on pre-decoded tensors
-(bench.engine.measure), batch min(concurrency, max batch size). Peak RSS: VmHWM summed over the server's process tree.
+(bench.engine.run_for), batch min(concurrency, max batch size). Peak RSS: VmHWM summed over the server's process tree.
 
 Run from the repo root with the project venv: `.venv/bin/python -m bench.peers.run` (or
 `make bench-peers`). Environment: BENCH_SECONDS (per run, default 4), BENCH_MAX_REQUESTS,
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from bench.common import STORE, default_artifact, sample_images, table
-from bench.engine import measure
+from bench.engine import run_for
 from bench.load import children, launch, lua, server_port, stop, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
@@ -212,7 +212,7 @@ def ceiling(art) -> dict[tuple[str, int], float]:
     for budget, theta in thetas.items():
         for c in CONCURRENCY:
             batch = min(c, MAX_BATCH)
-            out[budget, c] = measure(net, xs, theta, batch, art.macs_per_exit, backends, seconds=1.5, repeats=3)[0]
+            out[budget, c] = run_for(net, xs, theta, batch, art.macs_per_exit, backends, seconds=1.5)[0]
     return out
 
 
