@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -30,6 +31,12 @@ def inference_pids(server: Server) -> list[int]:
     return [int(p) for p in re.findall(r"inference process (\d+) serves toy", server.log.read_text())]
 
 
+def wait_until_idle(pid: int) -> None:
+    """Until the process sleeps in its read for the next batch. A reply reaches the client before the
+    process has sent the batch's end; stopped in between, it would hold a done batch and no rows."""
+    eventually(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S")
+
+
 def timed_post(url: str) -> tuple[int, float, str | None]:
     started = time.monotonic()
     reply = post(url)
@@ -40,6 +47,7 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
     server = make_server(request_timeout_s=3, hang_timeout_s=1)
     assert post(server.url).status_code == 200
     [frozen] = inference_pids(server)
+    wait_until_idle(frozen)
     os.kill(frozen, signal.SIGSTOP)  # holds whatever it is sent, answers nothing, stays "alive"
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -59,7 +67,7 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
     for status, seconds, retry_after in outcomes:
         assert seconds < 3 + 1, outcomes  # within the deadline plus a second
         assert status == 200 or (status in (503, 504) and retry_after), outcomes
-    assert any(status == 503 for status, _, _ in outcomes)  # the rows the frozen process held
+    assert any(status == 503 for status, _, _ in outcomes), outcomes  # the rows the frozen process held
     assert 503 in readiness and readiness[-1] == 200  # unready without a live process, ready after
     assert "made no progress" in server.log.read_text()
     eventually(lambda: len(set(inference_pids(server))) == 2)
