@@ -115,10 +115,14 @@ for run in teacher ce-s0 kd-s{0,1,2} "${ERDE_SETTINGS[@]/%/-s0}" "$best"-s{1,2} 
 done
 if (( ${#missing[@]} )); then echo "unfinished: ${missing[*]} (logs in $RUNS/logs); run this script again"; exit 1; fi
 
-# 4. Test evaluation and the report; then the winner on validation into the store.
-"$PY" -m erde.compare report --runs "$RUNS" --teacher "$TEACHER" --out "$REPORT" --title "$TITLE" --main "$best" kd
+# 4. The winner on validation into the store (once: a shipped version is never replaced); then the test
+#    evaluation and the report, whose targets are measured on what the store holds.
 if [[ $EXPORT == 1 && ! -f $STORE/fashion-mnist/$VERSION/manifest.json ]]; then
   "${ERDE[@]}" export "$("$PY" -m erde.compare winner --runs "$RUNS")" --store "$STORE" --name fashion-mnist \
     --version "$VERSION"
 fi
+shipped=()
+[[ -f $STORE/fashion-mnist/$VERSION/manifest.json ]] && shipped=(--shipped "$STORE/fashion-mnist/$VERSION")
+"$PY" -m erde.compare report --runs "$RUNS" --teacher "$TEACHER" --out "$REPORT" --title "$TITLE" --main "$best" kd \
+  "${shipped[@]}"
 echo "$(date +%T) finished: $REPORT/$TITLE.md"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from erde.compare import choose, finished_runs, main, validation_score, winner
+from erde.export import export_run
 from erde.losses import LossConfig
 from erde.runs import TrainConfig, calibrate_run
 from erde.train import train
@@ -55,3 +56,23 @@ def test_report_has_the_headline_comparison_and_every_setting(runs: Path, tiny_p
     assert "| teacher test accuracy ≥ 94.5% |" in text and (tmp_path / "v2.png").stat().st_size > 1000
     assert json.loads((runs / "kd-s0" / "state.json").read_text())["history"][-1]["device"] == "cpu"
     assert "Training ran on:\ncpu" in text
+
+
+def test_the_targets_are_measured_on_the_shipped_artifact_and_a_different_pick_is_shown(
+        runs: Path, tiny_pipeline, tmp_path: Path) -> None:
+    pick = winner(runs)
+    other = next(r for r in finished_runs(runs)[pick.name.rsplit("-s", 1)[0]].values() if r != pick)
+    for shipped_run, version in ((pick, "1"), (other, "2")):
+        export_run(shipped_run, tmp_path / "store", "toy", version, latency_repeats=0)
+    common = ["report", "--runs", str(runs), "--teacher", str(tiny_pipeline.teacher_artifact), "--out",
+              str(tmp_path), "--title", "v2", "--main", "erde-g05", "kd", "--shipped"]
+
+    assert main([*common, str(tmp_path / "store" / "toy" / "1")]) == 0
+    text = (tmp_path / "v2.md").read_text()
+    assert f"## Targets (`{tmp_path / 'store' / 'toy' / '1'}`, run `{pick.name}`)" in text
+    assert text.count("| teacher test accuracy ≥ 94.5% |") == 1 and "now picks" not in text
+
+    assert main([*common, str(tmp_path / "store" / "toy" / "2")]) == 0
+    text = (tmp_path / "v2.md").read_text()
+    assert f"run `{other.name}`)" in text and f"now picks `{pick.name}`" in text
+    assert text.count("| teacher test accuracy ≥ 94.5% |") == 2  # the shipped run's targets, then the pick's
