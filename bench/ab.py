@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import STORE, default_artifact, table
-from bench.load import ROOT, launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import ROOT, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 CHECKOUTS = ROOT / ".bench" / "ab"
 
@@ -62,8 +61,7 @@ def main() -> None:
     parser.add_argument("--env-before", nargs="*", default=[], metavar="K=V")
     parser.add_argument("--env-after", nargs="*", default=[], metavar="K=V")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     art = default_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="erde-ab-"))
     base = {**os.environ, "ERDE_STORE": str(STORE.resolve()), "ERDE_DEFAULT_MODEL": art.name,

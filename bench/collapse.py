@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import STORE, default_artifact, table
-from bench.load import launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 MAX_REQUESTS = int(os.environ.get("BENCH_MAX_REQUESTS", "1000000"))
@@ -57,8 +56,7 @@ def hold_queue(port: int, body: bytes, rows: int) -> list[threading.Thread]:
 
 
 def main() -> None:
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     art = default_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="erde-collapse-"))
     env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1",

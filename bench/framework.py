@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from starlette.routing import Route
 
 from bench.common import default_artifact, table
 from bench.floor import CONSTANT, create_floor_app
-from bench.load import launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 from service.pipeline import read_upload
 
 
@@ -87,8 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     art = default_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="erde-framework-"))
     script = lua(tmp, write_bodies(tmp, {}, art.spec.size), "constant", 10_000_000)

@@ -8,13 +8,12 @@ requests; the uploads are real Fashion-MNIST test images encoded as PNG, cycled.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import STORE, default_artifact, table
-from bench.load import launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -23,8 +22,7 @@ STARTUP_TIMEOUT_S = 60
 
 
 def main() -> None:
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     art = default_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="erde-bench-"))
     env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1"}

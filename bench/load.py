@@ -9,6 +9,7 @@ import io
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,11 @@ def lua(folder: Path, listing: Path, name: str, max_requests: int) -> Path:
     path = folder / f"{name}.lua"
     path.write_text(LUA % {"max": max_requests, "list": listing, "boundary": BOUNDARY, "path": "/classify"})
     return path
+
+
+def require_wrk() -> None:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
 
 def wrk(port: int, script: Path, concurrency: int, seconds: float) -> dict[str, float]:

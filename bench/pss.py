@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 import tempfile
 import threading
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import STORE, default_artifact, table
-from bench.load import children, launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -62,8 +61,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of wrk load")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     art = default_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="erde-pss-"))
     env = {**os.environ, "ERDE_STORE": str(STORE), "ERDE_DEFAULT_MODEL": art.name, "ERDE_HOST": "127.0.0.1"}

@@ -23,7 +23,6 @@ import io
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import torch
 
 from bench.common import STORE, default_artifact, sample_images, table
 from bench.engine import run_for
-from bench.load import children, launch, lua, server_port, stop, write_bodies, wrk
+from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.decode import ImageLimits, decode_image
@@ -377,8 +376,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    require_wrk()
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     art = default_artifact()
