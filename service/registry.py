@@ -72,7 +72,8 @@ class ModelRegistry:
         served = self._models.get(name) if name else None
         if served is None:
             known = ", ".join(self.names) or "none loaded"
-            raise UnknownModel(f"unknown model {name!r}; available: {known}", reason="unknown_model")
+            asked = f"unknown model {name!r}" if name else "no default model to serve; name one with `model`"
+            raise UnknownModel(f"{asked}; available: {known}", reason="unknown_model")
         return served
 
     def find(self, name: str | None) -> ServedModel | None:
