@@ -38,21 +38,25 @@ class AdmissionControl:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "POST" and (scope["path"] in CLASSIFY_PATHS or OIP_INFER.fullmatch(scope["path"])):
-            refusal = self.refusal(scope)
-            if refusal is not None:
-                await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining)
-                return
+        if scope["method"] == "POST":
+            ours = scope["path"] in CLASSIFY_PATHS
+            oip = None if ours else OIP_INFER.fullmatch(scope["path"])
+            if ours or oip is not None:
+                refusal = self.refusal(scope, oip)
+                if refusal is not None:
+                    await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining,
+                                 oip=oip is not None)
+                    return
         if self.runtime.draining:
             send = closing(send)
         await self.app(scope, receive, send)
 
-    def refusal(self, scope: Scope) -> Unavailable | None:
+    def refusal(self, scope: Scope, oip: re.Match[str] | None) -> Unavailable | None:
+        """Why to refuse this classify request (`oip`: its match when it is an OIP infer) now, or None."""
         runtime = self.runtime
         if runtime.draining:
             return Unavailable("the service is shutting down; retry on another instance",
                                retry_after=runtime.settings.retry_after_s, reason="draining")
-        oip = OIP_INFER.fullmatch(scope["path"])
         if oip is not None:
             name = oip.group(1)
         else:
@@ -72,7 +76,8 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, keep_alive: bool) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, keep_alive: bool,
+                 oip: bool) -> None:
     """A 503 JSON reply. With `keep_alive`, a small body (already in the socket's buffer, as most uploads
     here are) is read and dropped so the connection can serve the client's retry; a large or unsized one
     is left unread and the connection closed."""
@@ -82,8 +87,7 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable,
     if keep:
         while (await receive()).get("more_body"):
             pass
-    oip = OIP_INFER.fullmatch(scope["path"]) is not None  # the Open Inference Protocol's error shape
-    payload = orjson.dumps({"error": error.message} if oip else error_body(error.code, error.message))
+    payload = orjson.dumps({"error": error.message} if oip else error_body(error.code, error.message))  # OIP's shape
     await send({"type": "http.response.start", "status": error.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
         (b"retry-after", str(error.retry_after).encode()), *([] if keep else [CLOSE])]})
