@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.deps import RuntimeDep
+from service.middleware import WORK
 
 STATIC = Path(__file__).with_name("static")
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -31,8 +32,6 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 # Counter samples /stats reads; each total is keyed by (sample name, model, exit or "").
 COUNTERS = ("erde_requests_total", "erde_exits_total", "erde_macs_total", "erde_macs_full_total")
-# The endpoints whose requests are the service's work (not the page's own polling, nor probes).
-WORK_ENDPOINTS = ("classify", "classify_batch", "v2_infer")
 Totals = dict[tuple[str, str, str], float]
 
 
@@ -47,7 +46,8 @@ def read_counters() -> Totals:
     totals: Totals = defaultdict(float)
     for family in metrics.registry().collect():
         for sample in family.samples:
-            if sample.name in COUNTERS and sample.labels.get("endpoint", WORK_ENDPOINTS[0]) in WORK_ENDPOINTS:
+            endpoint = sample.labels.get("endpoint")  # requests: the work only, not the page's polling nor probes
+            if sample.name in COUNTERS and (endpoint is None or endpoint in WORK):
                 totals[sample.name, sample.labels.get("model", ""), sample.labels.get("exit", "")] += sample.value
     return totals
 
