@@ -17,6 +17,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Unavailable, error_body
+from service.middleware import declared_length
 from service.record import record_of
 from service.runtime import Runtime
 
@@ -67,13 +68,6 @@ class AdmissionControl:
             return None
         record_of(scope).model = served.name
         return served.worker.refusal()
-
-
-def declared_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, keep_alive: bool,

@@ -77,7 +77,7 @@ class RequestAccounting:
             self.runtime.inflight += 1
             metrics.set_inflight(1)
         try:
-            declared = _content_length(scope)
+            declared = declared_length(scope)
             if declared is not None and declared > self.max_body:
                 record.reason = "too_large"
                 message = self._too_large_message()  # in the Open Inference Protocol's shape on its path
@@ -173,7 +173,8 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def _content_length(scope: Scope) -> int | None:
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, or None when it has none or an unreadable one."""
     value = _header(scope, b"content-length")
     try:
         return int(value) if value is not None else None
