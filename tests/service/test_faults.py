@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.load import children
 from erde.export import export_run
 from tests.service import images
 from tests.service.conftest import Server, eventually
@@ -37,6 +38,17 @@ def wait_until_idle(pid: int) -> None:
     eventually(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S")
 
 
+def forkserver_of(server: Server) -> int:
+    """The server's forkserver (its child that forks the inference processes, which share its command line)."""
+    [pid] = [p for p in children(server.proc.pid)
+             if _parent(p) == server.proc.pid and b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def timed_post(url: str) -> tuple[int, float, str | None]:
     started = time.monotonic()
     reply = post(url)
@@ -48,6 +60,10 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
     assert post(server.url).status_code == 200
     [frozen] = inference_pids(server)
     wait_until_idle(frozen)
+    # No replacement can start until the forkserver resumes, once /readyz has been seen to say 503:
+    # the time without a live process is otherwise a few ms, shorter than one poll.
+    forkserver = forkserver_of(server)
+    os.kill(forkserver, signal.SIGSTOP)
     os.kill(frozen, signal.SIGSTOP)  # holds whatever it is sent, answers nothing, stays "alive"
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -59,9 +75,11 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
                 readiness.append(ready.status_code)
                 if ready.status_code == 503:
                     assert "toy" in ready.json()["error"]["message"] and ready.headers["retry-after"]
+                    os.kill(forkserver, signal.SIGCONT)
                 time.sleep(0.01)
             outcomes = [r.result() for r in replies]
     finally:
+        os.kill(forkserver, signal.SIGCONT)
         with contextlib.suppress(ProcessLookupError):  # killed by the watchdog, as it should be
             os.kill(frozen, signal.SIGCONT)
     for status, seconds, retry_after in outcomes:
