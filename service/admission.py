@@ -13,11 +13,10 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Unavailable, error_body
-from service.middleware import declared_length
+from service.middleware import declared_length, send_json
 from service.record import record_of
 from service.runtime import Runtime
 
@@ -81,11 +80,8 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable,
     if keep:
         while (await receive()).get("more_body"):
             pass
-    payload = orjson.dumps({"error": error.message} if oip else error_body(error.code, error.message))  # OIP's shape
-    await send({"type": "http.response.start", "status": error.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        (b"retry-after", str(error.retry_after).encode()), *([] if keep else [CLOSE])]})
-    await send({"type": "http.response.body", "body": payload})
+    body = {"error": error.message} if oip else error_body(error.code, error.message)  # OIP's shape, or ours
+    await send_json(send, error.status, body, retry_after=error.retry_after, close=not keep)
 
 
 def closing(send: Send) -> Send:

@@ -82,14 +82,14 @@ class RequestAccounting:
                 record.reason = "too_large"
                 message = self._too_large_message()  # in the Open Inference Protocol's shape on its path
                 body = {"error": message} if endpoint == "v2_infer" else error_body("too_large", message)
-                await _send_json(send_status, 413, body)
+                await send_json(send_status, 413, body)
             else:
                 await self.app(scope, self._limited(receive), send_status)
         except Exception:  # a bug, never a client's doing: one traceback, a JSON 500, and serving goes on
             log.exception("unexpected error answering %s %s", scope.get("method"), endpoint)
             record.reason = "error"
             if status is None:
-                await _send_json(send_status, 500, error_body("internal", "internal error"))
+                await send_json(send_status, 500, error_body("internal", "internal error"))
         finally:
             if work:
                 self.runtime.inflight -= 1
@@ -146,7 +146,7 @@ class AllowedHosts:
             if host is not None and host not in self.passed:
                 if not self.allowed(host.decode("latin-1")):
                     record_of(scope).reason = "invalid_host"
-                    await _send_json(send, 400, error_body(
+                    await send_json(send, 400, error_body(
                         "invalid_host", "this service does not answer to that Host name (see ERDE_ALLOWED_HOSTS)"))
                     return
                 if len(self.passed) < 256:  # bounded: IP literals are endless
@@ -182,9 +182,13 @@ def declared_length(scope: Scope) -> int | None:
         return None
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True) -> None:
+    """A whole JSON reply sent straight through ASGI, for answers given before (or instead of) the app."""
     payload = orjson.dumps(body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
 from service.errors import error_body
+from service.middleware import send_json
 from service.record import UNKNOWN_MODEL, record_of
 from service.settings import Settings
 
@@ -170,11 +171,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app for a request past the connection cap: 503 JSON with Retry-After, connection closed."""
         metrics.observe_rejected(UNKNOWN_MODEL, "too_many_connections")
-        body = orjson.dumps(error_body("too_many_connections", "the server has too many open connections; retry"))
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(self.limits.retry_after_s).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        body = error_body("too_many_connections", "the server has too many open connections; retry")
+        await send_json(send, 503, body, retry_after=self.limits.retry_after_s)
 
     def _start_read(self) -> None:
         self.read_deadline = self.loop.time() + self.limits.read_timeout_s
