@@ -6,6 +6,11 @@ a classify request is refused (503, Retry-After) when the service drains or the 
 cannot take it, at the cost of a header lookup, without parsing the upload; a large body is not
 even read (`Connection: close`). While draining, every reply says `Connection: close`, so clients
 move to another instance instead of reusing this one's connections.
+
+The model is looked up as the pipeline looks it up (`split_upload`: a form field over the query),
+so that a request naming an idle model in its form is never refused for the default model's full
+queue: when the model the request line points to would refuse, a small multipart body is read and
+its fields consulted; if its own model admits it, the body is handed on to the app as read.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Unavailable, error_body
-from service.middleware import declared_length, send_json
+from service.errors import ServiceError, Unavailable, error_body
+from service.middleware import declared_length, header, send_json
+from service.multipart import split_upload
 from service.record import record_of
 from service.runtime import Runtime
 
@@ -42,7 +48,9 @@ class AdmissionControl:
             ours = scope["path"] in CLASSIFY_PATHS
             oip = None if ours else OIP_INFER.fullmatch(scope["path"])
             if ours or oip is not None:
-                refusal = self.refusal(scope, oip)
+                refusal = self.refusal(scope, oip.group(1) if oip is not None else query_model(scope))
+                if refusal is not None and ours and refusal.reason != "draining":
+                    refusal, receive = await self.recheck_form(scope, receive, refusal)
                 if refusal is not None:
                     await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining,
                                  oip=oip is not None)
@@ -51,22 +59,67 @@ class AdmissionControl:
             send = closing(send)
         await self.app(scope, receive, send)
 
-    def refusal(self, scope: Scope, oip: re.Match[str] | None) -> Unavailable | None:
-        """Why to refuse this classify request (`oip`: its match when it is an OIP infer) now, or None."""
+    def refusal(self, scope: Scope, name: str | None) -> Unavailable | None:
+        """Why to refuse a classify request for model `name` (None: the default) now, or None."""
         runtime = self.runtime
         if runtime.draining:
             return Unavailable("the service is shutting down; retry on another instance",
                                retry_after=runtime.settings.retry_after_s, reason="draining")
-        if oip is not None:
-            name = oip.group(1)
-        else:
-            query = scope.get("query_string", b"")
-            name = parse_qs(query.decode("latin-1")).get("model", [None])[0] if b"model=" in query else None
         served = runtime.registry.find(name)
         if served is None:  # unknown (or not yet loaded): the full path answers it with its own error
             return None
         record_of(scope).model = served.name
         return served.worker.refusal()
+
+    async def recheck_form(self, scope: Scope, receive: Receive,
+                           refusal: Unavailable) -> tuple[Unavailable | None, Receive]:
+        """The refusal for the model a multipart form names, when it names one; and the `receive` that
+        hands the body on. A body too large to read here is left to the pipeline, which refuses it
+        after parsing if its own model's queue is full."""
+        if not header(scope, b"content-type", b"").startswith(b"multipart/form-data"):
+            return refusal, receive
+        length = declared_length(scope)
+        if length is None or length > KEEP_ALIVE_BODY_BYTES:
+            return None, receive
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        body = bytes(body)
+        if b'name="model"' in body:  # else the form names no model: the request line's refusal stands
+            try:
+                _, fields = split_upload(header(scope, b"content-type", b"").decode("latin-1"), body,
+                                         query_fields(scope), self.runtime.settings.max_batch_images)
+            except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
+                return None, replay(body, receive)
+            refusal = self.refusal(scope, fields.get("model"))
+        return refusal, replay(body, receive)
+
+
+def query_fields(scope: Scope) -> dict[str, str]:
+    query = scope.get("query_string", b"")
+    return {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()} if query else {}
+
+
+def query_model(scope: Scope) -> str | None:
+    """The model the query names (cheap: no parsing when it names none)."""
+    return query_fields(scope).get("model") if b"model=" in scope.get("query_string", b"") else None
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app a body already read, whole, then whatever `receive` says next."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, keep_alive: bool,

@@ -142,7 +142,7 @@ class AllowedHosts:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.any:
-            host = _header(scope, b"host")
+            host = header(scope, b"host")
             if host is not None and host not in self.passed:
                 if not self.allowed(host.decode("latin-1")):
                     record_of(scope).reason = "invalid_host"
@@ -166,16 +166,17 @@ class AllowedHosts:
             return name in self.names or name.endswith(self.suffixes)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes, default: bytes | None = None) -> bytes | None:
+    """The first value of a request header (`name` in lower case)."""
     for key, value in scope.get("headers", ()):
         if key == name:
             return value
-    return None
+    return default
 
 
 def declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, or None when it has none or an unreadable one."""
-    value = _header(scope, b"content-length")
+    value = header(scope, b"content-length")
     try:
         return int(value) if value is not None else None
     except ValueError:

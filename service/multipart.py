@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from service.errors import ServiceError
+from service.errors import BadOptions, ServiceError, UnsupportedImage
 
 MAX_CONTENT_TYPE = 1024  # characters of the request's Content-Type (a boundary is at most 70)
 MAX_PART_HEAD = 4096  # bytes of one part's header block
 MAX_NAME = 128  # characters of a field name
 MAX_FILENAME = 255  # characters of a file name (what file systems allow)
+MAX_FIELDS = 16  # option fields a multipart request may carry besides its images
 
 # A quoted value unrolled and possessive (`*+`, Python 3.11): no alternation inside a repetition and
 # no backtracking state, so the regex engine needs constant memory whatever the value's length.
@@ -93,3 +94,29 @@ def parse_multipart(body: bytes, boundary: bytes, max_parts: int) -> list[Part]:
             raise MalformedMultipart(f"too many parts: at most {max_parts}")
         raise MalformedMultipart("the multipart body is malformed or incomplete (no closing boundary)")
     return [_part(section) for section in sections[1:-1]]
+
+
+def split_upload(content_type: str, body: bytes, query: dict[str, str],
+                 max_images: int) -> tuple[list[bytes], dict[str, str]]:
+    """Images and option fields of a classify request: a multipart form's file parts named `image` and
+    its text fields over the query's, or a raw image/* body with the query's options. The one place the
+    options (the model among them) are read from a request, by admission and by the pipeline alike."""
+    fields = dict(query)
+    if content_type.startswith("image/"):
+        return [body], fields
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedImage("send multipart/form-data with an 'image' file field, or a raw image/* body",
+                               code="unsupported_media_type")
+    images = []
+    for part in parse_multipart(body, boundary_of(content_type), max_parts=max_images + MAX_FIELDS):
+        if part.name != "image":
+            fields[part.name] = part.data.decode("utf-8", errors="replace") if part.filename is None else ""
+        elif part.filename is not None:
+            images.append(part.data)
+        else:
+            raise BadOptions("image: must be a file part, not a text field", code="missing_image")
+    if not images:
+        raise BadOptions("image: a file field named 'image' is required", code="missing_image")
+    if len(images) > max_images:
+        raise BadOptions(f"at most {max_images} images per request", code="too_many_images")
+    return images, fields

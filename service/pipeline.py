@@ -18,40 +18,19 @@ from service import metrics
 from service.decode import check_request_pixels
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult
-from service.errors import BadOptions, DeadlineExceeded, ServiceError, Unavailable, UnsupportedImage
-from service.multipart import boundary_of, parse_multipart
+from service.errors import DeadlineExceeded, ServiceError, Unavailable
+from service.multipart import split_upload
 from service.policy import Decision
 from service.record import record_of
 from service.registry import ServedModel
 from service.runtime import Runtime
 from service.schemas import ClassifyOptions, parse_options
 
-MAX_FIELDS = 16  # option fields a multipart request may carry besides its images
-
 
 async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
     """Images and option fields from a multipart form or a raw image/* body (options in the query)."""
-    content_type = request.headers.get("content-type", "")
-    fields = dict(request.query_params)
-    if content_type.startswith("image/"):
-        return [await request.body()], fields
-    if not content_type.startswith("multipart/form-data"):
-        raise UnsupportedImage("send multipart/form-data with an 'image' file field, or a raw image/* body",
-                               code="unsupported_media_type")
-    boundary = boundary_of(content_type)
-    images = []
-    for part in parse_multipart(await request.body(), boundary, max_parts=max_images + MAX_FIELDS):
-        if part.name != "image":
-            fields[part.name] = part.data.decode("utf-8", errors="replace") if part.filename is None else ""
-        elif part.filename is not None:
-            images.append(part.data)
-        else:
-            raise BadOptions("image: must be a file part, not a text field", code="missing_image")
-    if not images:
-        raise BadOptions("image: a file field named 'image' is required", code="missing_image")
-    if len(images) > max_images:
-        raise BadOptions(f"at most {max_images} images per request", code="too_many_images")
-    return images, fields
+    return split_upload(request.headers.get("content-type", ""), await request.body(), dict(request.query_params),
+                        max_images)
 
 
 @dataclass(frozen=True)

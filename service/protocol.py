@@ -11,6 +11,12 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   (Between requests, uvicorn's keep-alive timeout closes idle connections.)
 - **Connection cap**: beyond `max_connections` open connections (or requests in progress) a request
   is answered 503 with Retry-After, as uvicorn's `limit_concurrency` does, but in JSON.
+- **Lingering close** (`LingeringTransport`): a connection closed after a reply is half-closed and
+  read, with what arrives dropped, until the client closes too, for at most `LINGER_S` and
+  `max_linger_bytes`. Closed at once, a request body still arriving (a client sends the head and the
+  body in two writes; a refusal goes out before the body is read) makes the kernel reset the
+  connection, and the reset throws away the reply the client has not read yet: 44% of the requests
+  a pool of kept-alive clients sent through a drain were lost so. nginx's `lingering_close`.
 - **Every reply is JSON**: the protocol's own refusals (400 not HTTP, 408, 431, 503) carry the
   service's error body, never text/plain, and no reply says `server: uvicorn`.
 
@@ -44,6 +50,48 @@ class HttpLimits:
     read_timeout_s: float  # from a request's first byte to its last
     max_connections: int  # open connections, and requests in progress, per server process
     retry_after_s: int  # Retry-After of the 503 past the connection cap
+    max_linger_bytes: int  # bytes read and dropped after a closing reply, before the socket closes
+
+
+# nginx lingers 30 s at most (lingering_time); a refused body on the same network arrives in milliseconds.
+LINGER_S = 2.0
+
+
+class LingeringTransport:
+    """A connection's transport whose `close` lingers (see the module doc): the reply goes out, then a
+    FIN, and what the client still sends is dropped (`swallow`) until it closes, or until the time or
+    byte bound is reached. Everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, max_bytes: int) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._left = max_bytes
+        self.lingering = False
+        self.write = transport.write  # the hot path, without a lookup through __getattr__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        if self.lingering or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()  # sent once the reply has left the buffer
+        transport.resume_reading()  # flow control may have paused it: the body must be read to be dropped
+        self._loop.call_later(LINGER_S, transport.close)
+
+    def swallow(self, data: bytes) -> None:
+        """Drop bytes that arrived while lingering; past the byte bound, close (and reset) now."""
+        self._left -= len(data)
+        if self._left < 0:
+            self._transport.close()
 
 
 class HeadTooLarge(Exception):
@@ -68,7 +116,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # connection events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.lingering = LingeringTransport(transport, self.loop, self.limits.max_linger_bytes)
+        super().connection_made(self.lingering)  # type: ignore[arg-type]
+        # When the client closes its side while we linger, uvicorn's eof_received lets the transport close.
         self._start_read()  # a connection that never sends a byte is closed at this deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -77,6 +127,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering.lingering:
+            self.lingering.swallow(data)
+            return
         self._unset_keepalive_if_required()
         done_before = self.messages_done
         self.reading = len(data)
@@ -184,7 +237,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `uvicorn.Config` / `uvicorn.run`, shared by one worker and many
     (a partial of a module-level class, so a worker's config can be pickled)."""
     limits = HttpLimits(settings.max_header_bytes, settings.read_timeout_s, settings.max_connections,
-                        settings.retry_after_s)
+                        settings.retry_after_s, max_linger_bytes=settings.max_upload_bytes)
     return {"host": settings.host, "port": settings.port, "loop": "uvloop",
             "http": functools.partial(LimitedHttpProtocol, limits=limits), "ws": "none", "server_header": False,
             "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}
