@@ -133,7 +133,7 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable,
     if keep:
         while (await receive()).get("more_body"):
             pass
-    body = {"error": error.message} if oip else error_body(error.code, error.message)  # OIP's shape, or ours
+    body = error_body(error.code, error.text, record_of(scope).request_id, oip)
     await send_json(send, error.status, body, retry_after=error.retry_after, close=not keep)
 
 

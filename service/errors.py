@@ -7,6 +7,7 @@ answered (500) and logged with their traceback by the accounting middleware, in 
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from fastapi import FastAPI, Request
@@ -37,6 +38,19 @@ class ServiceError(Exception):
         self.status = status or self.status
         self.retry_after = retry_after
         self.reason = reason or self.code  # bounded label for erde_rejected_total
+        self.image: int | None = None  # which image of a request of several it concerns
+
+    def at(self, image: int) -> ServiceError:
+        """This error for image `image` of its request, as a copy: one error object may reach the rows
+        of several requests (a failing batch), and each must get its own number, never another's."""
+        error = copy.copy(self)
+        error.image = image
+        return error
+
+    @property
+    def text(self) -> str:
+        """The message as the client reads it: numbered when it concerns one image of several."""
+        return self.message if self.image is None else f"image {self.image}: {self.message}"
 
 
 class BadOptions(ServiceError):
@@ -69,10 +83,15 @@ class Unsatisfiable(ServiceError):
     status, code = 422, "unsatisfiable"
 
 
-def error_body(code: str, message: str) -> dict:
+def error_body(code: str, message: str, request_id: str, oip: bool = False) -> dict:
+    """An error reply's body, in the protocol's shape: ours `{"error": {"code", "message", "request_id"}}`,
+    or the Open Inference Protocol's `{"error": message, "request_id"}` (`oip`). The one place either
+    shape is written."""
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE - 1] + "…"
-    return {"error": {"code": code, "message": message}}
+    if oip:
+        return {"error": message, "request_id": request_id}
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -88,19 +107,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         record_of(request.scope).reason = exc.reason
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+        body = error_body(exc.code, exc.text, record_of(request.scope).request_id)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         record_of(request.scope).reason = "invalid_option"
-        return JSONResponse(error_body("invalid_option", _validation_message(exc)), status_code=422)
+        return JSONResponse(error_body("invalid_option", _validation_message(exc),
+                                       record_of(request.scope).request_id), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         record_of(request.scope).reason = code
         message = exc.detail if isinstance(exc.detail, str) else "bad request"
-        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+        body = error_body(code, message, record_of(request.scope).request_id)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_disconnect(request: Request, _: ClientDisconnect) -> JSONResponse:
@@ -108,5 +130,5 @@ def install_error_handlers(app: FastAPI) -> None:
         is counted and never sent; a read timeout (the HTTP protocol's 408) keeps its own reason."""
         record = record_of(request.scope)
         record.reason = record.reason or "client_disconnect"
-        return JSONResponse(error_body("client_disconnect", "the client closed the connection"),
+        return JSONResponse(error_body("client_disconnect", "the client closed the connection", record.request_id),
                             status_code=CLIENT_CLOSED)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import PayloadTooLarge, error_body
-from service.record import RequestRecord, record_of
+from service.record import RequestRecord, record_of, request_id
 
 log = logging.getLogger("erde.service")
 access_log = logging.getLogger("erde.access")
@@ -64,12 +64,15 @@ class RequestAccounting:
         started = time.perf_counter()
         endpoint = endpoint_of(scope["path"])
         record = record_of(scope)
+        record.request_id = request_id(header(scope, b"x-request-id"))
+        echoed = (b"x-request-id", record.request_id.encode())
         status: int | None = None
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), echoed]}
             await send(message)
 
         work = endpoint in WORK
@@ -80,8 +83,7 @@ class RequestAccounting:
             declared = declared_length(scope)
             if declared is not None and declared > self.max_body:
                 record.reason = "too_large"
-                message = self._too_large_message()  # in the Open Inference Protocol's shape on its path
-                body = {"error": message} if endpoint == "v2_infer" else error_body("too_large", message)
+                body = error_body("too_large", self._too_large_message(), record.request_id, oip=endpoint == "v2_infer")
                 await send_json(send_status, 413, body)
             else:
                 await self.app(scope, self._limited(receive), send_status)
@@ -89,7 +91,7 @@ class RequestAccounting:
             log.exception("unexpected error answering %s %s", scope.get("method"), endpoint)
             record.reason = "error"
             if status is None:
-                await send_json(send_status, 500, error_body("internal", "internal error"))
+                await send_json(send_status, 500, error_body("internal", "internal error", record.request_id))
         finally:
             if work:
                 self.runtime.inflight -= 1
@@ -122,6 +124,7 @@ class RequestAccounting:
                 "method": scope.get("method"), "path": scope["path"][:MAX_LOGGED_PATH], "endpoint": endpoint,
                 "code": status, "model": record.model, "exit": record.exits, "budget": record.budget,
                 "threshold": record.threshold, "latency_ms": round(seconds * 1000, 3), "error": record.reason,
+                "request_id": record.request_id,
             }).decode())
 
 
@@ -145,9 +148,11 @@ class AllowedHosts:
             host = header(scope, b"host")
             if host is not None and host not in self.passed:
                 if not self.allowed(host.decode("latin-1")):
-                    record_of(scope).reason = "invalid_host"
+                    record = record_of(scope)
+                    record.reason = "invalid_host"
                     await send_json(send, 400, error_body(
-                        "invalid_host", "this service does not answer to that Host name (see ERDE_ALLOWED_HOSTS)"))
+                        "invalid_host", "this service does not answer to that Host name (see ERDE_ALLOWED_HOSTS)",
+                        record.request_id))
                     return
                 if len(self.passed) < 256:  # bounded: IP literals are endless
                     self.passed.add(host)

@@ -62,8 +62,8 @@ class OipRoute(RequestOnlyRoute):
             except ServiceError as exc:
                 record_of(request.scope).reason = exc.reason
                 headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-                message = error_body(exc.code, exc.message)["error"]["message"]  # cut as in our own replies
-                return Response(orjson.dumps({"error": message}), exc.status, headers, media_type="application/json")
+                body = error_body(exc.code, exc.text, record_of(request.scope).request_id, oip=True)
+                return Response(orjson.dumps(body), exc.status, headers, media_type="application/json")
 
         return protocol_errors
 
@@ -304,10 +304,8 @@ async def _infer_rows(order: Order, images: list[bytes], rows: list[int], whole:
     try:
         return await infer(order, [images[i] for i in rows])
     except ServiceError as exc:
-        if len(rows) < whole and not isinstance(exc, Unavailable):  # a row's refusal, numbered in its group
-            local = re.match(r"image (\d+): (.*)", exc.message, re.S)
-            index, message = (int(local[1]), local[2]) if local else (0, exc.message)
-            exc.message = f"image {rows[index]}: {message}"
+        if len(rows) < whole and not isinstance(exc, Unavailable):  # a row's refusal, numbered in the request
+            raise exc.at(rows[exc.image or 0]) from None
         raise
 
 

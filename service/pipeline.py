@@ -91,8 +91,8 @@ async def infer(order: Order, images: list[bytes]) -> list[Answer]:
         raise DeadlineExceeded(f"no answer within the request's deadline of {(order.deadline - now) * 1e3:.0f} ms",
                                retry_after=worker.retry_after, reason="deadline") from None
     for index, result in enumerate(results):
-        if isinstance(result, ServiceError) and len(jobs) > 1:
-            result.message = f"image {index}: {result.message}"
+        if isinstance(result, ServiceError):
+            raise result.at(index) if len(jobs) > 1 else result
         if isinstance(result, BaseException):
             raise result
     return [Answer(result, job.rule) for result, job in zip(results, jobs, strict=True)]

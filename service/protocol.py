@@ -40,7 +40,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service import metrics
 from service.errors import error_body
 from service.middleware import send_json
-from service.record import UNKNOWN_MODEL, record_of
+from service.record import UNKNOWN_MODEL, record_of, request_id
 from service.settings import Settings
 
 
@@ -202,19 +202,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
             metrics.observe_rejected(UNKNOWN_MODEL, code)
             if not owed:
-                self.transport.write(self._error_response(status, code, message))
+                self.transport.write(self._error_response(status, code, message, request_id(None)))
         elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
             record = record_of(cycle.scope)
             record.status, record.reason = status, code
-            self.transport.write(self._error_response(status, code, message))
+            self.transport.write(self._error_response(status, code, message, record.request_id))
         if owed:  # the app's receive() now says http.disconnect, and what it sends is dropped
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
 
-    def _error_response(self, status: int, code: str, message: str) -> bytes:
-        body = orjson.dumps(error_body(code, message))
-        head = [STATUS_LINE[status]]
+    def _error_response(self, status: int, code: str, message: str, rid: str) -> bytes:
+        body = orjson.dumps(error_body(code, message, rid))
+        head = [STATUS_LINE[status], b"x-request-id: ", rid.encode(), b"\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
@@ -224,7 +224,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app for a request past the connection cap: 503 JSON with Retry-After, connection closed."""
         metrics.observe_rejected(UNKNOWN_MODEL, "too_many_connections")
-        body = error_body("too_many_connections", "the server has too many open connections; retry")
+        body = error_body("too_many_connections", "the server has too many open connections; retry",
+                          record_of(scope).request_id)
         await send_json(send, 503, body, retry_after=self.limits.retry_after_s)
 
     def _start_read(self) -> None:

@@ -7,11 +7,13 @@ the HTTP protocol, the middleware and the handlers reach the same record without
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 from starlette.types import Scope
 
 UNKNOWN_MODEL = "unknown"  # the model label when no served model answered
+MAX_REQUEST_ID = 64  # characters of a client's X-Request-ID that is taken as is
 _KEY = "erde"
 
 
@@ -23,6 +25,15 @@ class RequestRecord:
     exits: int | list[int] | None = None  # exit of each image
     reason: str | None = None  # bounded erde_rejected_total reason of an error reply
     status: int | None = None  # the status the client got, when not the one the app sent (408 read timeout)
+    request_id: str = ""  # echoed in X-Request-ID, the access-log line and every error body
+
+
+def request_id(sent: bytes | None) -> str:
+    """The client's X-Request-ID when it is short and printable ASCII (so that it can be logged and
+    echoed safely), else one made here: 16 hex digits, unique with overwhelming probability."""
+    if sent is not None and 0 < len(sent) <= MAX_REQUEST_ID and all(0x21 <= b <= 0x7E for b in sent):
+        return sent.decode("ascii")
+    return secrets.token_hex(8)
 
 
 def record_of(scope: Scope) -> RequestRecord:

@@ -39,7 +39,8 @@ def assert_error(response, status: int) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"code", "message"} and error["message"]
+    assert set(error) == {"code", "message", "request_id"} and error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
     assert "/tmp" not in error["message"] and "Traceback" not in error["message"]
     return error
 

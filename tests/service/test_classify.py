@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tests.service import images
+from tests.service.conftest import eventually
 
 REPLY_KEYS = {"model", "version", "label", "class_id", "confidence", "top_k", "exit", "exits", "entropy",
               "threshold", "budget", "budget_clamped", "max_exit", "min_accuracy", "requested_budget", "degraded",
@@ -126,3 +127,24 @@ def test_models_listing_and_probes(server) -> None:
         assert c.get("/readyz").json()["status"] == "ready"
         assert "/classify" in c.get("/openapi.json").json()["paths"]
         assert c.get("/metrics").text.count("erde_model_info{") == 1
+
+
+def test_a_request_id_is_echoed_in_the_reply_the_error_and_the_access_log(server) -> None:
+    png = images.png()
+    ok = server.client().post("/classify", files={"image": ("a.png", png, "image/png")},
+                              headers={"X-Request-ID": "trace-42.a_b"})
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "trace-42.a_b"
+    bad = server.client().post("/classify", files={"image": ("a.png", png, "image/png")}, data={"budget": "2"},
+                               headers={"X-Request-ID": "trace-43"})
+    assert bad.status_code == 422 and bad.headers["x-request-id"] == "trace-43"
+    assert bad.json()["error"]["request_id"] == "trace-43"
+    for sent in ("x" * 65, "has space", ""):  # too long, not printable: one is made here instead
+        made = server.client().post("/classify", files={"image": ("a.png", b"not an image", "image/png")},
+                                    headers={"X-Request-ID": sent})
+        rid = made.headers["x-request-id"]
+        assert made.status_code == 415 and len(rid) == 16 and int(rid, 16) >= 0 and rid != sent
+        assert made.json()["error"]["request_id"] == rid
+    unrouted = server.client().get("/nowhere")
+    assert unrouted.status_code == 404 and unrouted.json()["error"]["request_id"] == unrouted.headers["x-request-id"]
+    eventually(lambda: '"request_id":"trace-42.a_b"' in server.log.read_text()
+               and '"request_id":"trace-43"' in server.log.read_text())

@@ -183,3 +183,19 @@ def test_a_killed_worker_is_replaced_by_the_supervisor(make_server) -> None:
     eventually(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, timeout=60)
     assert [post(server.url).status_code for _ in range(8)] == [200] * 8
     assert server.proc.poll() is None  # the supervisor itself carried on
+
+
+def test_requests_sharing_a_failed_batch_each_get_their_own_image_numbers(make_server) -> None:
+    # Two requests of two images each share one batch (it leaves full at 4); the process is killed while
+    # it runs, and one error object reaches all four rows. Each request numbers its own failed image.
+    server = make_server(test_slow_ms=3000, hang_timeout_s=10, max_batch_size=4, max_batch_delay_ms=2000)
+    files = [("image", (f"{i}.png", PNG, "image/png")) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        replies = [pool.submit(httpx.post, f"{server.url}/classify/batch", files=files, timeout=30) for _ in range(2)]
+        eventually(lambda: server.metric("erde_batch_size_count", model="toy") == 1)
+        os.kill(inference_pids(server)[0], signal.SIGKILL)
+        messages = [r.result().json()["error"]["message"] for r in replies]
+    assert [r.result().status_code for r in replies] == [503, 503]
+    for message in messages:
+        assert re.fullmatch(r"image 0: [^:]*(?!image \d)", message.split("; ")[0]) and message.count("image ") == 1, \
+            messages

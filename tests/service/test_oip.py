@@ -45,10 +45,11 @@ def infer_json(server, doc: dict, path: str = "/v2/models/toy/infer", **kwargs) 
 
 
 def error_of(response: httpx.Response, status: int) -> str:
-    """The protocol's error shape, exactly: {"error": message}."""
+    """The protocol's error shape, exactly: {"error": message}, with the request's id beside it."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    assert set(body) == {"error", "request_id"} and isinstance(body["error"], str), body
+    assert body["request_id"] == response.headers["x-request-id"]
     return body["error"]
 
 
