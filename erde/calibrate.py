@@ -1,6 +1,6 @@
 """Calibration: from per-exit entropies on held-out data to a budget -> threshold rule.
 
-The exit rule itself (DESIGN section 3) lives in `erde.exits`, shared with the serving loop; this
+The exit rule itself (docs/design.md §3.2) lives in `erde.exits`, shared with the serving loop; this
 module simulates it over a θ grid. Reading and writing run folders is `erde.runs`'s job.
 """
 
@@ -76,7 +76,7 @@ def threshold_grid(outputs: ExitOutputs, points: int) -> np.ndarray:
 
 @dataclass
 class CalibrationCurve:
-    """The θ sweep, and the budget -> operating point rule of DESIGN section 4."""
+    """The θ sweep, and the budget -> operating point rule of docs/design.md §4."""
 
     points: list[OperatingPoint]
     macs_per_exit: list[int]

@@ -1,7 +1,7 @@
 """Losses for early-exit students: CE, exit-to-exit KD, and ERDE's entropy term.
 
 Exits i = 1..n, student logits s_i, teacher logits t_i, temperature T, K classes, and
-C_i the samples the teacher's exit i classifies correctly (DESIGN section 3):
+C_i the samples the teacher's exit i classifies correctly (docs/design.md §3.4):
     L_CE = mean_i CE(s_i, y)
     L_KD = mean_i T^2 KL(softmax(t_i/T) || softmax(s_i/T))      (over C_i only for ERDE)
     L_E  = mean over i < n and samples not in C_i of -H(softmax(s_i)) / log K

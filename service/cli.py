@@ -1,6 +1,6 @@
 """`erde serve`: the service's verb of the `erde` command.
 
-`erde` never imports `service` (DESIGN section 2), so the service registers this verb through the
+`erde` never imports `service` (docs/design.md §2), so the service registers this verb through the
 `erde.commands` entry-point group (pyproject.toml), which `erde.cli` discovers. The help lists
 every field of `Settings` with its variable, default and description; the common ones have flags.
 

@@ -1,4 +1,4 @@
-"""Every Prometheus collector, declared once (DESIGN section 7), and emit helpers that never raise.
+"""Every Prometheus collector, declared once (docs/design.md §7), and emit helpers that never raise.
 
 Labels are bounded: model names come from the store (unknown ones become "unknown"), exits are
 small integers, endpoints, codes, stages and reasons are fixed sets. With several uvicorn workers,

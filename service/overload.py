@@ -1,4 +1,4 @@
-"""The overload controller: how hard to degrade budgets, from how long rows wait (DESIGN section 4).
+"""The overload controller: how hard to degrade budgets, from how long rows wait (docs/design.md §4).
 
 A pure function of (state, measured queueing delay, clock), like `take_batch`: tested without
 sleeping, and the caller decides when to measure (at each dispatch) and what to do with the

@@ -99,7 +99,7 @@ async def infer(order: Order, images: list[bytes]) -> list[Answer]:
 
 
 def encode(served: ServedModel, answer: Answer, started: float) -> dict[str, Any]:
-    """One reply (DESIGN section 5), and the per-image metrics that go with it."""
+    """One reply (docs/design.md §5), and the per-image metrics that go with it."""
     result, decision = answer.result, answer.rule
     art = served.artifact
     macs = art.macs_per_exit[result.exit]

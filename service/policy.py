@@ -1,4 +1,4 @@
-"""Budget semantics (DESIGN section 4): request options -> θ, cap, and what the reply promises.
+"""Budget semantics (docs/design.md §4): request options -> θ, cap, and what the reply promises.
 
 Floors and overload degradation work on the curve's *frontier*: the operating points more
 accurate than every cheaper point, in rising cost (and so rising accuracy). Every point the

@@ -1,7 +1,7 @@
 """Static checks of the deployment files: compose, Prometheus, Grafana dashboard, Dockerfile.
 
 The tools that own each format judge it (docker-compose config, promtool); the tests then check
-what DESIGN.md section 8 asks of the result.
+what docs/design.md §8 asks of the result.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.deploy.deploy_support import DOCKER, PROMETHEUS_DIR, ROOT, Query, pan
 
 GRAFANA_TEST_PASSWORD = "test-only-not-a-real-password"
 
-# DESIGN.md section 7: every metric and whether it carries a `model` label.
+# docs/design.md §7: every metric and whether it carries a `model` label.
 METRICS_WITH_MODEL = {
     "erde_requests_total", "erde_exits_total", "erde_request_duration_seconds", "erde_stage_duration_seconds",
     "erde_macs_total", "erde_macs_full_total", "erde_budget", "erde_batch_size", "erde_queue_depth",
@@ -237,7 +237,7 @@ def test_dashboard_queries_use_known_metrics_and_the_model_filter(dashboard_quer
     for q in dashboard_queries:
         for name, selector in METRIC_RE.findall(q.expr):
             metric = base_metric(name)
-            assert metric in METRICS_WITH_MODEL | METRICS_WITHOUT_MODEL, f"{name} is not a DESIGN metric: {q}"
+            assert metric in METRICS_WITH_MODEL | METRICS_WITHOUT_MODEL, f"{name} is not a docs/design.md metric: {q}"
             if metric in METRICS_WITH_MODEL:
                 assert 'model=~"$model"' in selector, f"{name} is not filtered by $model: {q}"
         for window in re.findall(r"\[([^\]]+)\]", q.expr):
@@ -252,7 +252,7 @@ def test_dashboard_queries_are_valid_promql(dashboard_queries: list[Query], tmp_
     promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)
 
 
-# Each panel DESIGN section 8 asks for: allowed panel types, and patterns that must all appear in its queries.
+# Each panel docs/design.md §8 asks for: allowed panel types, and patterns that must all appear in its queries.
 HQ = r"histogram_quantile\({q}, sum by \([^)]*\ble\b[^)]*\) \(rate\({m}_bucket"
 REQUIRED_PANELS = {
     "request rate by code": ({"timeseries"}, [r"sum by \(code\) \(rate\(erde_requests_total"]),

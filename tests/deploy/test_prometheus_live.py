@@ -1,4 +1,4 @@
-"""The deployment's monitoring, end to end, without Docker (DESIGN.md section 8).
+"""The deployment's monitoring, end to end, without Docker (docs/design.md §8).
 
 Debian's `prometheus` runs the project's own prometheus.yml and rules.yml (target rewritten to a
 live `erde serve` on loopback, 1 s scrapes); traffic with several budgets goes through /classify;

@@ -1,4 +1,4 @@
-"""Budget, floor and degradation semantics (DESIGN section 4) as pure functions of options and a curve."""
+"""Budget, floor and degradation semantics (docs/design.md §4) as pure functions of options and a curve."""
 
 from __future__ import annotations
 
