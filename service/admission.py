@@ -15,7 +15,6 @@ its fields consulted; if its own model admits it, the body is handed on to the a
 
 from __future__ import annotations
 
-import re
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,8 +25,6 @@ from service.multipart import split_upload
 from service.record import record_of
 from service.runtime import Runtime
 
-CLASSIFY_PATHS = frozenset({"/classify", "/classify/batch"})
-OIP_INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 CLOSE = (b"connection", b"close")
 # Refusing with `Connection: close` makes every retry a new connection, which cost the server more
 # than reading a small body: measured here, 161-175 µs of server CPU per refusal closing the
@@ -44,17 +41,15 @@ class AdmissionControl:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "POST":
-            ours = scope["path"] in CLASSIFY_PATHS
-            oip = None if ours else OIP_INFER.fullmatch(scope["path"])
-            if ours or oip is not None:
-                refusal = self.refusal(scope, oip.group(1) if oip is not None else query_model(scope))
-                if refusal is not None and ours and refusal.reason != "draining":
-                    refusal, receive = await self.recheck_form(scope, receive, refusal)
-                if refusal is not None:
-                    await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining,
-                                 oip=oip is not None)
-                    return
+        record = record_of(scope)
+        if record.endpoint.work and scope["method"] == "POST":
+            oip = record.endpoint.protocol == "oip"  # its path names the model
+            refusal = self.refusal(scope, record.path_params["name"] if oip else query_model(scope))
+            if refusal is not None and not oip and refusal.reason != "draining":
+                refusal, receive = await self.recheck_form(scope, receive, refusal)
+            if refusal is not None:
+                await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining, oip=oip)
+                return
         if self.runtime.draining:
             send = closing(send)
         await self.app(scope, receive, send)
@@ -62,9 +57,9 @@ class AdmissionControl:
     def refusal(self, scope: Scope, name: str | None) -> Unavailable | None:
         """Why to refuse a classify request for model `name` (None: the default) now, or None."""
         runtime = self.runtime
-        if runtime.draining:
-            return Unavailable("the service is shutting down; retry on another instance",
-                               retry_after=runtime.settings.retry_after_s, reason="draining")
+        refusal = runtime.draining_refusal()
+        if refusal is not None:
+            return refusal
         served = runtime.registry.find(name)
         if served is None:  # unknown (or not yet loaded): the full path answers it with its own error
             return None

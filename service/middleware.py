@@ -2,15 +2,14 @@
 request metrics, the last-resort 500, one structured access-log line per request) and the Host
 check against DNS rebinding.
 
-Every HTTP request is counted, under a fixed endpoint label (never a raw path): exact paths first,
-then path templates, and "other" for anything else (unknown paths included).
+Every HTTP request is counted, under a fixed endpoint label (never a raw path) from the one endpoint
+table (service/endpoints.py): "other" for anything else, unknown paths included.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Iterable
 
@@ -18,36 +17,14 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.endpoints import match
 from service.errors import PayloadTooLarge, error_body
 from service.record import RequestRecord, record_of, request_id
 
 log = logging.getLogger("erde.service")
 access_log = logging.getLogger("erde.access")
 
-ENDPOINTS = {"/classify": "classify", "/classify/batch": "classify_batch", "/models": "models",
-             "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/stats": "stats", "/": "ui",
-             "/ui": "ui"}
-TEMPLATES = (  # (path pattern, label): to count a new route, add a line here
-    (re.compile(r"/models/[^/]+"), "models"),
-    (re.compile(r"/ui/.*"), "ui"),
-    (re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"), "v2_infer"),
-    (re.compile(r"/v2(?:/.*)?"), "v2"),
-    (re.compile(r"/(?:docs|redoc|openapi\.json|static-offline-docs)(?:/.*)?"), "docs"),
-)
-OTHER = "other"
-WORK = frozenset({"classify", "classify_batch", "v2_infer"})  # endpoints that hold the service's work
 MAX_LOGGED_PATH = 256  # characters of the path in an access-log line
-
-
-def endpoint_of(path: str) -> str:
-    """The fixed label a path is counted under."""
-    label = ENDPOINTS.get(path)
-    if label is not None:
-        return label
-    for pattern, label in TEMPLATES:
-        if pattern.fullmatch(path):
-            return label
-    return OTHER
 
 
 class RequestAccounting:
@@ -62,8 +39,9 @@ class RequestAccounting:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        endpoint = endpoint_of(scope["path"])
         record = record_of(scope)
+        record.endpoint, record.path_params = match(scope["path"])
+        endpoint = record.endpoint.label
         record.request_id = request_id(header(scope, b"x-request-id"))
         echoed = (b"x-request-id", record.request_id.encode())
         status: int | None = None
@@ -71,11 +49,11 @@ class RequestAccounting:
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = record.sent = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), echoed]}
             await send(message)
 
-        work = endpoint in WORK
+        work = record.endpoint.work
         if work:
             self.runtime.inflight += 1
             metrics.set_inflight(1)
@@ -83,7 +61,8 @@ class RequestAccounting:
             declared = declared_length(scope)
             if declared is not None and declared > self.max_body:
                 record.reason = "too_large"
-                body = error_body("too_large", self._too_large_message(), record.request_id, oip=endpoint == "v2_infer")
+                body = error_body("too_large", self._too_large_message(), record.request_id,
+                                  oip=record.endpoint.protocol == "oip")
                 await send_json(send_status, 413, body)
             else:
                 await self.app(scope, self._limited(receive), send_status)

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.decode import check_request_pixels
 from service.deps import runtime_of
+from service.endpoints import V2, V2_INFER
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
 from service.pipeline import Answer, Order, encode, infer, resolve
 from service.record import record_of
@@ -68,7 +69,9 @@ class OipRoute(RequestOnlyRoute):
         return protocol_errors
 
 
-router = APIRouter(prefix="/v2", route_class=OipRoute, tags=["Open Inference Protocol"])
+router = APIRouter(route_class=OipRoute, tags=["Open Inference Protocol"])
+SERVER, LIVE, READY, MODEL, MODEL_VERSION, MODEL_READY, MODEL_VERSION_READY = V2.paths
+INFER, INFER_VERSION = V2_INFER.paths
 
 
 @dataclass(frozen=True)
@@ -389,34 +392,34 @@ def _check_ready(runtime: Runtime) -> None:
         raise Unavailable(reason, code="not_ready", retry_after=runtime.settings.retry_after_s)
 
 
-@router.get("")
+@router.get(SERVER)
 async def server_metadata(request: Request) -> Response:
     """Server metadata: name, version, supported extensions."""
     return _json({"name": "erde-serving", "version": request.app.version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live")
+@router.get(LIVE)
 async def server_live(_: Request) -> Response:
     """Live: the process answers."""
     return _json({"live": True})
 
 
-@router.get("/health/ready")
+@router.get(READY)
 async def server_ready(request: Request) -> Response:
     """Ready: models loaded and warmed, and not draining (else 503 with Retry-After)."""
     _check_ready(runtime_of(request))
     return _json({"ready": True})
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get(MODEL)
+@router.get(MODEL_VERSION)
 async def model_metadata_route(request: Request) -> Response:
     """A model's inputs and outputs, with datatypes and shapes (-1: the batch)."""
     return _json(model_metadata(served_model(runtime_of(request), request)))
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get(MODEL_READY)
+@router.get(MODEL_VERSION_READY)
 async def model_ready(request: Request) -> Response:
     """Ready to infer with this model (404 if it is not served, 503 while not ready)."""
     runtime = runtime_of(request)
@@ -431,8 +434,8 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
+@router.post(INFER, openapi_extra=_INFER_BODY)
+@router.post(INFER_VERSION, openapi_extra=_INFER_BODY)
 async def model_infer(request: Request) -> Response:
     """Classify the `image` input's rows under the request's (or each row's) budget."""
     arrived, started = time.monotonic(), time.perf_counter()

@@ -18,7 +18,7 @@ from service import metrics
 from service.decode import check_request_pixels
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult
-from service.errors import DeadlineExceeded, ServiceError, Unavailable
+from service.errors import DeadlineExceeded, ServiceError
 from service.multipart import split_upload
 from service.policy import Decision
 from service.record import record_of
@@ -52,9 +52,9 @@ class Answer:
 
 def resolve(runtime: Runtime, request: Request, fields: dict[str, str], started: float) -> Order:
     """Options -> model, rule and deadline (`started`: monotonic time the request arrived)."""
-    if runtime.draining:
-        raise Unavailable("the service is shutting down; retry on another instance",
-                          retry_after=runtime.settings.retry_after_s, reason="draining")
+    refusal = runtime.draining_refusal()
+    if refusal is not None:
+        raise refusal
     options: ClassifyOptions = parse_options(fields)
     served = runtime.registry.get(options.model)
     record = record_of(request.scope)

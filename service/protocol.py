@@ -17,6 +17,9 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   body in two writes; a refusal goes out before the body is read) makes the kernel reset the
   connection, and the reset throws away the reply the client has not read yet: 44% of the requests
   a pool of kept-alive clients sent through a drain were lost so. nginx's `lingering_close`.
+- **A pause after a refusal**: a kept-alive connection that was just answered 503 is not read
+  again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a tight loop
+  cannot take the event loop from the requests being served. The 503 itself goes out at once.
 - **Every reply is JSON**: the protocol's own refusals (400 not HTTP, 408, 431, 503) carry the
   service's error body, never text/plain, and no reply says `server: uvicorn`.
 
@@ -55,6 +58,7 @@ class HttpLimits:
 
 # nginx lingers 30 s at most (lingering_time); a refused body on the same network arrives in milliseconds.
 LINGER_S = 2.0
+REFUSED_PAUSE_S = 0.1
 
 
 class LingeringTransport:
@@ -172,6 +176,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self.messages_done += 1
         self.read_deadline = None
+
+    def on_response_complete(self) -> None:
+        refused = self.cycle is not None and record_of(self.cycle.scope).sent == 503
+        super().on_response_complete()
+        if refused and not self.transport.is_closing():
+            self.flow.pause_reading()
+            self.loop.call_later(min(REFUSED_PAUSE_S, self.limits.retry_after_s), self._resume_after_refusal)
+
+    def _resume_after_refusal(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     # refusals
 

@@ -8,9 +8,11 @@ the HTTP protocol, the middleware and the handlers reach the same record without
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import Scope
+
+from service.endpoints import OTHER, Endpoint
 
 UNKNOWN_MODEL = "unknown"  # the model label when no served model answered
 MAX_REQUEST_ID = 64  # characters of a client's X-Request-ID that is taken as is
@@ -25,7 +27,10 @@ class RequestRecord:
     exits: int | list[int] | None = None  # exit of each image
     reason: str | None = None  # bounded erde_rejected_total reason of an error reply
     status: int | None = None  # the status the client got, when not the one the app sent (408 read timeout)
+    sent: int | None = None  # the status the app sent, once it has
     request_id: str = ""  # echoed in X-Request-ID, the access-log line and every error body
+    endpoint: Endpoint = OTHER  # what the path is (service/endpoints.py), matched once by the accounting
+    path_params: dict[str, str] = field(default_factory=dict)  # its parameters: the OIP path's model `name`
 
 
 def request_id(sent: bytes | None) -> str:

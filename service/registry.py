@@ -97,7 +97,7 @@ class ModelRegistry:
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
-                             threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s, slow_s=s.test_slow_ms / 1000,
+                             threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
                              adjust=adaptive.adjust, on_full=adaptive.saturate,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))

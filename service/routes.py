@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 
 from service import metrics
 from service.deps import RuntimeDep, runtime_of
+from service.endpoints import CLASSIFY, CLASSIFY_BATCH, HEALTHZ, METRICS, MODELS, READYZ
 from service.errors import Unavailable
 from service.pipeline import classify
 from service.schemas import BatchReply, ClassifyOptions, ClassifyReply, ErrorReply, ModelInfo
@@ -52,38 +53,38 @@ def _json(payload: object) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
 
-@classify_router.post("/classify", response_model=ClassifyReply, responses=_ERRORS, openapi_extra=_body(False))
+@classify_router.post(CLASSIFY.path, response_model=ClassifyReply, responses=_ERRORS, openapi_extra=_body(False))
 async def classify_one(request: Request) -> Response:
     """Classify one image under a per-request compute budget (multipart, or a raw image body)."""
     return _json((await classify(runtime_of(request), request, max_images=1))[0])
 
 
-@classify_router.post("/classify/batch", response_model=BatchReply, responses=_ERRORS, openapi_extra=_body(True))
+@classify_router.post(CLASSIFY_BATCH.path, response_model=BatchReply, responses=_ERRORS, openapi_extra=_body(True))
 async def classify_batch(request: Request) -> Response:
     """Classify several `image` parts with the same options; results in the order sent."""
     runtime = runtime_of(request)
     return _json({"results": await classify(runtime, request, runtime.settings.max_batch_images)})
 
 
-@router.get("/models", response_model=list[ModelInfo])
+@router.get(MODELS.paths[0], response_model=list[ModelInfo])
 async def models(runtime: RuntimeDep) -> Response:
     """Every served model: version, classes, input spec, MACs per exit, calibration curve."""
     return _json([runtime.registry.get(n).info() for n in runtime.registry.names])
 
 
-@router.get("/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorReply}})
+@router.get(MODELS.paths[1], response_model=ModelInfo, responses={404: {"model": ErrorReply}})
 async def model(name: str, runtime: RuntimeDep) -> Response:
     """One served model by name."""
     return _json(runtime.registry.get(name).info())
 
 
-@router.get("/healthz")
+@router.get(HEALTHZ.path)
 async def healthz() -> dict[str, str]:
     """Alive: the process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": ErrorReply}})
+@router.get(READYZ.path, responses={503: {"model": ErrorReply}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready: models loaded and warmed, and not draining."""
     reason = runtime.unready_reason()
@@ -92,7 +93,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": runtime.registry.names})
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(METRICS.path, include_in_schema=False)
 async def prometheus_metrics() -> Response:
     """Prometheus exposition."""
     body, content_type = metrics.render()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from service.errors import Unavailable
 from service.registry import ModelRegistry
 from service.settings import Settings
 
@@ -21,6 +22,14 @@ class Runtime:
         self.registry.loop = loop
         self.registry.reload()
         self.started = True
+
+    def draining_refusal(self) -> Unavailable | None:
+        """The 503 every new classify request gets while the service drains (from admission, or from the
+        pipeline for a request admitted just before), or None."""
+        if not self.draining:
+            return None
+        return Unavailable("the service is shutting down; retry on another instance",
+                           retry_after=self.settings.retry_after_s, reason="draining")
 
     def unready_reason(self) -> str | None:
         """Why /readyz must answer 503 now, or None: loading, draining, no model, or a model down."""

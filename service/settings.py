@@ -53,8 +53,6 @@ class Settings(BaseSettings):
     hang_timeout_s: float = Field(2.0, gt=0, le=600, description=(
         "an inference process holding work without progress this long is killed and replaced "
         "(its rows get 503)"))
-    test_slow_ms: float = Field(0.0, ge=0, le=600_000,
-                                description="test-only: every batch takes this much longer")
 
     # limits (issue 11): what one client can make the server hold or do (README, Security)
     max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description=(

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.deps import RuntimeDep
-from service.middleware import WORK
+from service.endpoints import STATS, UI, WORK
 
 STATIC = Path(__file__).with_name("static")
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -120,19 +120,21 @@ def ui_router() -> APIRouter:
     window = RateWindow()
     router = APIRouter()
 
-    @router.get("/", include_in_schema=False)
-    @router.get("/ui", include_in_schema=False)
+    page_path, ui_path, file_path = UI.paths
+
+    @router.get(page_path, include_in_schema=False)
+    @router.get(ui_path, include_in_schema=False)
     async def page() -> Response:
         return _file(files["index.html"])
 
-    @router.get("/ui/{name:path}", include_in_schema=False)
+    @router.get(file_path, include_in_schema=False)
     async def static(name: str) -> Response:
         found = files.get(name)
         if found is None:
             raise HTTPException(404, "no such file")
         return _file(found)
 
-    @router.get("/stats", response_model=StatsReply)
+    @router.get(STATS.path, response_model=StatsReply)
     async def stats(runtime: RuntimeDep) -> Response:
         """Live service state for the page: exit distribution, requests/s and compute saved per model."""
         totals = read_counters()

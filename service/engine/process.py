@@ -180,11 +180,8 @@ def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | 
 
 
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
-          arena_path: str, arena_bytes: int, threads: int, max_rows: int, slow_s: float = 0.0) -> None:
-    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop.
-
-    `slow_s` stretches every batch by that long: a test-only knob that makes overload reproducible.
-    """
+          arena_path: str, arena_bytes: int, threads: int, max_rows: int) -> None:
+    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop."""
     # The server drains on SIGTERM and then stops this process; a signal to the whole process
     # group must not kill it first. It also ends when the server's end of the pipe closes.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -209,8 +206,6 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             return
         batch_id, slot, rows = decode_batch(message)
         try:
-            if slow_s:
-                time.sleep(slow_s)
             run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
             replies.send_bytes(ID.pack(b"D", batch_id))
         except (EOFError, OSError):

@@ -64,7 +64,7 @@ def _end_processes() -> None:
 class ModelWorker:
     def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
-                 name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0, slow_s: float = 0.0,
+                 name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  adjust: Callable[[list[Job], float], None] = lambda jobs, now: None,
                  on_full: Callable[[float], None] = lambda now: None,
                  on_batch: Callable[[int], None] = lambda size: None,
@@ -80,7 +80,6 @@ class ModelWorker:
         self.queue_size = queue_size
         self.retry_after = retry_after
         self.hang_timeout_s = hang_timeout_s
-        self.slow_s = slow_s  # test-only: stretch every batch (reproducible overload)
         self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
         self.on_full = on_full  # told when the queue refuses rows for lack of room
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
@@ -155,7 +154,7 @@ class ModelWorker:
             replies_r, replies_w = _context.Pipe(duplex=False)
             proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
                                     args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
-                                          self.arena_bytes, self.threads, self.max_batch_size, self.slow_s))
+                                          self.arena_bytes, self.threads, self.max_batch_size))
             proc.start()
             requests_r.close()
             replies_w.close()

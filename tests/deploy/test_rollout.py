@@ -206,7 +206,7 @@ def start_replica(tmp_path: Path) -> Iterator[Callable[[], Server]]:
 
     def start() -> Server:
         server = start_server(ROOT / "model_store", tmp_path, default_model="fashion-mnist",
-                              drain_timeout_s=DRAIN_TIMEOUT_S, test_slow_ms=SLOW_MS)
+                              drain_timeout_s=DRAIN_TIMEOUT_S, slow_batch_ms=SLOW_MS)
         started.append(server)
         return server
 

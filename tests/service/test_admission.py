@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +14,7 @@ from tests.service.conftest import eventually
 PNG = images.png()
 QUEUE = 4
 # Every batch takes 0.6 s: two in the inference process and QUEUE waiting fill a model's queue.
-FLOODABLE = {"max_batch_size": 1, "queue_size": QUEUE, "test_slow_ms": 600, "hang_timeout_s": 10, "overload": "reject"}
+FLOODABLE = {"max_batch_size": 1, "queue_size": QUEUE, "slow_batch_ms": 600, "hang_timeout_s": 10, "overload": "reject"}
 
 
 def post(url: str, params: dict[str, str] | None = None, **fields: str) -> httpx.Response:
@@ -54,3 +55,19 @@ def test_a_full_model_named_in_a_form_field_is_refused_under_its_own_name(make_s
     assert refused.json()["error"]["code"] == "overloaded"
     eventually(lambda: server.metric("erde_rejected_total", model="other", reason="queue_full") == 1)
     assert server.metric("erde_rejected_total", model="toy") == 0
+
+
+def test_a_kept_alive_connection_refused_503_is_read_again_only_after_a_pause(make_server) -> None:
+    server = make_server(**FLOODABLE)
+    with ThreadPoolExecutor(QUEUE + 2) as pool, httpx.Client(base_url=server.url, timeout=30) as impatient:
+        flood = [pool.submit(post, server.url) for _ in range(QUEUE + 2)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
+        times = []
+        for _ in range(5):  # a client that retries at once, on its one kept-alive connection
+            started = time.monotonic()
+            reply = impatient.post("/classify", files={"image": ("a.png", PNG, "image/png")})
+            times.append(time.monotonic() - started)
+            assert reply.status_code == 503 and reply.headers["retry-after"] and "connection" not in reply.headers
+        assert all(f.result().status_code == 200 for f in flood)
+    assert times[0] < 0.09, times  # the refusal itself goes out at once
+    assert all(t >= 0.09 for t in times[1:]), times  # each retry waited out the pause

@@ -23,7 +23,7 @@ def overloaded(make_server, tmp_path: Path, mode: str) -> Server:
     store = tmp_path / "store"
     shutil.copytree(SHIPPED, store / "fashion-mnist" / "1")
     return make_server(store=store, default_model="fashion-mnist", min_accuracy=SERVER_FLOOR, overload=mode,
-                       test_slow_ms=150, max_batch_size=2, queue_size=6, target_queue_ms=20, hang_timeout_s=10,
+                       slow_batch_ms=150, max_batch_size=2, queue_size=6, target_queue_ms=20, hang_timeout_s=10,
                        request_timeout_s=30)
 
 

@@ -26,6 +26,7 @@ DEFINED = [
     (httptools_impl.HttpToolsProtocol, "on_headers_complete"),
     (httptools_impl.HttpToolsProtocol, "on_message_complete"),
     (httptools_impl.HttpToolsProtocol, "_unset_keepalive_if_required"),
+    (httptools_impl.HttpToolsProtocol, "on_response_complete"), (httptools_impl, "FlowControl"),
     (uvicorn_config, "STARTUP_FAILURE"), (uvicorn.Config, "bind_socket"),
     (uvicorn.Server, "handle_exit"), (uvicorn.Server, "on_tick"),
     (multiprocess, "Process"), (multiprocess.Process, "target"), (multiprocess.Process, "is_ready"),

@@ -33,8 +33,9 @@ from bench.probes import (
     request,
 )
 from erde.store import list_versions
+from service.endpoints import endpoint_of
 from service.errors import MAX_MESSAGE
-from service.middleware import AllowedHosts, endpoint_of
+from service.middleware import AllowedHosts
 from service.multipart import MAX_NAME, header_params
 from tests.service import images
 from tests.service.conftest import Server, eventually, start_server
@@ -348,3 +349,25 @@ def test_unknown_paths_and_probes_are_counted_without_their_path(server: Server)
     eventually(lambda: server.metric("erde_requests_total", endpoint="other", code="404") == before + 1)
     assert server.metric("erde_requests_total", endpoint="healthz", code="200") >= probes + 1
     assert "no-such-path" not in httpx.get(f"{server.url}/metrics").text
+
+
+def test_the_endpoint_table_is_the_apps_routes(toy_store) -> None:
+    """Every route the app serves is in the one endpoint table, under the label it is counted by, and
+    every path in the table is served: a route added without its line here fails."""
+    from starlette.routing import Mount
+
+    from service.app import create_app
+    from service.endpoints import ENDPOINTS
+    from service.settings import Settings
+
+    def paths(routes) -> set[str]:
+        found = set()
+        for route in routes:
+            if hasattr(route, "original_router"):  # an included router (no prefix: the table has whole paths)
+                found |= paths(route.original_router.routes)
+            else:
+                found.add(route.path + "/{path:path}" if isinstance(route, Mount) else route.path)
+        return found
+
+    table = {path for endpoint in ENDPOINTS for path in endpoint.paths}
+    assert paths(create_app(Settings(store=toy_store)).router.routes) == table

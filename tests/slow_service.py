@@ -1,0 +1,32 @@
+"""`python -m tests.slow_service`: the service with a slow model, a fault the tests inject (overload,
+deadlines, a batch killed while it runs) where production settings have no such knob.
+
+Every batch the inference process runs first sleeps `SLOW_BATCH_MS` milliseconds (an environment
+variable of the tests). The inference processes are forked from a fork server that preloads the
+engine's process module; preloading this module there too puts the slow batches into every one of
+them. Spawned server workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from service.engine import process, worker
+
+SLOW_S = float(os.environ.get("SLOW_BATCH_MS", "0")) / 1000
+_run_rows = process.run_rows
+
+
+def slow_run_rows(*args, **kwargs) -> None:
+    time.sleep(SLOW_S)
+    _run_rows(*args, **kwargs)
+
+
+process.run_rows = slow_run_rows
+worker._context.set_forkserver_preload(["service.engine.process", __name__])
+
+if __name__ == "__main__":
+    from service.main import run
+
+    run()
