@@ -72,9 +72,9 @@ def main() -> None:
     finally:
         stop(service)
     held_port = server_port()
-    held_env = {**env, "ERDE_QUEUE_SIZE": "1", "ERDE_MAX_BATCH_SIZE": "1", "ERDE_TEST_SLOW_MS": "600000",
+    held_env = {**env, "ERDE_QUEUE_SIZE": "1", "ERDE_MAX_BATCH_SIZE": "1", "SLOW_BATCH_MS": "600000",
                 "ERDE_HANG_TIMEOUT_S": "600", "ERDE_REQUEST_TIMEOUT_S": "600"}
-    held, _ = launch([sys.executable, "-m", "service"], held_port, held_env, tmp / "held.log", 60)
+    held, _ = launch([sys.executable, "-m", "bench.slow_service"], held_port, held_env, tmp / "held.log", 60)
     try:
         body = Path(tmp / "body-1.0-0.bin").read_bytes()
         hold_queue(held_port, body, 3)  # two batch slots in the process, one row in the queue

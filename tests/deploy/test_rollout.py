@@ -10,7 +10,7 @@ twice (health checks every 200 ms; a replica answering 503 is out at once: the r
 request whose connection is refused goes to the other replica; nothing else is retried, since a POST
 that reached a replica must not be sent twice. Under steady load from client threads, replica A, then
 replica B. Every request is counted: each gets a reply, and every reply that is not a 200 is a 503
-with Retry-After. Every batch takes 30 ms longer than it needs (ERDE_TEST_SLOW_MS), so SIGTERM finds
+with Retry-After. Every batch takes 30 ms longer than it needs (bench/slow_service.py), so SIGTERM finds
 requests in flight, which the drain must finish.
 
 Without the endpoint removal, with HAProxy learning of the drain from /readyz alone, a replica that
@@ -40,7 +40,7 @@ from tests.service.conftest import Server, free_port, start_server
 from tests.service.images import png
 
 CLIENTS = 8  # client threads, each one request at a time
-SLOW_MS = 30  # every batch takes this much longer (ERDE_TEST_SLOW_MS): SIGTERM always finds work in flight
+SLOW_MS = 30  # every batch takes this much longer (bench/slow_service.py): SIGTERM always finds work in flight
 MAX_REQUESTS = 20_000  # per client: the load stops by itself whatever happens
 DRAIN_TIMEOUT_S = 10  # as deploy/k8s/config/erde.env
 

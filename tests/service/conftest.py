@@ -71,13 +71,13 @@ def eventually(check, timeout: float = 10.0) -> None:
 
 def start_server(store: Path, log_dir: Path, slow_batch_ms: float = 0, **settings: object) -> Server:
     """`python -m service` with ERDE_* `settings`; with `slow_batch_ms`, the same service whose every
-    batch takes that much longer (tests/slow_service.py)."""
+    batch takes that much longer (bench/slow_service.py)."""
     port = free_port()
     env = {**os.environ, "ERDE_STORE": str(store), "ERDE_HOST": "127.0.0.1", "ERDE_PORT": str(port),
            "ERDE_DEFAULT_MODEL": "toy", "PYTHONUNBUFFERED": "1", "SLOW_BATCH_MS": str(slow_batch_ms)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update({f"ERDE_{k.upper()}": str(v) for k, v in settings.items()})
-    module = "tests.slow_service" if slow_batch_ms else "service"
+    module = "bench.slow_service" if slow_batch_ms else "service"
     return launch(["-m", module], env, port, log_dir / f"server-{port}.log")
 
 

@@ -1,5 +1,5 @@
 """Load-adaptive budgets over real HTTP: a copy of the shipped student made slow on purpose
-(ERDE_TEST_SLOW_MS) and offered more than it can run."""
+(bench/slow_service.py) and offered more than it can run."""
 
 from __future__ import annotations
 

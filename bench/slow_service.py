@@ -1,8 +1,9 @@
-"""`python -m tests.slow_service`: the service with a slow model, a fault the tests inject (overload,
-deadlines, a batch killed while it runs) where production settings have no such knob.
+"""`python -m bench.slow_service`: the service with a slow model, a fault that tests and benchmarks
+inject (overload, deadlines, a batch killed while it runs, a queue held full) where production
+settings have no such knob.
 
 Every batch the inference process runs first sleeps `SLOW_BATCH_MS` milliseconds (an environment
-variable of the tests). The inference processes are forked from a fork server that preloads the
+variable of this entry point, not a setting). The inference processes are forked from a fork server that preloads the
 engine's process module; preloading this module there too puts the slow batches into every one of
 them. Spawned server workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
 """
