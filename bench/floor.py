@@ -10,8 +10,8 @@ import sys
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from service.pipeline import read_upload
-from service.routes import RequestOnlyRoute
+from service.api.pipeline import read_upload
+from service.api.routes import RequestOnlyRoute
 
 CONSTANT = b'{"label":"constant","class_id":0,"exit":0}'
 

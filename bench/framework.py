@@ -28,7 +28,7 @@ from starlette.routing import Route
 from bench.common import default_artifact, table
 from bench.floor import CONSTANT, create_floor_app
 from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
-from service.pipeline import read_upload
+from service.api.pipeline import read_upload
 
 
 async def _constant(request: Request) -> Response:

@@ -28,6 +28,6 @@ process.run_rows = slow_run_rows
 worker._context.set_forkserver_preload(["service.engine.process", __name__])
 
 if __name__ == "__main__":
-    from service.main import run
+    from service.server.main import run
 
     run()

@@ -2,10 +2,10 @@
 
 Which ones: the first test image of every class, then the next Shirt and Pullover (the classes the
 network finds hardest, so some samples run deeper than the first exit). Written to
-service/static/samples/ with samples.json (file, true label, index in the test split), which the
+service/api/static/samples/ with samples.json (file, true label, index in the test split), which the
 page lists. Needs `apt-get install -y dataset-fashion-mnist`.
 
-Usage: .venv/bin/python scripts/export_ui_samples.py [--out service/static/samples]
+Usage: .venv/bin/python scripts/export_ui_samples.py [--out service/api/static/samples]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def export(out: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "service/static/samples")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "service/api/static/samples")
     args = parser.parse_args()
     for entry in export(args.out):
         print(f"{entry['file']:<22} test[{entry['test_index']}] {entry['label']}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.cli import settings_table
+from service.server.cli import settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- settings:begin -->\n)(?:.*?\n)?(<!-- settings:end -->)", re.S)

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         "Host names answered besides IP literals and ERDE_HOST (a JSON list; '*.example.com' for its "
         "subdomains, '*' for any): others get 400, against DNS rebinding"))
 
-    # overload (issue 12): rows that wait too long are answered at cheaper operating points (service/overload.py)
+    # overload (issue 12): rows that wait too long are answered at cheaper operating points (service/engine/overload.py)
     overload: Literal["degrade", "reject"] = Field(
         "degrade", description="degrade: answer late rows at cheaper points; reject: never degrade, a full queue "
                                "answers 503")

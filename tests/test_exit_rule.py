@@ -18,7 +18,7 @@ from erde.evaluate import DEFAULT_BUDGETS
 from erde.exits import exit_scores, exit_taken, last_exit
 from erde.runs import TrainConfig, load_run_data
 from erde.store import list_versions, read_artifact
-from service.decode import ImageLimits, decode_image
+from service.engine.decode import ImageLimits, decode_image
 from tests.service.conftest import start_server
 
 STORE = Path(__file__).resolve().parents[1] / "model_store"

@@ -40,8 +40,8 @@ from bench.engine import run_for
 from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
-from service.decode import ImageLimits, decode_image
 from service.engine.compute import Sample, choose_stage_backends, run_batch
+from service.engine.decode import ImageLimits, decode_image
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -347,7 +347,7 @@ Before timing, each server classified {CHECK_IMAGES} images at both budgets; com
 {chr(10).join(notes)}
 
 Every server runs the same network (the BN-folded copy the service serves), the same decode
-(`service.decode.decode_image`) and the same stage-by-stage loop (`service.engine.compute.run_batch`)
+(`service.engine.decode.decode_image`) and the same stage-by-stage loop (`service.engine.compute.run_batch`)
 on one torch thread; peers batch up to {MAX_BATCH} rows (LitServe `batch_timeout` and Ray Serve
 `batch_wait_timeout_s` {float(os.environ.get('PEER_BATCH_WAIT_MS', '2')):g} ms, BentoML adaptive batching with
 `max_latency_ms` {os.environ.get('PEER_BENTOML_MAX_LATENCY_MS', '1000')}). Our service runs with its defaults

@@ -1,7 +1,7 @@
 """What every peer server shares: the same artifact, preprocessing and early-exit forward as the service.
 
 Imported inside each peer's own virtualenv (the repo root on PYTHONPATH), so the network, the
-decode and the exit rule are byte-for-byte the service's: `service.decode.decode_image` for the
+decode and the exit rule are byte-for-byte the service's: `service.engine.decode.decode_image` for the
 tensor, `erde.nets.fuse_for_inference` for the network (the service serves the BN-folded copy),
 and `service.engine.compute.run_batch` for the stage-by-stage loop with per-row θ (with the
 per-stage convolution backends the service measures at load). Only the serving framework differs.
@@ -21,8 +21,8 @@ import torch
 
 from bench.common import default_artifact
 from erde.nets import fuse_for_inference
-from service.decode import ImageLimits, decode_image
 from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
+from service.engine.decode import ImageLimits, decode_image
 from service.settings import Settings
 
 # The service runs its network on one intra-op thread (ERDE_TORCH_THREADS=1); the peers get the same.

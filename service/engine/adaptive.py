@@ -2,7 +2,7 @@
 
 The worker calls `adjust` with each batch just before sending it, and `saturate` when its queue is
 full. It measures how long the batch's oldest row waited, steps the controller
-(service/overload.py), and gives every row the rule to run with: its own, or under pressure a
+(service/engine/overload.py), and gives every row the rule to run with: its own, or under pressure a
 cheaper operating point no lower than its floor (`BudgetPolicy.degrade`). Rows are degraded when
 they leave the queue, so the ones already queued when load rises are answered cheaper too.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from service.engine.batcher import Job
-from service.overload import OverloadLaw, OverloadState, step
-from service.policy import BudgetPolicy
+from service.engine.overload import OverloadLaw, OverloadState, step
+from service.engine.policy import BudgetPolicy
 
 
 class AdaptiveBudgets:

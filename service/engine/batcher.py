@@ -8,7 +8,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from service.policy import Decision
+from service.engine.policy import Decision
 
 
 @dataclass(eq=False)

@@ -38,8 +38,8 @@ from safetensors.torch import save as save_tensors
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
-from service.decode import ImageLimits, decode_image
 from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
+from service.engine.decode import ImageLimits, decode_image
 from service.errors import ServiceError
 
 log = logging.getLogger("erde.service")

@@ -34,9 +34,9 @@ from multiprocessing.connection import Connection
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet
-from service.decode import ImageLimits
 from service.engine import process
 from service.engine.batcher import Job, take_batch
+from service.engine.decode import ImageLimits
 from service.errors import PayloadTooLarge, Unavailable
 
 log = logging.getLogger("erde.service")

@@ -17,7 +17,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
-from service.ui import STATIC
+from service.api.ui import STATIC
 from tests.browser.conftest import SHIPPED
 from tests.service.conftest import Server
 

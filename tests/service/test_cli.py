@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import FLAGS, flag, settings_table, shown_default, variable
+from service.server.cli import FLAGS, flag, settings_table, shown_default, variable
 from service.settings import Settings
 from tests.service.conftest import ROOT, free_port, launch
 from tests.service.images import png

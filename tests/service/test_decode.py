@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from erde.data import InputSpec, normalize
-from service.decode import ImageLimits, check_request_pixels, decode_image
+from service.engine.decode import ImageLimits, check_request_pixels, decode_image
 from service.errors import PayloadTooLarge
 from tests.service import images
 

@@ -13,13 +13,13 @@ import torch
 from erde.calibrate import OperatingPoint
 from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
-from service.decode import ImageLimits, decode_image
 from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.engine.compute import ExitResult, Sample, run_batch
+from service.engine.decode import ImageLimits, decode_image
+from service.engine.policy import Decision
 from service.engine.worker import ModelWorker
 from service.errors import PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
-from service.policy import Decision
 from tests.service import images
 
 POINT = OperatingPoint(0.0, 1.0, 0.9, [0.0, 0.0, 1.0])

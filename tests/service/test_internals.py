@@ -1,6 +1,6 @@
 """The uvicorn and httptools internals the service extends, checked by name against what is installed.
 
-service/protocol.py subclasses uvicorn's httptools protocol and service/main.py its server and worker
+service/edge/protocol.py subclasses uvicorn's httptools protocol and service/server/main.py its server and worker
 process; both rely on attributes uvicorn does not document. pyproject.toml pins them exactly; this test
 says which internal an upgrade removed, instead of a server that fails under load."""
 

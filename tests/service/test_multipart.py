@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.multipart import MalformedMultipart, boundary_of, parse_multipart
+from service.edge.multipart import MalformedMultipart, boundary_of, parse_multipart
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n\x00\xff--\r\n"  # CRLFs, dashes and binary inside a file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.overload import MAX_OVERSHOOT, MAX_RISE_STEP_S, OverloadLaw, OverloadState, step
+from service.engine.overload import MAX_OVERSHOOT, MAX_RISE_STEP_S, OverloadLaw, OverloadState, step
 from service.settings import Settings
 
 LAW = OverloadLaw(target_s=0.020, hold_fraction=0.5, rise_s=0.5, recover_s=5.0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from erde.calibrate import CalibrationCurve, OperatingPoint
+from service.engine.policy import BudgetPolicy, Decision
 from service.errors import BadOptions, Unsatisfiable
-from service.policy import BudgetPolicy, Decision
 from service.schemas import parse_options
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.registry import ModelRegistry
 from service.errors import UnknownModel
-from service.registry import ModelRegistry
 from service.settings import Settings
 
 

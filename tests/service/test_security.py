@@ -33,10 +33,10 @@ from bench.probes import (
     request,
 )
 from erde.store import list_versions
+from service.edge.middleware import AllowedHosts
+from service.edge.multipart import MAX_NAME, header_params
 from service.endpoints import endpoint_of
 from service.errors import MAX_MESSAGE
-from service.middleware import AllowedHosts
-from service.multipart import MAX_NAME, header_params
 from tests.service import images
 from tests.service.conftest import Server, eventually, start_server
 
@@ -356,8 +356,8 @@ def test_the_endpoint_table_is_the_apps_routes(toy_store) -> None:
     every path in the table is served: a route added without its line here fails."""
     from starlette.routing import Mount
 
-    from service.app import create_app
     from service.endpoints import ENDPOINTS
+    from service.server.app import create_app
     from service.settings import Settings
 
     def paths(routes) -> set[str]:

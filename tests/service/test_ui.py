@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from service.ui import CSP, STATIC, RateWindow, load_static, read_counters, summarize
+from service.api.ui import CSP, STATIC, RateWindow, load_static, read_counters, summarize
 from tests.service.conftest import ROOT, eventually
 from tests.service.images import png
 
@@ -49,7 +49,7 @@ def test_every_asset_the_page_names_is_served_with_its_type(server) -> None:
         assert reply.status_code == 200 and reply.content.startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("path", ["/ui/nope.js", "/ui/../service/ui.py", "/ui/%2e%2e/ui.py", "/ui/samples",
+@pytest.mark.parametrize("path", ["/ui/nope.js", "/ui/../service/api/ui.py", "/ui/%2e%2e/ui.py", "/ui/samples",
                                   "/ui/samples/../../ui.py", "/ui/"])
 def test_anything_else_under_ui_is_a_json_404(server, path: str) -> None:
     reply = httpx.get(server.url + path)

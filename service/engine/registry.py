@@ -15,12 +15,12 @@ from typing import Any
 
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
-from service.decode import ImageLimits
 from service.engine.adaptive import AdaptiveBudgets
+from service.engine.decode import ImageLimits
+from service.engine.overload import OverloadLaw
+from service.engine.policy import BudgetPolicy
 from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
-from service.overload import OverloadLaw
-from service.policy import BudgetPolicy
 from service.settings import Settings
 
 log = logging.getLogger("erde.service")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.runtime import Runtime
+from service.engine.runtime import Runtime
 
 
 def runtime_of(request: Request) -> Runtime:

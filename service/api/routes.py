@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from service import metrics
-from service.deps import RuntimeDep, runtime_of
+from service.api.deps import RuntimeDep, runtime_of
+from service.api.pipeline import classify
 from service.endpoints import CLASSIFY, CLASSIFY_BATCH, HEALTHZ, METRICS, MODELS, READYZ
 from service.errors import Unavailable
-from service.pipeline import classify
 from service.schemas import BatchReply, ClassifyOptions, ClassifyReply, ErrorReply, ModelInfo
 
 

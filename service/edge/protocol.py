@@ -41,8 +41,8 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
+from service.edge.middleware import send_json
 from service.errors import error_body
-from service.middleware import send_json
 from service.record import UNKNOWN_MODEL, record_of, request_id
 from service.settings import Settings
 

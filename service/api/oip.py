@@ -24,15 +24,15 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service.decode import check_request_pixels
-from service.deps import runtime_of
+from service.api.deps import runtime_of
+from service.api.pipeline import Answer, Order, encode, infer, resolve
+from service.api.routes import RequestOnlyRoute
 from service.endpoints import V2, V2_INFER
+from service.engine.decode import check_request_pixels
+from service.engine.registry import ServedModel
+from service.engine.runtime import Runtime
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
-from service.pipeline import Answer, Order, encode, infer, resolve
 from service.record import record_of
-from service.registry import ServedModel
-from service.routes import RequestOnlyRoute
-from service.runtime import Runtime
 from service.schemas import MODEL_NAME, ClassifyOptions
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension

@@ -1,6 +1,6 @@
 """The demo page (`/` and `/ui`), its static files, and `/stats`: live exits and requests/s as JSON.
 
-The page is plain files under service/static (no build step, nothing from the internet), read once
+The page is plain files under service/api/static (no build step, nothing from the internet), read once
 at start and served under a Content-Security-Policy that allows this origin only and no inline
 script. `/stats` reads our own Prometheus collectors (every worker's in multiprocess mode), so the
 page never scrapes `/metrics`; rates come from totals sampled at each call, over a short window.
@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.deps import RuntimeDep
+from service.api.deps import RuntimeDep
 from service.endpoints import STATS, UI, WORK
 
 STATIC = Path(__file__).with_name("static")

@@ -30,9 +30,9 @@ from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Process
 
-from service.multiproc import prepare_metrics_dir
-from service.protocol import uvicorn_options
-from service.runtime import Runtime
+from service.edge.protocol import uvicorn_options
+from service.engine.runtime import Runtime
+from service.server.multiproc import prepare_metrics_dir
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("erde.service")
@@ -102,7 +102,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def draining_server(settings: Settings) -> DrainingServer:
-    from service.app import create_app  # after the multiprocess directory is set, never before
+    from service.server.app import create_app  # after the multiprocess directory is set, never before
 
     app = create_app(settings)
     return DrainingServer(uvicorn.Config(app, **uvicorn_options(settings)), app.state.runtime,
@@ -124,7 +124,7 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.config = uvicorn.Config("service.app:create_app", factory=True, **uvicorn_options(settings))
+        self.config = uvicorn.Config("service.server.app:create_app", factory=True, **uvicorn_options(settings))
         self.processes: list[WorkerProcess] = []
         self.sockets: list[socket.socket] = []
         self.signals: list[int] = []

@@ -15,15 +15,15 @@ from typing import Any
 from starlette.requests import Request
 
 from service import metrics
-from service.decode import check_request_pixels
+from service.edge.multipart import split_upload
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult
+from service.engine.decode import check_request_pixels
+from service.engine.policy import Decision
+from service.engine.registry import ServedModel
+from service.engine.runtime import Runtime
 from service.errors import DeadlineExceeded, ServiceError
-from service.multipart import split_upload
-from service.policy import Decision
 from service.record import record_of
-from service.registry import ServedModel
-from service.runtime import Runtime
 from service.schemas import ClassifyOptions, parse_options
 
 

@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service.admission import AdmissionControl
+from service.api.oip import router as oip_router
+from service.api.routes import classify_router, router
+from service.api.ui import ui_router
+from service.edge.admission import AdmissionControl
+from service.edge.middleware import AllowedHosts, RequestAccounting
+from service.engine.runtime import Runtime
 from service.errors import install_error_handlers
-from service.middleware import AllowedHosts, RequestAccounting
-from service.oip import router as oip_router
-from service.routes import classify_router, router
-from service.runtime import Runtime
 from service.settings import Settings, get_settings
-from service.ui import ui_router
 
 log = logging.getLogger("erde.service")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from service.engine.registry import ModelRegistry
 from service.errors import Unavailable
-from service.registry import ModelRegistry
 from service.settings import Settings
 
 

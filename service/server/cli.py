@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.multiproc import prepare_metrics_dir
+from service.server.multiproc import prepare_metrics_dir
 from service.settings import Settings
 
 FLAGS = ("host", "port", "workers", "store", "default_model")  # the settings uvicorn users expect as flags
@@ -84,8 +84,8 @@ def serve(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         print(f"erde serve: error: {_first_problem(exc, given)}", file=sys.stderr)
         raise SystemExit(2) from None
-    prepare_metrics_dir()  # before the server's modules create their metrics (see service/multiproc.py)
-    from service.main import run  # only now: importing it creates the metrics
+    prepare_metrics_dir()  # before the server's modules create their metrics (see service/server/multiproc.py)
+    from service.server.main import run  # only now: importing it creates the metrics
 
     run(settings)
 

@@ -19,11 +19,11 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.edge.middleware import declared_length, header, send_json
+from service.edge.multipart import split_upload
+from service.engine.runtime import Runtime
 from service.errors import ServiceError, Unavailable, error_body
-from service.middleware import declared_length, header, send_json
-from service.multipart import split_upload
 from service.record import record_of
-from service.runtime import Runtime
 
 CLOSE = (b"connection", b"close")
 # Refusing with `Connection: close` makes every retry a new connection, which cost the server more

@@ -1,0 +1,3 @@
+"""The process model: `erde serve` (`cli`), one worker or a supervisor of several that drains on
+SIGTERM and reloads on SIGHUP (`main`), the metrics directory the workers share (`multiproc`), and
+the app factory (`app`) that assembles the API, the edge and the engine. May import every layer."""
