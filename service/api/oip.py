@@ -387,9 +387,9 @@ def inference_reply(served: ServedModel, req: InferRequest, replies: list[dict[s
 # --- routes ---
 
 def _check_ready(runtime: Runtime) -> None:
-    reason = runtime.unready_reason()
-    if reason is not None:
-        raise Unavailable(reason, code="not_ready", retry_after=runtime.settings.retry_after_s)
+    refusal = runtime.readiness_refusal()
+    if refusal is not None:
+        raise refusal
 
 
 @router.get(SERVER)

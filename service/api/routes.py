@@ -14,7 +14,6 @@ from service import metrics
 from service.api.deps import RuntimeDep, runtime_of
 from service.api.pipeline import classify
 from service.endpoints import CLASSIFY, CLASSIFY_BATCH, HEALTHZ, METRICS, MODELS, READYZ
-from service.errors import Unavailable
 from service.schemas import BatchReply, ClassifyOptions, ClassifyReply, ErrorReply, ModelInfo
 
 
@@ -87,9 +86,9 @@ async def healthz() -> dict[str, str]:
 @router.get(READYZ.path, responses={503: {"model": ErrorReply}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready: models loaded and warmed, and not draining."""
-    reason = runtime.unready_reason()
-    if reason is not None:
-        raise Unavailable(reason, code="not_ready", retry_after=runtime.settings.retry_after_s)
+    refusal = runtime.readiness_refusal()
+    if refusal is not None:
+        raise refusal
     return JSONResponse({"status": "ready", "models": runtime.registry.names})
 
 

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.edge.middleware import declared_length, header, send_json
 from service.edge.multipart import split_upload
 from service.engine.runtime import Runtime
-from service.errors import ServiceError, Unavailable, error_body
+from service.errors import ServiceError, Unavailable, UnknownModel, error_body
 from service.record import record_of
 
 CLOSE = (b"connection", b"close")
@@ -60,8 +60,9 @@ class AdmissionControl:
         refusal = runtime.draining_refusal()
         if refusal is not None:
             return refusal
-        served = runtime.registry.find(name)
-        if served is None:  # unknown (or not yet loaded): the full path answers it with its own error
+        try:
+            served = runtime.registry.get(name)
+        except UnknownModel:  # not served (or not yet loaded): the pipeline answers it with its own error
             return None
         record_of(scope).model = served.name
         return served.worker.refusal()

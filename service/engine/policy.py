@@ -19,7 +19,7 @@ from service.schemas import ClassifyOptions
 EPS = 1e-9  # floors and budgets are compared with this slack (0.91 vs 5460/6000 in floating point)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     threshold: float
     budget: float | None  # budget used; None when the caller gave θ directly
@@ -32,6 +32,12 @@ class Decision:
     adjustable: bool  # may be answered cheaper under load; False when the row fixed θ or max_exit
     floor_accuracy: float  # never degraded below this: the row's min_accuracy, else the server's floor
     degraded: bool = False  # answered at a cheaper point than asked, under load
+
+    @classmethod
+    def expert(cls, threshold: float, cap: int, top_k: int, point: OperatingPoint, server_floor: float) -> Decision:
+        """A row that fixed θ itself: no budget, never degraded; `point` is the calibrated one nearest below."""
+        return cls(threshold=threshold, budget=None, clamped=False, cap=cap, top_k=top_k, expected=point,
+                   min_accuracy=None, requested_budget=None, adjustable=False, floor_accuracy=server_floor)
 
 
 class BudgetPolicy:
@@ -70,19 +76,20 @@ class BudgetPolicy:
         floor = options.min_accuracy
         if options.threshold is not None:
             point = self.point_for_threshold(options.threshold)
-            return Decision(options.threshold, None, False, cap, options.top_k, point, None, None, False,
-                            self.server_floor)
+            return Decision.expert(options.threshold, cap, options.top_k, point, self.server_floor)
         adjustable = options.max_exit is None
         if options.budget is None and floor is not None:  # "pay the least for the accuracy I need"
             point = self._frontier[self._cheapest_meeting(floor)]
-            return Decision(point.threshold, point.macs_fraction, False, cap, options.top_k, point, floor, None,
-                            adjustable, floor)
+            return Decision(threshold=point.threshold, budget=point.macs_fraction, clamped=False, cap=cap,
+                            top_k=options.top_k, expected=point, min_accuracy=floor, requested_budget=None,
+                            adjustable=adjustable, floor_accuracy=floor)
         budget = self.default_budget if options.budget is None else options.budget
         point, clamped = self.curve.choose(budget)
         if floor is not None and point.accuracy < floor - EPS:
             point = self._within_budget_meeting(floor, budget)
-        return Decision(point.threshold, budget, clamped, cap, options.top_k, point, floor, budget, adjustable,
-                        self.server_floor if floor is None else floor)
+        return Decision(threshold=point.threshold, budget=budget, clamped=clamped, cap=cap, top_k=options.top_k,
+                        expected=point, min_accuracy=floor, requested_budget=budget, adjustable=adjustable,
+                        floor_accuracy=self.server_floor if floor is None else floor)
 
     def degrade(self, decision: Decision, pressure: float) -> Decision:
         """The decision to answer with under load `pressure` ∈ [0, 1]: graded along the frontier.

@@ -67,6 +67,8 @@ class ModelRegistry:
         return sorted(self._models)
 
     def get(self, name: str | None) -> ServedModel:
+        """The served model by name (None: the default); 404 `unknown_model` when there is none. The one
+        lookup: admission and the pipeline both ask here, with the name read the same way."""
         if name is None:
             name = self.default_name()
         served = self._models.get(name) if name else None
@@ -75,10 +77,6 @@ class ModelRegistry:
             asked = f"unknown model {name!r}" if name else "no default model to serve; name one with `model`"
             raise UnknownModel(f"{asked}; available: {known}", reason="unknown_model")
         return served
-
-    def find(self, name: str | None) -> ServedModel | None:
-        """The served model by name (None: the default), or None when there is no such model."""
-        return self._models.get(name or self.default_name() or "")
 
     def default_name(self) -> str | None:
         if self.settings.default_model in self._models:

@@ -31,6 +31,13 @@ class Runtime:
         return Unavailable("the service is shutting down; retry on another instance",
                            retry_after=self.settings.retry_after_s, reason="draining")
 
+    def readiness_refusal(self) -> Unavailable | None:
+        """The 503 a readiness probe gets now (ours and the Open Inference Protocol's alike), or None."""
+        reason = self.unready_reason()
+        if reason is None:
+            return None
+        return Unavailable(reason, code="not_ready", retry_after=self.settings.retry_after_s)
+
     def unready_reason(self) -> str | None:
         """Why /readyz must answer 503 now, or None: loading, draining, no model, or a model down."""
         if self.draining:

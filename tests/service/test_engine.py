@@ -26,8 +26,8 @@ POINT = OperatingPoint(0.0, 1.0, 0.9, [0.0, 0.0, 1.0])
 
 
 def rule(threshold: float = 0.0, cap: int = 2, top_k: int = 1) -> Decision:
-    """A request's rule as the policy would decide it for an expert θ."""
-    return Decision(threshold, None, False, cap, top_k, POINT, None, None, False, 0.0)
+    """A request's rule as the policy decides it for an expert θ."""
+    return Decision.expert(threshold, cap, top_k, POINT, server_floor=0.0)
 
 
 def job(enqueued: float, data: bytes = b"", threshold: float = 0.0, future: asyncio.Future | None = None) -> Job:
