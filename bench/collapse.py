@@ -21,25 +21,15 @@ from pathlib import Path
 import httpx
 
 from bench.common import STORE, default_artifact, table
-from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk_with_cpu
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 MAX_REQUESTS = int(os.environ.get("BENCH_MAX_REQUESTS", "1000000"))
 CONCURRENCY = (64, 256, 512)
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (not its children), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def measured(pid: int, port: int, script: Path, concurrency: int) -> dict[str, float]:
-    before = cpu_seconds(pid)
-    result = wrk(port, script, concurrency, SECONDS)
-    result["cpu_per_reply_us"] = (cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
-    return result
+    return wrk_with_cpu(pid, port, script, concurrency, SECONDS)
 
 
 def hold_queue(port: int, body: bytes, rows: int) -> list[threading.Thread]:

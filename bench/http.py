@@ -1,7 +1,8 @@
 """HTTP throughput and latency over loopback, with wrk (one client thread) as the load generator.
 
-For concurrency 1, 16 and 64: the service at budgets 1.0 and 0.25, and the transport floor (the
-same app stack and multipart parsing answering a constant). Each run is bounded in time and in
+For concurrency 1, 16 and 64: the service at budgets 1.0, 0.5 and 0.25, and the transport floor (the
+same app stack and multipart parsing answering a constant), with the CPU the server process (the
+event loop, not the inference process) spends per reply. Each run is bounded in time and in
 requests; the uploads are real Fashion-MNIST test images encoded as PNG, cycled.
 """
 
@@ -13,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import STORE, default_artifact, table
-from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk_with_cpu
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -34,20 +35,22 @@ def main() -> None:
     try:
         floor_script = lua(tmp, write_bodies(tmp, {}, art.spec.size), "floor", MAX_REQUESTS)
         targets = [("floor (constant)", floor_port, floor_script)]
-        for budget in ("1.0", "0.25"):
+        for budget in ("1.0", "0.5", "0.25"):
             script = lua(tmp, write_bodies(tmp, {"budget": budget}, art.spec.size), f"budget{budget}", MAX_REQUESTS)
             targets.append((f"service budget {budget}", service_port, script))
         for concurrency in CONCURRENCY:
             for name, port, script in targets:
-                r = wrk(port, script, concurrency, SECONDS)
-                rows.append([name, concurrency, f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", r["errors"]])
+                pid = (floor if port == floor_port else service).pid
+                r = wrk_with_cpu(pid, port, script, concurrency, SECONDS)
+                rows.append([name, concurrency, f"{r['rps']:,.0f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+                             f"{r['cpu_per_reply_us']:.0f}", r["errors"]])
     finally:
         for proc in (service, floor):
             stop(proc)
     print(f"# HTTP over loopback: {art.name}/{art.version}, wrk 1 thread, {SECONDS} s per run, "
           f"Fashion-MNIST PNG uploads (one server process, uvloop + httptools, and its inference process)\n")
     print("Written by `make bench` (`.venv/bin/python -m bench.http`).\n")
-    print(table(["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "non-2xx"], rows))
+    print(table(["server", "concurrency", "requests/s", "p50 ms", "p99 ms", "loop CPU µs/reply", "non-2xx"], rows))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,24 @@ def wrk(port: int, script: Path, concurrency: int, seconds: float) -> dict[str, 
             "errors": refused + (sum(map(int, sock.groups())) if sock else 0)}
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wrk_with_cpu(pid: int, port: int, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
+    """`wrk`'s result, with the CPU time process `pid` spent per reply meanwhile (`cpu_per_reply_us`):
+    for the server process, the event loop's cost of a request (its inference process is not counted)."""
+    before = cpu_seconds(pid)
+    result = wrk(port, script, concurrency, seconds)
+    result["cpu_per_reply_us"] = (cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
+    return result
+
+
 def children(pid: int) -> list[int]:
     """pid and all its descendants, from /proc (Ray's actors run under its raylet, BentoML's under circus)."""
     parent: dict[int, int] = {}

@@ -63,8 +63,7 @@ class ModelBlob:
         return cls(dataclasses.asdict(model.config), save_tensors(model.state_dict()))
 
     def build(self) -> EarlyExitResNet:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.config.items()}
-        model = build_model(NetConfig(**fields))
+        model = build_model(NetConfig.from_dict(self.config))
         model.load_state_dict(load_tensors(self.weights))
         return model.eval()
 
