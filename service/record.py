@@ -28,6 +28,7 @@ class RequestRecord:
     reason: str | None = None  # bounded erde_rejected_total reason of an error reply
     status: int | None = None  # the status the client got, when not the one the app sent (408 read timeout)
     sent: int | None = None  # the status the app sent, once it has
+    admitted: bool = False  # admission already passed it (in the HTTP protocol, from its head)
     request_id: str = ""  # echoed in X-Request-ID, the access-log line and every error body
     endpoint: Endpoint = OTHER  # what the path is (service/endpoints.py), matched once by the accounting
     path_params: dict[str, str] = field(default_factory=dict)  # its parameters: the OIP path's model `name`

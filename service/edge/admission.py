@@ -32,27 +32,28 @@ CLOSE = (b"connection", b"close")
 KEEP_ALIVE_BODY_BYTES = 64 * 1024
 
 
-class AdmissionControl:
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
+class Admission:
+    """Whether to refuse a classify request, from its head and, when a form may name its model, its body.
+
+    Asked by the HTTP protocol before any ASGI task exists (`service/edge/protocol.py`), and by
+    `AdmissionControl` for the requests that reach the app (pipelined behind another, say)."""
+
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def at_head(self, scope: Scope) -> tuple[Unavailable, bool] | None:
+        """The refusal for a classify request (None: admit it), and whether a multipart form's `model`
+        field may still overturn it, which only its body can tell (`after_body`)."""
         record = record_of(scope)
-        if record.endpoint.work and scope["method"] == "POST":
-            oip = record.endpoint.protocol == "oip"  # its path names the model
-            refusal = self.refusal(scope, record.path_params["name"] if oip else query_model(scope))
-            if refusal is not None and not oip and refusal.reason != "draining":
-                refusal, receive = await self.recheck_form(scope, receive, refusal)
-            if refusal is not None:
-                await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining, oip=oip)
-                return
-        if self.runtime.draining:
-            send = closing(send)
-        await self.app(scope, receive, send)
+        if not (record.endpoint.work and scope["method"] == "POST"):
+            return None
+        oip = record.endpoint.protocol == "oip"  # its path names the model
+        named = record.path_params["name"] if oip else query_model(scope)
+        refusal = self.refusal(scope, named)
+        if refusal is None:
+            return None
+        formed = header(scope, b"content-type", b"").startswith(b"multipart/form-data")
+        return refusal, not oip and named is None and formed and refusal.reason != "draining"
 
     def refusal(self, scope: Scope, name: str | None) -> Unavailable | None:
         """Why to refuse a classify request for model `name` (None: the default) now, or None."""
@@ -67,31 +68,62 @@ class AdmissionControl:
         record_of(scope).model = served.name
         return served.worker.refusal()
 
-    async def recheck_form(self, scope: Scope, receive: Receive,
-                           refusal: Unavailable) -> tuple[Unavailable | None, Receive]:
-        """The refusal for the model a multipart form names, when it names one; and the `receive` that
-        hands the body on. A body too large to read here is left to the pipeline, which refuses it
-        after parsing if its own model's queue is full."""
-        if not header(scope, b"content-type", b"").startswith(b"multipart/form-data"):
-            return refusal, receive
-        length = declared_length(scope)
-        if length is None or length > KEEP_ALIVE_BODY_BYTES:
-            return None, receive
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        body = bytes(body)
-        if b'name="model"' in body:  # else the form names no model: the request line's refusal stands
-            try:
-                _, fields = split_upload(header(scope, b"content-type", b"").decode("latin-1"), body,
-                                         query_fields(scope), self.runtime.settings.max_batch_images)
-            except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
-                return None, replay(body, receive)
-            refusal = self.refusal(scope, fields.get("model"))
-        return refusal, replay(body, receive)
+    def after_body(self, scope: Scope, body: bytes, refusal: Unavailable) -> Unavailable | None:
+        """The refusal for the model the form names (the head's `refusal` when it names none)."""
+        if b'name="model"' not in body:  # the form names no model: the request line's refusal stands
+            return refusal
+        try:
+            _, fields = split_upload(header(scope, b"content-type", b"").decode("latin-1"), body,
+                                     query_fields(scope), self.runtime.settings.max_batch_images)
+        except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
+            return None
+        return self.refusal(scope, fields.get("model"))
+
+
+def keeps_alive(scope: Scope, draining: bool) -> bool:
+    """Whether a refusal keeps the connection: not while draining, and only when the body is small
+    enough to read and drop (most uploads here are, and already in the socket's buffer); a large or
+    unsized one is left unread and the connection closed."""
+    length = declared_length(scope)
+    return not draining and length is not None and length <= KEEP_ALIVE_BODY_BYTES
+
+
+class AdmissionControl:
+    """`Admission` for the requests that reach the app; while draining, every reply closes."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.admission = Admission(runtime)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        verdict = None if record_of(scope).admitted else self.admission.at_head(scope)
+        if verdict is not None:
+            refusal, overturnable = verdict
+            if overturnable and keeps_alive(scope, False):
+                body = await read_body(receive)
+                refusal, receive = self.admission.after_body(scope, body, refusal), replay(body, receive)
+            elif overturnable:  # too large to read here: the pipeline refuses it if its own model is full
+                refusal = None
+            if refusal is not None:
+                await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining,
+                             oip=record_of(scope).endpoint.protocol == "oip")
+                return
+        if self.runtime.draining:
+            send = closing(send)
+        await self.app(scope, receive, send)
+
+
+async def read_body(receive: Receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return bytes(body)
 
 
 def query_fields(scope: Scope) -> dict[str, str]:
@@ -124,8 +156,7 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable,
     here are) is read and dropped so the connection can serve the client's retry; a large or unsized one
     is left unread and the connection closed."""
     record_of(scope).reason = error.reason
-    length = declared_length(scope)
-    keep = keep_alive and length is not None and length <= KEEP_ALIVE_BODY_BYTES
+    keep = keeps_alive(scope, not keep_alive)
     if keep:
         while (await receive()).get("more_body"):
             pass

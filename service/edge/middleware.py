@@ -39,10 +39,7 @@ class RequestAccounting:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = record_of(scope)
-        record.endpoint, record.path_params = match(scope["path"])
-        endpoint = record.endpoint.label
-        record.request_id = request_id(header(scope, b"x-request-id"))
+        record = start_record(scope)
         echoed = (b"x-request-id", record.request_id.encode())
         status: int | None = None
 
@@ -67,7 +64,7 @@ class RequestAccounting:
             else:
                 await self.app(scope, self._limited(receive), send_status)
         except Exception:  # a bug, never a client's doing: one traceback, a JSON 500, and serving goes on
-            log.exception("unexpected error answering %s %s", scope.get("method"), endpoint)
+            log.exception("unexpected error answering %s %s", scope.get("method"), record.endpoint.label)
             record.reason = "error"
             if status is None:
                 await send_json(send_status, 500, error_body("internal", "internal error", record.request_id))
@@ -75,7 +72,8 @@ class RequestAccounting:
             if work:
                 self.runtime.inflight -= 1
                 metrics.set_inflight(-1)
-            self._account(endpoint, record.status or status or 500, record, scope, time.perf_counter() - started)
+            account(record, scope, record.status or status or 500, time.perf_counter() - started,
+                    self.log_requests)
 
     def _too_large_message(self) -> str:
         return f"the request body is larger than {self.max_body} bytes"
@@ -94,17 +92,30 @@ class RequestAccounting:
 
         return limited
 
-    def _account(self, endpoint: str, status: int, record: RequestRecord, scope: Scope, seconds: float) -> None:
-        metrics.observe_request(record.model, endpoint, status, seconds)
-        if status >= 400:
-            metrics.observe_rejected(record.model, record.reason or "error")
-        if self.log_requests:
-            access_log.info(orjson.dumps({
-                "method": scope.get("method"), "path": scope["path"][:MAX_LOGGED_PATH], "endpoint": endpoint,
-                "code": status, "model": record.model, "exit": record.exits, "budget": record.budget,
-                "threshold": record.threshold, "latency_ms": round(seconds * 1000, 3), "error": record.reason,
-                "request_id": record.request_id,
-            }).decode())
+def start_record(scope: Scope) -> RequestRecord:
+    """The request's record, with what its head says: its endpoint (and the path's parameters) and its id.
+    Once per request: the protocol may have started it already."""
+    record = record_of(scope)
+    if record.request_id:
+        return record
+    record.endpoint, record.path_params = match(scope["path"])
+    record.request_id = request_id(header(scope, b"x-request-id"))
+    return record
+
+
+def account(record: RequestRecord, scope: Scope, status: int, seconds: float, log_requests: bool) -> None:
+    """A request's metrics and its access-log line, once its reply has gone (here, or from the protocol)."""
+    endpoint = record.endpoint.label
+    metrics.observe_request(record.model, endpoint, status, seconds)
+    if status >= 400:
+        metrics.observe_rejected(record.model, record.reason or "error")
+    if log_requests:
+        access_log.info(orjson.dumps({
+            "method": scope.get("method"), "path": scope["path"][:MAX_LOGGED_PATH], "endpoint": endpoint,
+            "code": status, "model": record.model, "exit": record.exits, "budget": record.budget,
+            "threshold": record.threshold, "latency_ms": round(seconds * 1000, 3), "error": record.reason,
+            "request_id": record.request_id,
+        }).decode())
 
 
 class AllowedHosts:

@@ -17,6 +17,13 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   body in two writes; a refusal goes out before the body is read) makes the kernel reset the
   connection, and the reset throws away the reply the client has not read yet: 44% of the requests
   a pool of kept-alive clients sent through a drain were lost so. nginx's `lingering_close`.
+- **Refusals before the app**: a classify request that admission (`service/edge/admission.py`)
+  refuses from its head (draining, its model's queue full) is answered here, 503 with
+  Retry-After, before any ASGI task exists: its small body is read and dropped by the parser and
+  the 503 sent once it is in, on the kept-alive connection; a large one is not read, and the
+  connection closes. When a multipart form may name another model, the body decides. Counted
+  and logged like every request (`middleware.account`). The Host check does not run first: a 503
+  carries nothing a rebinding page could want.
 - **A pause after a refusal**: a kept-alive connection that was just answered 503 is not read
   again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a tight loop
   cannot take the event loop from the requests being served. The 503 itself goes out at once.
@@ -32,17 +39,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import orjson
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
-from service.edge.middleware import send_json
-from service.errors import error_body
+from service.edge.admission import Admission, keeps_alive
+from service.edge.middleware import account, send_json, start_record
+from service.engine.runtime import Runtime
+from service.errors import Unavailable, error_body
 from service.record import UNKNOWN_MODEL, record_of, request_id
 from service.settings import Settings
 
@@ -102,10 +112,25 @@ class HeadTooLarge(Exception):
     """Raised from a parser callback: the complete head is over the limit."""
 
 
+@dataclass(frozen=True)
+class Held:
+    """A classify request refused from its head, waiting for its body: to drop it, or to read the form."""
+
+    cycle: RequestResponseCycle
+    app: Any
+    refusal: Unavailable
+    overturnable: bool  # a multipart form may name another model: the body decides
+    started: float  # perf_counter when its head was complete
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, limits: HttpLimits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: HttpLimits, admission: Admission | None = None,
+                 log_requests: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.admission = admission  # None: every request goes to the app (the supervisor's own config)
+        self.log_requests = log_requests
+        self.held: Held | None = None
         self.limit_concurrency = None  # uvicorn's check answers in text/plain; ours is in on_headers_complete
         self.in_head = False  # from a request's first byte to the end of its headers
         self.head_bytes = 0  # bytes read for the current head (whole reads while it is incomplete)
@@ -176,6 +201,53 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self.messages_done += 1
         self.read_deadline = None
+        held = self.held
+        if held is not None and held.cycle is self.cycle:
+            self.held = None
+            refusal = held.refusal
+            if held.overturnable:
+                refusal = self.admission.after_body(held.cycle.scope, bytes(held.cycle.body), refusal)
+            if refusal is None:  # the model its form names takes it: the app answers, its body already in
+                record_of(held.cycle.scope).admitted = True
+                super()._start_asgi_task(held.cycle, held.app)
+            else:
+                self._refuse_here(held.cycle, refusal, held.started, keep=True)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Start the app on a request, unless admission refuses it from its head: then it is answered here
+        (see the module doc), at once when the connection closes after it, else once its body is in."""
+        if self.admission is None or app is not self.config.loaded_app:
+            super()._start_asgi_task(cycle, app)
+            return
+        started = time.perf_counter()
+        start_record(cycle.scope)
+        verdict = self.admission.at_head(cycle.scope)
+        if verdict is None:
+            record_of(cycle.scope).admitted = True
+            super()._start_asgi_task(cycle, app)
+            return
+        refusal, overturnable = verdict
+        keep = keeps_alive(cycle.scope, self.admission.runtime.draining)
+        if keep:
+            self.held = Held(cycle, app, refusal, overturnable, started)
+        elif overturnable:  # too large to read here: the pipeline refuses it if its own model's queue is full
+            record_of(cycle.scope).admitted = True
+            super()._start_asgi_task(cycle, app)
+        else:
+            self._refuse_here(cycle, refusal, started, keep=False)
+
+    def _refuse_here(self, cycle: RequestResponseCycle, refusal: Unavailable, started: float, keep: bool) -> None:
+        record = record_of(cycle.scope)
+        record.reason, record.sent = refusal.reason, refusal.status
+        body = error_body(refusal.code, refusal.text, record.request_id, record.endpoint.protocol == "oip")
+        self.transport.write(self._json_response(refusal.status, body, record.request_id, refusal.retry_after,
+                                                 close=not keep))
+        cycle.response_started = cycle.response_complete = True  # no task holds it: nothing else answers
+        account(record, cycle.scope, refusal.status, time.perf_counter() - started, self.log_requests)
+        if keep:
+            self.on_response_complete()  # keep-alive, the next pipelined request, the pause
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         refused = self.cycle is not None and record_of(self.cycle.scope).sent == 503
@@ -213,27 +285,38 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Answer `status` (unless a reply is already under way) and close the connection; `code` is
         also the reason it is counted under."""
         cycle = self.cycle
+        if self.held is not None and self.held.cycle is cycle:  # refused before its body came: now it is late
+            record = record_of(cycle.scope)
+            record.reason = code
+            account(record, cycle.scope, status, time.perf_counter() - self.held.started, self.log_requests)
+            self.held = None
         owed = cycle is not None and not cycle.response_complete  # a reply this connection still owes
         if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
             metrics.observe_rejected(UNKNOWN_MODEL, code)
             if not owed:
-                self.transport.write(self._error_response(status, code, message, request_id(None)))
+                rid = request_id(None)
+                self.transport.write(self._json_response(status, error_body(code, message, rid), rid))
         elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
             record = record_of(cycle.scope)
             record.status, record.reason = status, code
-            self.transport.write(self._error_response(status, code, message, record.request_id))
+            body = error_body(code, message, record.request_id)
+            self.transport.write(self._json_response(status, body, record.request_id))
         if owed:  # the app's receive() now says http.disconnect, and what it sends is dropped
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
 
-    def _error_response(self, status: int, code: str, message: str, rid: str) -> bytes:
-        body = orjson.dumps(error_body(code, message, rid))
+    def _json_response(self, status: int, body: dict, rid: str, retry_after: int | None = None,
+                       close: bool = True) -> bytes:
+        """A whole JSON reply as bytes, for the answers the protocol writes itself."""
+        payload = orjson.dumps(body)
         head = [STATUS_LINE[status], b"x-request-id: ", rid.encode(), b"\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
-        head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-                 b"\r\nconnection: close\r\n\r\n", body]
+        if retry_after is not None:
+            head += [b"retry-after: ", str(retry_after).encode(), b"\r\n"]
+        head += [b"content-type: application/json\r\ncontent-length: ", str(len(payload)).encode(),
+                 b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n", payload]
         return b"".join(head)
 
     async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,11 +332,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.read_timer = self.loop.call_at(self.read_deadline, self._check_read)
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `uvicorn.Config` / `uvicorn.run`, shared by one worker and many
-    (a partial of a module-level class, so a worker's config can be pickled)."""
+def uvicorn_options(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.Config` / `uvicorn.run`, shared by one worker and many (a partial
+    of a module-level class, so a worker's config can be pickled). With the app's `runtime`, the
+    protocol refuses from the head (each worker builds its own; the supervisor's binds the socket only)."""
     limits = HttpLimits(settings.max_header_bytes, settings.read_timeout_s, settings.max_connections,
                         settings.retry_after_s, max_linger_bytes=settings.max_upload_bytes)
-    return {"host": settings.host, "port": settings.port, "loop": "uvloop",
-            "http": functools.partial(LimitedHttpProtocol, limits=limits), "ws": "none", "server_header": False,
+    admission = None if runtime is None else Admission(runtime)
+    protocol = functools.partial(LimitedHttpProtocol, limits=limits, admission=admission,
+                                 log_requests=settings.access_log)
+    return {"host": settings.host, "port": settings.port, "loop": "uvloop", "http": protocol, "ws": "none",
+            "server_header": False,
             "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}

@@ -105,7 +105,7 @@ def draining_server(settings: Settings) -> DrainingServer:
     from service.server.app import create_app  # after the multiprocess directory is set, never before
 
     app = create_app(settings)
-    return DrainingServer(uvicorn.Config(app, **uvicorn_options(settings)), app.state.runtime,
+    return DrainingServer(uvicorn.Config(app, **uvicorn_options(settings, app.state.runtime)), app.state.runtime,
                           settings.drain_timeout_s)
 
 
