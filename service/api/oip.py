@@ -33,7 +33,7 @@ from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
 from service.record import record_of
-from service.schemas import MODEL_NAME, ClassifyOptions
+from service.schemas import MODEL_NAME, ClassifyOptions, ClassifyReply
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 PREFIX = "erde_"  # request parameters are our /classify options under this prefix, as the spec advises
@@ -313,7 +313,7 @@ async def _infer_rows(order: Order, images: list[bytes], rows: list[int], whole:
 
 
 async def classify_rows(runtime: Runtime, request: Request, name: str, req: InferRequest,
-                        arrived: float, started: float) -> list[dict[str, Any]]:
+                        arrived: float, started: float) -> list[ClassifyReply]:
     """Every row's /classify reply, in order; rows with the same budget share one infer call, and
     every option is checked before any image is queued (`arrived`: monotonic, `started`: perf_counter)."""
     groups: dict[str | None, list[int]] = {}
@@ -330,30 +330,29 @@ async def classify_rows(runtime: Runtime, request: Request, name: str, req: Infe
         plans.append((order, rows))
     check_request_pixels(req.images, runtime.registry.limits)  # the request's pixel budget, as on /classify
     results = await asyncio.gather(*(_infer_rows(order, req.images, rows, len(req.images)) for order, rows in plans))
-    replies: list[dict[str, Any]] = [{}] * len(req.images)
+    replies: list[ClassifyReply | None] = [None] * len(req.images)
     for (order, rows), answers in zip(plans, results, strict=True):
         for row, answer in zip(rows, answers, strict=True):
             replies[row] = encode(order.served, answer, started)
-    record_of(request.scope).exits = [r["exit"] for r in replies]
+    record_of(request.scope).exits = [r.exit for r in replies]
     return replies
 
 
 # --- the reply ---
 
-def column(output: Requested, replies: list[dict[str, Any]], num_classes: int) -> tuple[str, list[int], list]:
+def column(output: Requested, replies: list[ClassifyReply], num_classes: int) -> tuple[str, list[int], list]:
     """One output tensor from the /classify replies: datatype, shape, elements (row major, flat)."""
     n = len(replies)
     if output.classification is not None:
         k = output.classification  # at most the number of classes: the policy checked it as top_k
-        return "BYTES", [n, k], [f"{t['probability']:f}:{t['class_id']}:{t['label']}"
-                                 for r in replies for t in r["top_k"][:k]]
+        return "BYTES", [n, k], [f"{t.probability:f}:{t.class_id}:{t.label}" for r in replies for t in r.top_k[:k]]
     if output.name == "probabilities":
         rows = [[0.0] * num_classes for _ in replies]
         for row, reply in zip(rows, replies, strict=True):
-            for t in reply["top_k"]:
-                row[t["class_id"]] = t["probability"]
+            for t in reply.top_k:
+                row[t.class_id] = t.probability
         return "FP32", [n, num_classes], [p for row in rows for p in row]
-    return OUTPUTS[output.name], [n], [r[output.name] for r in replies]
+    return OUTPUTS[output.name], [n], [getattr(r, output.name) for r in replies]
 
 
 def to_binary(datatype: str, elements: list) -> bytes:
@@ -362,7 +361,7 @@ def to_binary(datatype: str, elements: list) -> bytes:
     return np.asarray(elements, dtype=BINARY[datatype]).tobytes()
 
 
-def inference_reply(served: ServedModel, req: InferRequest, replies: list[dict[str, Any]]) -> Response:
+def inference_reply(served: ServedModel, req: InferRequest, replies: list[ClassifyReply]) -> Response:
     """JSON alone, or JSON then the binary outputs in order (`Inference-Header-Content-Length`)."""
     header: dict[str, Any] = {"model_name": served.name, "model_version": served.artifact.version, "outputs": []}
     if req.id is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import Request
 
@@ -24,7 +23,7 @@ from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime
 from service.errors import DeadlineExceeded, ServiceError
 from service.record import record_of
-from service.schemas import ClassifyOptions, parse_options
+from service.schemas import ClassifyOptions, ClassifyReply, Latency, TopClass, parse_options
 
 
 async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
@@ -98,7 +97,7 @@ async def infer(order: Order, images: list[bytes]) -> list[Answer]:
     return [Answer(result, job.rule) for result, job in zip(results, jobs, strict=True)]
 
 
-def encode(served: ServedModel, answer: Answer, started: float) -> dict[str, Any]:
+def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply:
     """One reply (docs/design.md §5), and the per-image metrics that go with it."""
     result, decision = answer.result, answer.rule
     art = served.artifact
@@ -106,23 +105,22 @@ def encode(served: ServedModel, answer: Answer, started: float) -> dict[str, Any
     classes = art.classes
     metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.requested_budget,
                           decision.budget, decision.degraded, result.decode_s, result.queue_s, result.inference_s)
-    return {
-        "model": art.name, "version": art.version,
-        "label": classes[result.top_ids[0]], "class_id": result.top_ids[0], "confidence": result.top_probs[0],
-        "top_k": [{"label": classes[c], "class_id": c, "probability": p}
-                  for c, p in zip(result.top_ids, result.top_probs, strict=True)],
-        "exit": result.exit, "exits": art.model.num_exits, "entropy": result.entropy,
-        "threshold": decision.threshold, "budget": decision.budget, "budget_clamped": decision.clamped,
-        "max_exit": decision.cap if decision.cap < art.model.num_exits - 1 else None,
-        "min_accuracy": decision.min_accuracy, "requested_budget": decision.requested_budget,
-        "degraded": decision.degraded, "expected_accuracy": decision.expected.accuracy,
-        "macs": macs, "macs_fraction": macs / served.full_macs,
-        "latency_ms": {"decode": result.decode_s * 1e3, "queue": result.queue_s * 1e3,
-                       "inference": result.inference_s * 1e3, "total": (time.perf_counter() - started) * 1e3},
-    }
+    return ClassifyReply(
+        model=art.name, version=art.version,
+        label=classes[result.top_ids[0]], class_id=result.top_ids[0], confidence=result.top_probs[0],
+        top_k=[TopClass(classes[c], c, p) for c, p in zip(result.top_ids, result.top_probs, strict=True)],
+        exit=result.exit, exits=art.model.num_exits, entropy=result.entropy,
+        threshold=decision.threshold, budget=decision.budget, budget_clamped=decision.clamped,
+        max_exit=decision.cap if decision.cap < art.model.num_exits - 1 else None,
+        min_accuracy=decision.min_accuracy, requested_budget=decision.requested_budget,
+        degraded=decision.degraded, expected_accuracy=decision.expected.accuracy,
+        macs=macs, macs_fraction=macs / served.full_macs,
+        latency_ms=Latency(result.decode_s * 1e3, result.queue_s * 1e3, result.inference_s * 1e3,
+                           (time.perf_counter() - started) * 1e3),
+    )
 
 
-async def classify(runtime: Runtime, request: Request, max_images: int) -> list[dict[str, Any]]:
+async def classify(runtime: Runtime, request: Request, max_images: int) -> list[ClassifyReply]:
     """The whole path for one request of one or more images."""
     started = time.perf_counter()
     arrived = time.monotonic()
