@@ -13,9 +13,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from erde.calibrate import OperatingPoint
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.decode import ImageLimits
+from service.drift import DriftGuard, DriftLaw, PointState
 from service.engine.adaptive import AdaptiveBudgets
 from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
@@ -32,6 +34,7 @@ class ServedModel:
     worker: ModelWorker
     policy: BudgetPolicy
     versions: list[str]  # every version in the store when this one was loaded
+    drift: DriftGuard  # per version: a reload of the same version keeps it, a new version starts afresh
 
     @property
     def name(self) -> str:
@@ -51,7 +54,16 @@ class ServedModel:
         return {"name": art.name, "version": art.version, "versions": self.versions, "classes": art.classes,
                 "input": art.spec.to_dict(), "arch": art.manifest.get("arch", ""), "exits": art.model.num_exits,
                 "macs_per_exit": art.macs_per_exit, "test_metrics": art.manifest.get("test_metrics"),
-                "calibration": curve, "exit_latency": art.manifest.get("exit_latency")}
+                "calibration": curve, "live_calibration": self.drift.live_curve(),
+                "exit_latency": art.manifest.get("exit_latency")}
+
+
+def _report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, point: OperatingPoint,
+                  state: PointState) -> None:
+    """After each reply at a budget: floors see the live curve, the metrics the controller's state."""
+    policy.live_shift = drift.shift()
+    metrics.observe_drift(name, point.macs_fraction, state.cost, state.offset)
+    metrics.set_accuracy(name, *drift.summary())
 
 
 class ModelRegistry:
@@ -94,15 +106,23 @@ class ModelRegistry:
                               s.default_budget, s.max_top_k, s.min_accuracy)
         adaptive = AdaptiveBudgets(policy, OverloadLaw.from_settings(s), degrade=s.overload == "degrade",
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
+        drift = DriftGuard(artifact.calibration, artifact.manifest.get("atc"),
+                           DriftLaw.from_settings(s, len(artifact.classes)), enabled=s.drift == "on")
+        drift.on_change = lambda point, state: _report_drift(name, drift, policy, point, state)
+
+        def adjust(jobs: list, now: float) -> None:  # the overload controller picks the point, drift its θ
+            adaptive.adjust(jobs, now)
+            drift.adjust(jobs)
+
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s, slow_s=s.test_slow_ms / 1000,
-                             adjust=adaptive.adjust, on_full=adaptive.saturate,
+                             adjust=adjust, on_full=adaptive.saturate,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
-        return ServedModel(artifact, worker, policy, versions)
+        return ServedModel(artifact, worker, policy, versions, drift)
 
     def reload(self) -> dict[str, str]:
         """Serve the newest version of every model in the store that verifies; returns name -> outcome.
