@@ -14,8 +14,7 @@ b the hold band:
     m̄ < (1−b)·c       θ −= min(gain · ((1−b)·c − m̄), max_step)    (leaving compute unspent)
 
 (θ holds for the first `smoothing` replies), then θ − θ_offline is clipped to ±max_offset and θ to
-[0, ceiling]. On the validation split m̄ = c
-and θ stays where calibration put it. The target is c, not the budget: every point costing more
+[0, ceiling]. On the validation split m̄ = c and θ stays where calibration put it. The target is c, not the budget: every point costing more
 within the budget was no more accurate on validation (the curve's near-tie rule), so spending up to
 the budget would not buy accuracy; see docs/budgets.md for when this rule holds.
 
