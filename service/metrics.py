@@ -62,12 +62,13 @@ DEGRADED = Counter("erde_degraded_total", "Images answered at a cheaper operatin
                    ["model"])
 UNSATISFIABLE = Counter("erde_unsatisfiable_total", "Requests refused 422 because no operating point meets their "
                         "min_accuracy (within their budget)", ["model"])
-# drift (issue 19; docs/budgets.md). Per operating point ("point": its calibrated MACs fraction, a bounded set);
+# drift (issue 19; docs/budgets.md). Per budget cell (a 0.01 grid, or a point's calibrated cost: a bounded set);
 # several workers each run their own controllers, the dashboard shows the most drifted.
-DRIFT_SPENT = Gauge("erde_drift_macs_fraction", "Realized MACs fraction of the recent replies at an operating point "
-                    "(EWMA)", ["model", "point"], multiprocess_mode="livemax")
-DRIFT_OFFSET = Gauge("erde_drift_theta_offset", "How far the drift controller moved an operating point's θ from its "
-                     "calibrated value (nats)", ["model", "point"], multiprocess_mode="livemax")
+DRIFT_SPENT = Gauge("erde_drift_macs_fraction", "Realized MACs fraction of the recent replies under a budget (an "
+                    "EWMA the drift controller holds at or under the budget)", ["model", "budget"],
+                    multiprocess_mode="livemax")
+DRIFT_OFFSET = Gauge("erde_drift_theta_offset", "How far the drift controller raised θ above its calibrated value "
+                     "for the replies under a budget (nats)", ["model", "budget"], multiprocess_mode="livemax")
 ACCURACY = Gauge("erde_accuracy_estimate", "Accuracy of the replies at the operating points in use: calibrated "
                  "(offline) and estimated without labels (live, ATC)", ["model", "source"], multiprocess_mode="livemin")
 BUDGET_SPENT = Counter("erde_budget_spent_total", "Sum of the MACs fractions spent, by the budget asked for (upper "
@@ -144,8 +145,8 @@ def set_load_pressure(model: str, pressure: float) -> None:
 
 
 @never_raises
-def observe_drift(model: str, point: float, spent: float, offset: float) -> None:
-    label = f"{point:.3f}"
+def observe_drift(model: str, budget: float, spent: float, offset: float) -> None:
+    label = f"{budget:.3f}"
     _series(DRIFT_SPENT, model, label).set(spent)
     _series(DRIFT_OFFSET, model, label).set(offset)
 

@@ -13,11 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from erde.calibrate import OperatingPoint
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.decode import ImageLimits
-from service.drift import DriftGuard, DriftLaw, PointState
+from service.drift import Cell, DriftGuard, DriftLaw
 from service.engine.adaptive import AdaptiveBudgets
 from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
@@ -58,11 +57,10 @@ class ServedModel:
                 "exit_latency": art.manifest.get("exit_latency")}
 
 
-def _report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, point: OperatingPoint,
-                  state: PointState) -> None:
+def _report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
     """After each reply at a budget: floors see the live curve, the metrics the controller's state."""
     policy.live_shift = drift.shift()
-    metrics.observe_drift(name, point.macs_fraction, state.cost, state.offset)
+    metrics.observe_drift(name, budget, cell.cost, cell.offset)
     metrics.set_accuracy(name, *drift.summary())
 
 
@@ -108,7 +106,7 @@ class ModelRegistry:
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
         drift = DriftGuard(artifact.calibration, artifact.manifest.get("atc"),
                            DriftLaw.from_settings(s, len(artifact.classes)), enabled=s.drift == "on")
-        drift.on_change = lambda point, state: _report_drift(name, drift, policy, point, state)
+        drift.on_change = lambda point, budget, cell: _report_drift(name, drift, policy, budget, cell)
 
         def adjust(jobs: list, now: float) -> None:  # the overload controller picks the point, drift its θ
             adaptive.adjust(jobs, now)

@@ -93,14 +93,14 @@ class Settings(BaseSettings):
                                       description="seconds from pressure 1 to 0 with no queueing delay")
     # drift (issue 19): θ per operating point held to its offline cost, accuracy estimated live (service/drift.py)
     drift: Literal["on", "off"] = Field("on", description=(
-        "on: move each operating point's θ so that its replies spend what it promises; off: measure only"))
+        "on: move θ per operating point and budget so that the replies spend at most the budget; off: measure only"))
     drift_gain: float = Field(0.2, gt=0, le=10, description=(
         "θ (nats) moved per reply per unit of smoothed MACs-fraction error (docs/budgets.md)"))
     drift_max_step: float = Field(0.02, gt=0, le=1, description="most one reply moves θ (nats)")
-    drift_max_offset: float = Field(1.5, ge=0, le=10, description="most θ may leave its calibrated value (nats)")
+    drift_max_offset: float = Field(1.5, ge=0, le=10, description="most θ may rise above its calibrated value (nats)")
     drift_smoothing: int = Field(30, ge=1, le=100_000, description="replies in the realized-cost EWMA")
-    drift_band: float = Field(0.03, ge=0, lt=1, description=(
-        "θ holds while a point's realized cost is between (1 - band) and 1 times its calibrated cost"))
+    drift_band: float = Field(0.05, ge=0, lt=1, description=(
+        "θ holds while the realized cost under a budget is between (1 - band) and 1 times the budget"))
     drift_window: int = Field(300, ge=1, le=1_000_000, description=(
         "replies in the live accuracy EWMA, and the replies a point needs before its live figure is quoted"))
     drift_margin: float = Field(0.02, ge=0, le=1, description=(

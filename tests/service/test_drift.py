@@ -8,29 +8,31 @@ import math
 import pytest
 
 from erde.calibrate import CalibrationCurve, OperatingPoint
-from service.drift import DriftGuard, DriftLaw, PointState, start, step
+from service.drift import Cell, DriftGuard, DriftLaw, ceiling_of, start, step
 from service.errors import Unsatisfiable
 from service.policy import BudgetPolicy
 from service.schemas import ClassifyOptions
 
 LAW = DriftLaw()
 POINT = OperatingPoint(0.7, 0.25, 0.92, [0.8, 0.1, 0.1])
+BUDGET = 0.3
 
 
-def replies(state: PointState, cost: float, n: int, right: float | None = None) -> PointState:
+def replies(state: Cell, cost: float, n: int, right: float | None = None, budget: float = BUDGET) -> Cell:
     for _ in range(n):
-        state = step(LAW, state, POINT, cost, right)
+        state = step(LAW, state, POINT, budget, cost, right)
     return state
 
 
-def test_the_calibrated_cost_keeps_theta_where_calibration_put_it() -> None:
-    assert replies(start(POINT), POINT.macs_fraction, 1000).offset == 0.0
+def test_a_cost_within_the_budget_keeps_theta_where_calibration_put_it() -> None:
+    for cost in (POINT.macs_fraction, 0.05, BUDGET):
+        assert replies(start(POINT), cost, 1000).offset == 0.0  # never below the calibrated θ either
 
 
 def test_spending_too_much_raises_theta_by_bounded_steps() -> None:
     state, offsets = start(POINT), []
     for _ in range(200):
-        state = step(LAW, state, POINT, 1.0, None)
+        state = step(LAW, state, POINT, BUDGET, 1.0, None)
         offsets.append(state.offset)
     assert offsets[LAW.smoothing - 3] == 0.0  # no move before the smoothed cost means anything
     assert all(0 <= b - a <= LAW.max_step + 1e-12 for a, b in itertools.pairwise(offsets))
@@ -39,31 +41,25 @@ def test_spending_too_much_raises_theta_by_bounded_steps() -> None:
 
 def test_theta_stays_within_its_range() -> None:
     assert replies(start(POINT), 1.0, 5000).offset == pytest.approx(LAW.max_offset)
-    low = replies(start(POINT), 0.0, 5000)
-    assert low.offset == pytest.approx(-POINT.threshold)  # θ never below 0 (0 runs every image to the end)
     near_top = OperatingPoint(2.2, 0.1, 0.8, [1.0, 0.0, 0.0])
     state = start(near_top)
     for _ in range(5000):
-        state = step(LAW, state, near_top, 1.0, None)
+        state = step(LAW, state, near_top, 0.1, 1.0, None)
     assert near_top.threshold + state.offset == pytest.approx(LAW.ceiling)
 
 
-def test_the_hold_band_lets_a_cheaper_stream_be() -> None:
-    inside = (1 - LAW.band / 2) * POINT.macs_fraction
-    assert replies(start(POINT), inside, 1000).offset == 0.0
-    assert replies(start(POINT), 0.5 * POINT.macs_fraction, 1000).offset < 0  # well below: spend more
-
-
 def test_shift_and_return() -> None:
-    """Costs that fall as θ rises, like an early-exit network's: the law finds the θ that spends c, and
-    comes back when the images do."""
+    """Costs that fall as θ rises, like an early-exit network's: the law finds the θ that spends the budget
+    when images get harder, and returns to the calibrated θ when they are calibration-like again."""
     def cost(theta: float, hard: bool) -> float:
-        return min(max((1.5 if hard else 0.95) - theta, 0.0), 1.0)  # the calibrated images cost 0.25 at θ 0.7
+        return min(max((1.5 if hard else 0.95) - theta, 0.0), 1.0)  # calibration-like: 0.25 at θ 0.7
     state = start(POINT)
-    for hard in (True, False):
-        for _ in range(LAW.smoothing + 300):
-            state = step(LAW, state, POINT, cost(POINT.threshold + state.offset, hard), None)
-        assert (1 - LAW.band) * 0.25 - 0.01 <= cost(POINT.threshold + state.offset, hard) <= 0.25 + 0.01
+    for _ in range(LAW.smoothing + 300):
+        state = step(LAW, state, POINT, BUDGET, cost(POINT.threshold + state.offset, True), None)
+    assert (1 - LAW.band) * BUDGET - 0.01 <= cost(POINT.threshold + state.offset, True) <= BUDGET + 0.01
+    for _ in range(300):
+        state = step(LAW, state, POINT, BUDGET, cost(POINT.threshold + state.offset, False), None)
+    assert state.offset < 0.05  # back, within the band below the budget
 
 
 def test_the_accuracy_estimate_is_an_ewma_of_the_atc_indicators() -> None:
@@ -80,6 +76,17 @@ def guard_and_policy() -> tuple[DriftGuard, BudgetPolicy]:
     return DriftGuard(curve, atc, LAW, enabled=True), BudgetPolicy(curve, 3, 10, 0.5, 10)
 
 
+def test_each_budget_has_its_own_cell() -> None:
+    guard, policy = guard_and_policy()
+    low, high = policy.decide(ClassifyOptions(budget=0.25)), policy.decide(ClassifyOptions(budget=0.455))
+    assert low.expected == high.expected and (ceiling_of(low), ceiling_of(high)) == (0.25, 0.45)
+    assert ceiling_of(policy.decide(ClassifyOptions(budget=0.05))) == 0.1  # clamped: the point's own cost
+    for _ in range(200):
+        guard.observe(low, 2, 0.1, 0.4)  # 0.4 is too much for 0.25, within 0.45
+        guard.observe(high, 2, 0.1, 0.4)
+    assert guard.theta(low) > low.threshold and guard.theta(high) == high.threshold
+
+
 def test_replies_quote_the_live_estimate_once_it_has_evidence_and_departs() -> None:
     guard, policy = guard_and_policy()
     rule = policy.decide(ClassifyOptions(budget=0.25))
@@ -88,9 +95,9 @@ def test_replies_quote_the_live_estimate_once_it_has_evidence_and_departs() -> N
     for _ in range(LAW.window):
         estimate = guard.observe(rule, 0, 0.9, 0.1)
     assert estimate.source == "live" and estimate.used == estimate.live < 0.92 - LAW.margin
-    assert guard.summary()[0] == pytest.approx(estimate.live) and guard.summary()[1] == 0.92
+    assert guard.summary() == (pytest.approx(estimate.live), 0.92)
     (live,) = guard.live_curve()
-    assert live["replies"] == LAW.window + 1 and live["live_accuracy"] == estimate.live
+    assert live["replies"] == LAW.window + 1 and live["live_accuracy"] == estimate.live and live["budget"] == 0.25
 
 
 def test_rows_that_fix_theta_or_a_cap_are_left_alone() -> None:
@@ -98,11 +105,20 @@ def test_rows_that_fix_theta_or_a_cap_are_left_alone() -> None:
     budget = policy.decide(ClassifyOptions(budget=0.25))
     for _ in range(200):
         guard.observe(budget, 2, 0.1, 1.0)
-    assert guard.theta(budget) > budget.threshold  # this point costs too much: its rows exit earlier
+    assert guard.theta(budget) > budget.threshold  # these replies cost too much: their rows exit earlier
     fixed = policy.decide(ClassifyOptions(threshold=0.7))
     capped = policy.decide(ClassifyOptions(budget=0.25, max_exit=1))
     assert guard.theta(fixed) == 0.7 and guard.theta(capped) == capped.threshold
-    assert guard.observe(fixed, 2, 0.1, 1.0).source == "offline" and len(guard.states) == 1
+    assert guard.observe(fixed, 2, 0.1, 1.0).source == "offline" and len(guard.cells) == 1
+
+
+def test_off_measures_but_never_moves_theta() -> None:
+    guard, policy = guard_and_policy()
+    guard.enabled = False
+    rule = policy.decide(ClassifyOptions(budget=0.25))
+    for _ in range(200):
+        guard.observe(rule, 2, 0.1, 1.0)
+    assert guard.theta(rule) == rule.threshold and guard.live_curve()[0]["live_threshold"] > rule.threshold
 
 
 def test_floors_use_the_live_shift() -> None:

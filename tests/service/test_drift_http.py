@@ -60,7 +60,7 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
                                                                           test_images: np.ndarray) -> None:
     clean = stream(shipped, test_images[:400])
     noisy = stream(shipped, shifts.noise(test_images[400:1000], 3))
-    assert spent(noisy[:64]) > 2 * BUDGET  # the shift, before the controller has seen it
+    assert spent(noisy[:64]) > 1.5 * BUDGET  # the shift, before the controller has seen it
     assert spent(noisy[300:]) <= 1.05 * BUDGET  # within the stated adaptation length (docs/budgets.md)
     assert noisy[-1]["threshold"] > clean[0]["threshold"] + 0.3
     assert noisy[-1]["accuracy_source"] == "live"  # the label-free estimate has seen the drop
@@ -72,4 +72,5 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
     back = stream(shipped, test_images[1000:1600])
     assert 0.9 * BUDGET <= spent(back[300:]) <= 1.05 * BUDGET  # returned, not stuck at the shifted θ
     assert back[-1]["threshold"] - clean[0]["threshold"] < (noisy[-1]["threshold"] - clean[0]["threshold"]) / 2
-    assert back[-1]["expected_accuracy_live"] > 0.85  # the estimate recovers too (an EWMA over 300 replies)
+    # The estimate recovers too: an EWMA over 300 replies keeps e^-2 of the dip after 600.
+    assert back[-1]["expected_accuracy_live"] > noisy[-1]["expected_accuracy_live"] + 0.15
