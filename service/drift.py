@@ -7,12 +7,13 @@ its MACs fraction, and whether its answering exit's entropy is below that exit's
 **The compute law** is a pure function of (law, state, point, budget, measured cost), like the
 overload law (service/overload.py): it counts in replies, not seconds, since every reply is a
 measurement, so it needs no clock. With m̄ the smoothed cost of the cell's recent replies (an EWMA
-over `smoothing` replies), U the cell's budget (never below the point's calibrated cost) and b the
-hold band:
+over `smoothing` replies), U the cell's budget (never below the point's calibrated cost), and the
+hold band from (1−b)·U to (1+t)·U (t is well inside the 5% the budget allows: the mean over a window
+of a few hundred replies stays under 1.05·U):
 
-    m̄ > U             θ += min(gain · (m̄ − U), max_step)           (spending too much: exit earlier)
-    (1−b)·U ≤ m̄ ≤ U   θ unchanged
-    m̄ < (1−b)·U       θ −= min(gain · ((1−b)·U − m̄), max_step)     (back towards the calibrated θ)
+    m̄ > (1+t)·U             θ += min(gain · (m̄ − (1+t)·U), max_step)   (spending too much: exit earlier)
+    (1−b)·U ≤ m̄ ≤ (1+t)·U   θ unchanged
+    m̄ < (1−b)·U             θ −= min(gain · ((1−b)·U − m̄), max_step)   (back towards the calibrated θ)
 
 θ holds for a cell's first `smoothing` replies, never goes below the calibrated θ (the calibration
 chose it as the most accurate point within the budget: spending more per image than it does bought
@@ -46,7 +47,8 @@ class DriftLaw:
     max_step: float = 0.02  # most one reply moves θ (nats)
     max_offset: float = 1.5  # most θ may rise above its calibrated value (nats)
     smoothing: int = 30  # replies in the cost EWMA's time constant
-    band: float = 0.05  # hold while the smoothed cost is within [(1 − band)·U, U]
+    band: float = 0.04  # hold while the smoothed cost is within [(1 − band)·U, (1 + tolerance)·U]
+    tolerance: float = 0.02
     window: int = 300  # replies in the accuracy EWMA's time constant, and the evidence a live figure needs
     margin: float = 0.02  # a live accuracy this far from the offline one is quoted instead of it
     ceiling: float = math.log(10) + 1e-3  # θ above this stops everything at the first exit anyway
@@ -54,7 +56,8 @@ class DriftLaw:
     @classmethod
     def from_settings(cls, settings: Settings, num_classes: int) -> DriftLaw:
         return cls(settings.drift_gain, settings.drift_max_step, settings.drift_max_offset, settings.drift_smoothing,
-                   settings.drift_band, settings.drift_window, settings.drift_margin, math.log(num_classes) + 1e-3)
+                   settings.drift_band, settings.drift_tolerance, settings.drift_window, settings.drift_margin,
+                   math.log(num_classes) + 1e-3)
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ def step(law: DriftLaw, state: Cell, point: OperatingPoint, budget: float, cost:
     """The state after one reply at `point` under `budget` that cost `cost` (MACs fraction); `right` is its
     ATC indicator (1.0 likely right, 0.0 likely wrong), None when the artifact has no ATC thresholds."""
     smoothed = state.cost + (cost - state.cost) / min(state.replies + 1, law.smoothing)
-    low = (1.0 - law.band) * budget
-    error = smoothed - budget if smoothed > budget else smoothed - low if smoothed < low else 0.0
+    low, high = (1.0 - law.band) * budget, (1.0 + law.tolerance) * budget
+    error = smoothed - high if smoothed > high else smoothed - low if smoothed < low else 0.0
     if state.replies + 1 < law.smoothing:  # too few replies for the smoothed cost to mean anything yet
         error = 0.0
     move = max(min(law.gain * error, law.max_step), -law.max_step)

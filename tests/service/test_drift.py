@@ -25,7 +25,7 @@ def replies(state: Cell, cost: float, n: int, right: float | None = None, budget
 
 
 def test_a_cost_within_the_budget_keeps_theta_where_calibration_put_it() -> None:
-    for cost in (POINT.macs_fraction, 0.05, BUDGET):
+    for cost in (POINT.macs_fraction, 0.05, BUDGET, (1 + LAW.tolerance / 2) * BUDGET):
         assert replies(start(POINT), cost, 1000).offset == 0.0  # never below the calibrated θ either
 
 
