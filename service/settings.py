@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     drift_smoothing: int = Field(30, ge=1, le=100_000, description="replies in the realized-cost EWMA")
     drift_band: float = Field(0.04, ge=0, lt=1, description=(
         "θ holds while the realized cost under a budget is between (1 - band) and (1 + tolerance) times the budget"))
-    drift_tolerance: float = Field(0.02, ge=0, le=0.05, description=(
+    drift_tolerance: float = Field(0.04, ge=0, le=0.05, description=(
         "how far above the budget the realized cost may be before θ rises (within the 5% a budget allows)"))
     drift_window: int = Field(300, ge=1, le=1_000_000, description=(
         "replies in the live accuracy EWMA, and the replies a point needs before its live figure is quoted"))

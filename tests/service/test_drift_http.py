@@ -6,6 +6,7 @@ The shift is one of the issue's five (bench/shifts.py SEEN); `make bench-drift` 
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from bench import shifts
 from erde.data import load_fashion_mnist
 from tests.service import images
-from tests.service.conftest import ROOT, Server, start_server
+from tests.service.conftest import ROOT, Server, eventually, start_server
 
 SHIPPED = ROOT / "model_store" / "fashion-mnist" / "2"
 BUDGET = 0.25
@@ -69,6 +70,10 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
     with shipped.client() as c:
         live = c.get("/models/fashion-mnist").json()["live_calibration"]
     assert any(p["live_threshold"] > p["threshold"] for p in live)
+    shipped.signal(signal.SIGHUP)  # a reload that finds the same version keeps its state
+    eventually(lambda: "reload: {'fashion-mnist': 'unchanged'}" in shipped.log.read_text(), timeout=30)
+    with shipped.client() as c:
+        assert c.get("/models/fashion-mnist").json()["live_calibration"] == live
     back = stream(shipped, test_images[1000:1600])
     assert 0.9 * BUDGET <= spent(back[300:]) <= 1.05 * BUDGET  # returned, not stuck at the shifted θ
     assert back[-1]["threshold"] - clean[0]["threshold"] < (noisy[-1]["threshold"] - clean[0]["threshold"]) / 2
