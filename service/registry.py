@@ -57,7 +57,7 @@ class ServedModel:
                 "exit_latency": art.manifest.get("exit_latency")}
 
 
-def _report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
+def report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
     """After each reply at a budget: floors see the live curve, the metrics the controller's state."""
     policy.live_shift = drift.shift()
     metrics.observe_drift(name, budget, cell.cost, cell.offset)
@@ -106,7 +106,7 @@ class ModelRegistry:
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
         drift = DriftGuard(artifact.calibration, artifact.manifest.get("atc"),
                            DriftLaw.from_settings(s, len(artifact.classes)), enabled=s.drift == "on")
-        drift.on_change = lambda point, budget, cell: _report_drift(name, drift, policy, budget, cell)
+        drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
 
         def adjust(jobs: list, now: float) -> None:  # the overload controller picks the point, drift its θ
             adaptive.adjust(jobs, now)
