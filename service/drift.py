@@ -46,7 +46,7 @@ class DriftLaw:
     gain: float = 0.2  # θ (nats) per unit of smoothed cost error, per reply
     max_step: float = 0.02  # most one reply moves θ (nats)
     max_offset: float = 1.5  # most θ may rise above its calibrated value (nats)
-    smoothing: int = 30  # replies in the cost EWMA's time constant
+    smoothing: int = 100  # replies in the cost EWMA's time constant
     band: float = 0.04  # hold while the smoothed cost is within [(1 − band)·U, (1 + tolerance)·U]
     tolerance: float = 0.04
     window: int = 300  # replies in the accuracy EWMA's time constant, and the evidence a live figure needs

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         "θ (nats) moved per reply per unit of smoothed MACs-fraction error (docs/budgets.md)"))
     drift_max_step: float = Field(0.02, gt=0, le=1, description="most one reply moves θ (nats)")
     drift_max_offset: float = Field(1.5, ge=0, le=10, description="most θ may rise above its calibrated value (nats)")
-    drift_smoothing: int = Field(30, ge=1, le=100_000, description="replies in the realized-cost EWMA")
+    drift_smoothing: int = Field(100, ge=1, le=100_000, description="replies in the realized-cost EWMA")
     drift_band: float = Field(0.04, ge=0, lt=1, description=(
         "θ holds while the realized cost under a budget is between (1 - band) and (1 + tolerance) times the budget"))
     drift_tolerance: float = Field(0.04, ge=0, le=0.05, description=(
