@@ -8,8 +8,8 @@ its MACs fraction, and whether its answering exit's entropy is below that exit's
 overload law (service/overload.py): it counts in replies, not seconds, since every reply is a
 measurement, so it needs no clock. With m̄ the smoothed cost of the cell's recent replies (an EWMA
 over `smoothing` replies), U the cell's budget (never below the point's calibrated cost), and the
-hold band from (1−b)·U to (1+t)·U (t is well inside the 5% the budget allows: the mean over a window
-of a few hundred replies stays under 1.05·U):
+hold band from (1−b)·U to (1+t)·U (t is inside the 5% the budget allows: the mean over a window of
+1,000 replies stays under 1.05·U):
 
     m̄ > (1+t)·U             θ += min(gain · (m̄ − (1+t)·U), max_step)   (spending too much: exit earlier)
     (1−b)·U ≤ m̄ ≤ (1+t)·U   θ unchanged
