@@ -49,8 +49,8 @@ class DriftLaw:
     smoothing: int = 100  # replies in the cost EWMA's time constant
     band: float = 0.04  # hold while the smoothed cost is within [(1 − band)·U, (1 + tolerance)·U]
     tolerance: float = 0.04
-    window: int = 300  # replies in the accuracy EWMA's time constant, and the evidence a live figure needs
-    margin: float = 0.02  # a live accuracy this far from the offline one is quoted instead of it
+    window: int = 400  # replies in the accuracy EWMA's time constant, and the evidence a live figure needs
+    margin: float = 0.03  # a live accuracy this far from the offline one is quoted instead of it
     ceiling: float = math.log(10) + 1e-3  # θ above this stops everything at the first exit anyway
 
     @classmethod

@@ -103,9 +103,9 @@ class Settings(BaseSettings):
         "θ holds while the realized cost under a budget is between (1 - band) and (1 + tolerance) times the budget"))
     drift_tolerance: float = Field(0.04, ge=0, le=0.05, description=(
         "how far above the budget the realized cost may be before θ rises (within the 5% a budget allows)"))
-    drift_window: int = Field(300, ge=1, le=1_000_000, description=(
+    drift_window: int = Field(400, ge=1, le=1_000_000, description=(
         "replies in the live accuracy EWMA, and the replies a point needs before its live figure is quoted"))
-    drift_margin: float = Field(0.02, ge=0, le=1, description=(
+    drift_margin: float = Field(0.03, ge=0, le=1, description=(
         "a live accuracy estimate this far from the calibrated one replaces it in replies and floors"))
     access_log: bool = Field(True, description="one JSON line per request on the erde.access logger")
 

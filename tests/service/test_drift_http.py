@@ -77,5 +77,5 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
     back = stream(shipped, test_images[1000:1600])
     assert 0.9 * BUDGET <= spent(back[300:]) <= 1.05 * BUDGET  # returned, not stuck at the shifted θ
     assert back[-1]["threshold"] - clean[0]["threshold"] < (noisy[-1]["threshold"] - clean[0]["threshold"]) / 2
-    # The estimate recovers too: an EWMA over 300 replies keeps e^-2 of the dip after 600.
+    # The estimate recovers too: an EWMA over 400 replies keeps e^-1.5 of the dip after 600.
     assert back[-1]["expected_accuracy_live"] > noisy[-1]["expected_accuracy_live"] + 0.15
