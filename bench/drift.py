@@ -220,7 +220,7 @@ def report(results: dict, segments: list[Segment], cost_us: dict[str, float], n:
                     estimates.append([seg.name, budget, f"{a['true_recent']:.1%}",
                                       "n/a" if live is None else f"{live:.1%}",
                                       "n/a" if live is None else f"{(live - a['true_recent']) * 100:+.1f}",
-                                      a["source"], f"{b['expected'] - b['accuracy']:+.1%}"])
+                                      a["source"], f"{(b['expected'] - b['accuracy']) * 100:+.1f}"])
                 replies = results[(model, "on")][(seg.name, budget)]
                 if seg.name != "clean":
                     adapt.append([seg.name, budget, adapted_after(replies, budget)])
@@ -232,7 +232,8 @@ def report(results: dict, segments: list[Segment], cost_us: dict[str, float], n:
                   "Live accuracy estimate (ATC) at the end of each segment against the true accuracy of the "
                   "segment's last 300 replies at that budget; the last column is the error of today's "
                   "calibrated figure for comparison:", "",
-                  table(["images", "budget", "true", "live estimate", "error (points)", "quoted", "today's error"],
+                  table(["images", "budget", "true", "live estimate", "error (points)", "quoted",
+                         "today's error (points)"],
                         estimates), "",
                   "Replies per budget until the next 500, and all the rest of the segment, spend at most "
                   "1.05 × the budget (measured on the stream):", "",
