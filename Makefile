@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps data test lint serve bench bench-overload clean
+.PHONY: install system-deps data test lint serve bench bench-overload bench-drift clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench-peers: $(STAMP)
 # `$(PY) -m bench.overload --quick` is a one-minute smoke run of the harness.
 bench-overload: $(STAMP) data
 	$(PY) -m bench.overload
+
+# Drift (issue 19): budgets and accuracy estimates on shifted images, ERDE_DRIFT=off vs on, both shipped
+# models over HTTP, on shifts no test uses (bench/shifts.py UNSEEN); writes reports/drift.md. About 10 minutes.
+bench-drift: $(STAMP) data
+	$(PY) -m bench.drift
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -62,6 +62,19 @@ DEGRADED = Counter("erde_degraded_total", "Images answered at a cheaper operatin
                    ["model"])
 UNSATISFIABLE = Counter("erde_unsatisfiable_total", "Requests refused 422 because no operating point meets their "
                         "min_accuracy (within their budget)", ["model"])
+# drift (issue 19; docs/budgets.md). Per budget cell (a 0.01 grid, or a point's calibrated cost: a bounded set);
+# several workers each run their own controllers, the dashboard shows the most drifted.
+DRIFT_SPENT = Gauge("erde_drift_macs_fraction", "Realized MACs fraction of the recent replies under a budget (an "
+                    "EWMA the drift controller holds at or under the budget)", ["model", "budget"],
+                    multiprocess_mode="livemax")
+DRIFT_OFFSET = Gauge("erde_drift_theta_offset", "How far the drift controller raised θ above its calibrated value "
+                     "for the replies under a budget (nats)", ["model", "budget"], multiprocess_mode="livemax")
+ACCURACY = Gauge("erde_accuracy_estimate", "Accuracy of the replies at the operating points in use: calibrated "
+                 "(offline) and estimated without labels (live, ATC)", ["model", "source"], multiprocess_mode="livemin")
+BUDGET_SPENT = Counter("erde_budget_spent_total", "Sum of the MACs fractions spent, by the budget asked for (upper "
+                       "edge of its erde_budget bucket)", ["model", "budget"])
+BUDGET_REPLIES = Counter("erde_budget_replies_total", "Replies, by the budget asked for (upper edge of its "
+                         "erde_budget bucket)", ["model", "budget"])
 RELOADS = Counter("erde_reloads_total", "Store reloads by result (ok, unchanged, failed)", ["result"])
 
 
@@ -129,6 +142,29 @@ def observe_rejected(model: str, reason: str) -> None:
 @never_raises
 def set_load_pressure(model: str, pressure: float) -> None:
     _series(LOAD_PRESSURE, model).set(pressure)
+
+
+@never_raises
+def observe_drift(model: str, budget: float, spent: float, offset: float) -> None:
+    label = f"{budget:.3f}"
+    _series(DRIFT_SPENT, model, label).set(spent)
+    _series(DRIFT_OFFSET, model, label).set(offset)
+
+
+@never_raises
+def set_accuracy(model: str, live: float | None, offline: float) -> None:
+    _series(ACCURACY, model, "offline").set(offline)
+    if live is not None:
+        _series(ACCURACY, model, "live").set(live)
+
+
+@never_raises
+def observe_spent(model: str, requested_budget: float | None, macs_fraction: float) -> None:
+    if requested_budget is None:
+        return
+    edge = next((b for b in BUDGET_BUCKETS if requested_budget <= b + 1e-9), 1.0)
+    _series(BUDGET_SPENT, model, f"{edge:g}").inc(macs_fraction)
+    _series(BUDGET_REPLIES, model, f"{edge:g}").inc()
 
 
 @never_raises

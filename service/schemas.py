@@ -98,7 +98,16 @@ class ClassifyReply:
                                                                 "given)")]
     degraded: Annotated[bool, Field(description="true when answered at a cheaper operating point than asked, "
                                                 "under load")]
-    expected_accuracy: Annotated[float, Field(description="calibrated accuracy of the operating point used")]
+    expected_accuracy: Annotated[float, Field(description="accuracy to expect at the operating point used: the "
+                                                          "live estimate or the calibrated one, as accuracy_source "
+                                                          "says")]
+    expected_accuracy_offline: Annotated[float, Field(description="calibrated (validation split) accuracy of the "
+                                                                  "point")]
+    expected_accuracy_live: Annotated[float | None, Field(description="label-free estimate on today's images (ATC, "
+                                                                      "docs/budgets.md); null until the point has "
+                                                                      "enough replies")]
+    accuracy_source: Annotated[str, Field(description="'live' when the live estimate differs from the calibrated "
+                                                      "one by more than ERDE_DRIFT_MARGIN, else 'offline'")]
     macs: Annotated[int, Field(description="multiply-accumulates spent on this image")]
     macs_fraction: Annotated[float, Field(description="macs / full-depth MACs")]
     latency_ms: Latency
@@ -126,6 +135,9 @@ class ModelInfo(BaseModel):
     macs_per_exit: list[int]
     test_metrics: dict | None
     calibration: list[OperatingPointOut]
+    live_calibration: list[dict] = Field([], description="the operating points in use, as today's replies measure "
+                                         "them: live θ, realized MACs fraction and live accuracy beside the "
+                                         "calibrated figures (docs/budgets.md)")
     exit_latency: dict | None = Field(None, description="latency per exit measured at export: `ms` maps a batch "
                                       "size to one median time per exit; where, how and when (null before it existed)")
 

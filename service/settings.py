@@ -89,6 +89,22 @@ class Settings(BaseSettings):
         "seconds from pressure 0 to 1 at twice the target delay (proportionally faster further above it)"))
     overload_recover_s: float = Field(5.0, gt=0, le=3600,
                                       description="seconds from pressure 1 to 0 with no queueing delay")
+    # drift (issue 19): θ per operating point held to its offline cost, accuracy estimated live (engine/drift.py)
+    drift: Literal["on", "off"] = Field("on", description=(
+        "on: move θ per operating point and budget so that the replies spend at most the budget; off: measure only"))
+    drift_gain: float = Field(0.2, gt=0, le=10, description=(
+        "θ (nats) moved per reply per unit of smoothed MACs-fraction error (docs/budgets.md)"))
+    drift_max_step: float = Field(0.02, gt=0, le=1, description="most one reply moves θ (nats)")
+    drift_max_offset: float = Field(1.5, ge=0, le=10, description="most θ may rise above its calibrated value (nats)")
+    drift_smoothing: int = Field(100, ge=1, le=100_000, description="replies in the realized-cost EWMA")
+    drift_band: float = Field(0.04, ge=0, lt=1, description=(
+        "θ holds while the realized cost under a budget is between (1 - band) and (1 + tolerance) times the budget"))
+    drift_tolerance: float = Field(0.04, ge=0, le=0.05, description=(
+        "how far above the budget the realized cost may be before θ rises (within the 5% a budget allows)"))
+    drift_window: int = Field(400, ge=1, le=1_000_000, description=(
+        "replies in the live accuracy EWMA, and the replies a point needs before its live figure is quoted"))
+    drift_margin: float = Field(0.03, ge=0, le=1, description=(
+        "a live accuracy estimate this far from the calibrated one replaces it in replies and floors"))
     access_log: bool = Field(True, description="one JSON line per request on the erde.access logger")
 
     @model_validator(mode="after")

@@ -105,6 +105,9 @@ def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply
     classes = art.classes
     metrics.observe_image(served.name, result.exit, macs, served.full_macs, decision.requested_budget,
                           decision.budget, decision.degraded, result.decode_s, result.queue_s, result.inference_s)
+    fraction = macs / served.full_macs
+    metrics.observe_spent(served.name, decision.requested_budget, fraction)
+    estimate = served.drift.observe(decision, result.exit, result.entropy, fraction)  # service/engine/drift.py
     return ClassifyReply(
         model=art.name, version=art.version,
         label=classes[result.top_ids[0]], class_id=result.top_ids[0], confidence=result.top_probs[0],
@@ -113,8 +116,9 @@ def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply
         threshold=decision.threshold, budget=decision.budget, budget_clamped=decision.clamped,
         max_exit=decision.cap if decision.cap < art.model.num_exits - 1 else None,
         min_accuracy=decision.min_accuracy, requested_budget=decision.requested_budget,
-        degraded=decision.degraded, expected_accuracy=decision.expected.accuracy,
-        macs=macs, macs_fraction=macs / served.full_macs,
+        degraded=decision.degraded, expected_accuracy=estimate.used,
+        expected_accuracy_offline=estimate.offline, expected_accuracy_live=estimate.live,
+        accuracy_source=estimate.source, macs=macs, macs_fraction=fraction,
         latency_ms=Latency(result.decode_s * 1e3, result.queue_s * 1e3, result.inference_s * 1e3,
                            (time.perf_counter() - started) * 1e3),
     )

@@ -31,7 +31,8 @@ CSP = "; ".join(("default-src 'none'", "script-src 'self'", "style-src 'self'", 
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 # Counter samples /stats reads; each total is keyed by (sample name, model, exit or "").
-COUNTERS = ("erde_requests_total", "erde_exits_total", "erde_macs_total", "erde_macs_full_total")
+COUNTERS = ("erde_requests_total", "erde_exits_total", "erde_macs_total", "erde_macs_full_total",
+            "erde_budget_spent_total", "erde_budget_replies_total")  # the last two: by budget, not exit
 Totals = dict[tuple[str, str, str], float]
 
 
@@ -48,7 +49,8 @@ def read_counters() -> Totals:
         for sample in family.samples:
             endpoint = sample.labels.get("endpoint")  # requests: the work only, not the page's polling nor probes
             if sample.name in COUNTERS and (endpoint is None or endpoint in WORK):
-                totals[sample.name, sample.labels.get("model", ""), sample.labels.get("exit", "")] += sample.value
+                detail = sample.labels.get("exit", sample.labels.get("budget", ""))
+                totals[sample.name, sample.labels.get("model", ""), detail] += sample.value
     return totals
 
 
@@ -75,6 +77,12 @@ class RateWindow:
         return {key: max(0.0, (value - base[1].get(key, 0.0)) / seconds) for key, value in totals.items()}, seconds
 
 
+class BudgetSpent(BaseModel):
+    budget: float = Field(description="budgets asked for up to this (the upper edge of an erde_budget bucket)")
+    replies: int
+    spent: float = Field(description="mean MACs fraction spent per reply, since start")
+
+
 class ModelStats(BaseModel):
     name: str
     requests: int = Field(description="classify and infer requests for this model since the server started (all codes)")
@@ -82,6 +90,7 @@ class ModelStats(BaseModel):
     exits: list[int] = Field(description="images answered at each exit (0-based) since the server started")
     exits_per_s: list[float] | None = Field(description="images per second at each exit over the window")
     compute_saved: float | None = Field(description="1 − MACs spent / MACs at full depth, since start")
+    budgets: list[BudgetSpent] = Field([], description="the budget spent against the budget asked (docs/budgets.md)")
 
 
 class StatsReply(BaseModel):
@@ -103,10 +112,19 @@ def summarize(totals: Totals, rates: Totals | None, window_s: float | None,
             requests_per_s=None if rates is None else round(rates.get(("erde_requests_total", name, ""), 0.0), 3),
             exits=[int(totals.get(k, 0)) for k in exit_keys],
             exits_per_s=None if rates is None else [round(rates.get(k, 0.0), 3) for k in exit_keys],
-            compute_saved=round(1 - spent / full, 4) if full else None))
+            compute_saved=round(1 - spent / full, 4) if full else None, budgets=_budgets(totals, name)))
     total_rate = None if rates is None else round(sum(v for k, v in rates.items() if k[0] == "erde_requests_total"), 3)
     return StatsReply(window_s=None if window_s is None else round(window_s, 3), requests_per_s=total_rate,
                       models=rows)
+
+
+def _budgets(totals: Totals, name: str) -> list[BudgetSpent]:
+    out = []
+    for (metric, model, budget), replies in totals.items():
+        if metric == "erde_budget_replies_total" and model == name and replies:
+            spent = totals.get(("erde_budget_spent_total", model, budget), 0.0) / replies
+            out.append(BudgetSpent(budget=float(budget), replies=int(replies), spent=round(spent, 4)))
+    return sorted(out, key=lambda b: b.budget)
 
 
 def _file(found: tuple[bytes, str]) -> Response:

@@ -61,6 +61,9 @@ class BudgetPolicy:
         self._frontier = frontier
         self._frontier_costs = [p.macs_fraction for p in frontier]
         self._frontier_accuracies = [p.accuracy for p in frontier]
+        # Live accuracy − calibrated accuracy at the points in use, once the drift guard has evidence
+        # (service/engine/drift.py): floors compare against the live curve, the calibrated one shifted by it.
+        self.live_shift = 0.0
 
     def point_for_threshold(self, threshold: float) -> OperatingPoint:
         """The calibrated point at the largest grid θ not above `threshold` (the rule is monotone in θ)."""
@@ -85,7 +88,7 @@ class BudgetPolicy:
                             adjustable=adjustable, floor_accuracy=floor)
         budget = self.default_budget if options.budget is None else options.budget
         point, clamped = self.curve.choose(budget)
-        if floor is not None and point.accuracy < floor - EPS:
+        if floor is not None and point.accuracy + self.live_shift < floor - EPS:
             point = self._within_budget_meeting(floor, budget)
         return Decision(threshold=point.threshold, budget=budget, clamped=clamped, cap=cap, top_k=options.top_k,
                         expected=point, min_accuracy=floor, requested_budget=budget, adjustable=adjustable,
@@ -104,7 +107,7 @@ class BudgetPolicy:
             return decision
         requested = decision.expected
         top = bisect.bisect_right(self._frontier_costs, requested.macs_fraction + EPS) - 1
-        lowest = bisect.bisect_left(self._frontier_accuracies, decision.floor_accuracy - EPS)
+        lowest = bisect.bisect_left(self._frontier_accuracies, decision.floor_accuracy - self.live_shift - EPS)
         if lowest >= top:
             return decision
         floor_cost = self._frontier_costs[lowest]
@@ -118,11 +121,12 @@ class BudgetPolicy:
 
     def _cheapest_meeting(self, floor: float) -> int:
         """Frontier index of the cheapest point whose expected accuracy meets `floor`; 422 when none does."""
-        index = bisect.bisect_left(self._frontier_accuracies, floor - EPS)
+        index = bisect.bisect_left(self._frontier_accuracies, floor - self.live_shift - EPS)
         if index == len(self._frontier):
             best = self._frontier[-1]
             raise Unsatisfiable(f"no operating point of this model meets min_accuracy {floor}: the best on offer "
-                                f"is {_down(best.accuracy)} (at budget {_up(best.macs_fraction)})")
+                                f"is {_down(best.accuracy + self.live_shift)}{self._live_note()} "
+                                f"(at budget {_up(best.macs_fraction)})")
         return index
 
     def _within_budget_meeting(self, floor: float, budget: float) -> OperatingPoint:
@@ -131,8 +135,14 @@ class BudgetPolicy:
         if needed.macs_fraction > budget + EPS:
             best = self._frontier[max(bisect.bisect_right(self._frontier_costs, budget + EPS) - 1, 0)]
             raise Unsatisfiable(f"budget {budget} cannot meet min_accuracy {floor}: the best within it is "
-                                f"{_down(best.accuracy)}; the floor needs budget {_up(needed.macs_fraction)}")
+                                f"{_down(best.accuracy + self.live_shift)}{self._live_note()}; the floor needs "
+                                f"budget {_up(needed.macs_fraction)}")
         return needed  # within NEAR_TIE of the best in the budget: the near-tie choice fell just under the floor
+
+
+    def _live_note(self) -> str:
+        return "" if self.live_shift == 0.0 else \
+            f" on today's images (live estimate, {self.live_shift * 100:+.1f} points from the calibrated curve)"
 
 
 def _down(accuracy: float) -> float:

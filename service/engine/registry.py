@@ -17,6 +17,7 @@ from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.engine.adaptive import AdaptiveBudgets
 from service.engine.decode import ImageLimits
+from service.engine.drift import Cell, DriftGuard, DriftLaw
 from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.worker import ModelWorker
@@ -32,6 +33,7 @@ class ServedModel:
     worker: ModelWorker
     policy: BudgetPolicy
     versions: list[str]  # every version in the store when this one was loaded
+    drift: DriftGuard  # per version: a reload of the same version keeps it, a new version starts afresh
 
     @property
     def name(self) -> str:
@@ -51,7 +53,15 @@ class ServedModel:
         return {"name": art.name, "version": art.version, "versions": self.versions, "classes": art.classes,
                 "input": art.spec.to_dict(), "arch": art.manifest.get("arch", ""), "exits": art.model.num_exits,
                 "macs_per_exit": art.macs_per_exit, "test_metrics": art.manifest.get("test_metrics"),
-                "calibration": curve, "exit_latency": art.manifest.get("exit_latency")}
+                "calibration": curve, "live_calibration": self.drift.live_curve(),
+                "exit_latency": art.manifest.get("exit_latency")}
+
+
+def report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
+    """After each reply at a budget: floors see the live curve, the metrics the controller's state."""
+    policy.live_shift = drift.shift()
+    metrics.observe_drift(name, budget, cell.cost, cell.offset)
+    metrics.set_accuracy(name, *drift.summary())
 
 
 class ModelRegistry:
@@ -92,15 +102,23 @@ class ModelRegistry:
                               s.default_budget, s.max_top_k, s.min_accuracy)
         adaptive = AdaptiveBudgets(policy, OverloadLaw.from_settings(s), degrade=s.overload == "degrade",
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
+        drift = DriftGuard(artifact.calibration, artifact.manifest.get("atc"),
+                           DriftLaw.from_settings(s, len(artifact.classes)), enabled=s.drift == "on")
+        drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
+
+        def adjust(jobs: list, now: float) -> None:  # the overload controller picks the point, drift its θ
+            adaptive.adjust(jobs, now)
+            drift.adjust(jobs)
+
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
-                             adjust=adaptive.adjust, on_full=adaptive.saturate,
+                             adjust=adjust, on_full=adaptive.saturate,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
-        return ServedModel(artifact, worker, policy, versions)
+        return ServedModel(artifact, worker, policy, versions, drift)
 
     def reload(self) -> dict[str, str]:
         """Serve the newest version of every model in the store that verifies; returns name -> outcome.

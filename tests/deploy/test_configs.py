@@ -27,6 +27,8 @@ METRICS_WITH_MODEL = {
     "erde_macs_total", "erde_macs_full_total", "erde_budget", "erde_batch_size", "erde_queue_depth",
     "erde_rejected_total", "erde_model_info",
     "erde_budget_used", "erde_load_pressure", "erde_degraded_total", "erde_unsatisfiable_total",  # issue 12
+    "erde_budget_spent_total", "erde_budget_replies_total", "erde_drift_macs_fraction",  # issue 19
+    "erde_drift_theta_offset", "erde_accuracy_estimate",
 }
 METRICS_WITHOUT_MODEL = {"erde_inflight_requests", "erde_reloads_total"}
 HISTOGRAMS = {"erde_request_duration_seconds", "erde_stage_duration_seconds", "erde_budget", "erde_budget_used",

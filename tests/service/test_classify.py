@@ -11,7 +11,8 @@ from tests.service.conftest import eventually
 
 REPLY_KEYS = {"model", "version", "label", "class_id", "confidence", "top_k", "exit", "exits", "entropy",
               "threshold", "budget", "budget_clamped", "max_exit", "min_accuracy", "requested_budget", "degraded",
-              "expected_accuracy", "macs", "macs_fraction", "latency_ms"}
+              "expected_accuracy", "expected_accuracy_offline", "expected_accuracy_live", "accuracy_source", "macs",
+              "macs_fraction", "latency_ms"}
 
 
 def classify(server, data: bytes, **fields: str) -> dict:

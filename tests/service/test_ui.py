@@ -94,14 +94,16 @@ def test_rates_come_from_samples_kept_over_time() -> None:
 def test_summary_per_model() -> None:
     totals = {("erde_requests_total", "m", ""): 4, ("erde_exits_total", "m", "0"): 3, ("erde_exits_total", "m", "2"): 1,
               ("erde_macs_total", "m", ""): 25, ("erde_macs_full_total", "m", ""): 100,
-              ("erde_requests_total", "unknown", ""): 2}
+              ("erde_requests_total", "unknown", ""): 2, ("erde_budget_replies_total", "m", "0.25"): 4,
+              ("erde_budget_spent_total", "m", "0.25"): 1.0}
     rates = {("erde_requests_total", "m", ""): 1.5, ("erde_requests_total", "unknown", ""): 0.5}
     reply = summarize(totals, rates, 2.0, {"m": 3, "idle": 2})
     assert reply.requests_per_s == 2.0 and reply.window_s == 2.0
     m, idle = reply.models
     assert (m.name, m.requests, m.requests_per_s, m.exits, m.exits_per_s, m.compute_saved) == \
         ("m", 4, 1.5, [3, 0, 1], [0.0, 0.0, 0.0], 0.75)
-    assert (idle.requests, idle.exits, idle.compute_saved) == (0, [0, 0], None)
+    assert [(b.budget, b.replies, b.spent) for b in m.budgets] == [(0.25, 4, 0.25)]  # spent against asked
+    assert (idle.requests, idle.exits, idle.compute_saved, idle.budgets) == (0, [0, 0], None, [])
     first = summarize(totals, None, None, {"m": 3})
     assert first.requests_per_s is None
     assert first.models[0].requests_per_s is None and first.models[0].exits_per_s is None

@@ -394,6 +394,11 @@ function showStats(stats) {
       row.title = `${count} images${perSecond}`;
       return row;
     }));
+    $("live-budgets").replaceChildren(...model.budgets.map((b) => {
+      const row = barRow(`Asked ≤ ${b.budget}`, Math.min(b.spent, 1), `${b.spent.toFixed(3)} (${(b.spent / b.budget).toFixed(2)}×)`);
+      row.title = `${b.replies} replies asked for a budget up to ${b.budget}; they spent ${b.spent.toFixed(3)} of the full MACs`;
+      return row;
+    }));
   }
   $("live-status").textContent = `Updated ${new Date().toLocaleTimeString()}` +
     (stats.window_s === null ? "" : `; rates over the last ${stats.window_s.toFixed(0)} s`) + ".";
