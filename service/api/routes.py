@@ -68,13 +68,13 @@ async def classify_batch(request: Request) -> Response:
 @router.get(MODELS.paths[0], response_model=list[ModelInfo])
 async def models(runtime: RuntimeDep) -> Response:
     """Every served model: version, classes, input spec, MACs per exit, calibration curve."""
-    return _json([runtime.registry.get(n).info() for n in runtime.registry.names])
+    return _json([runtime.registry.get(n).info().model_dump() for n in runtime.registry.names])
 
 
 @router.get(MODELS.paths[1], response_model=ModelInfo, responses={404: {"model": ErrorReply}})
 async def model(name: str, runtime: RuntimeDep) -> Response:
     """One served model by name."""
-    return _json(runtime.registry.get(name).info())
+    return _json(runtime.registry.get(name).info().model_dump())
 
 
 @router.get(HEALTHZ.path)

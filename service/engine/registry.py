@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
@@ -22,6 +21,7 @@ from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.worker import ModelWorker
 from service.errors import UnknownModel
+from service.schemas import ModelInfo, OperatingPointOut
 from service.settings import Settings
 
 log = logging.getLogger("erde.service")
@@ -43,18 +43,19 @@ class ServedModel:
     def full_macs(self) -> int:
         return self.artifact.macs_per_exit[-1]
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
+        """What `GET /models/{name}` says of this model: the one description of it for clients."""
         art = self.artifact
         curve = []
         for budget in (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1):
             point, _ = art.calibration.choose(budget)
-            curve.append({"budget": budget, "threshold": point.threshold, "expected_accuracy": point.accuracy,
-                          "expected_macs_fraction": point.macs_fraction})
-        return {"name": art.name, "version": art.version, "versions": self.versions, "classes": art.classes,
-                "input": art.spec.to_dict(), "arch": art.manifest.get("arch", ""), "exits": art.model.num_exits,
-                "macs_per_exit": art.macs_per_exit, "test_metrics": art.manifest.get("test_metrics"),
-                "calibration": curve, "live_calibration": self.drift.live_curve(),
-                "exit_latency": art.manifest.get("exit_latency")}
+            curve.append(OperatingPointOut(budget=budget, threshold=point.threshold, expected_accuracy=point.accuracy,
+                                           expected_macs_fraction=point.macs_fraction))
+        return ModelInfo(name=art.name, version=art.version, versions=self.versions, classes=art.classes,
+                         input=art.spec.to_dict(), arch=art.manifest.get("arch", ""), exits=art.model.num_exits,
+                         macs_per_exit=art.macs_per_exit, test_metrics=art.manifest.get("test_metrics"),
+                         calibration=curve, live_calibration=self.drift.live_curve(),
+                         exit_latency=art.manifest.get("exit_latency"))
 
 
 def report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
