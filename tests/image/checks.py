@@ -1,0 +1,66 @@
+"""What each run of the api container must show: the README's quick start, /metrics, a clean drain."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.image.container import Container, classify, compose_api, seconds
+from tests.image.podman import podman
+from tests.service.steady_load import SteadyLoad
+
+# The README's quick-start reply for the first Fashion-MNIST test image at budget 0.3.
+QUICK_START = {"model": "fashion-mnist", "version": "2", "label": "Ankle boot", "class_id": 9, "exit": 0,
+               "budget": 0.3}
+LOAD_CLIENTS = 8
+
+
+def quick_start_png(folder: Path) -> Path:
+    """boot.png, made as the README's quick start makes it."""
+    from PIL import Image
+
+    from erde.data import load_fashion_mnist
+
+    path = folder / "boot.png"
+    Image.fromarray(load_fashion_mnist("test").images[0, 0].numpy()).save(path)
+    return path
+
+
+def check_quick_start(container: Container, png: Path) -> dict:
+    reply = classify(container.url, png, budget="0.3")
+    assert reply.status_code == 200, f"quick start: {reply.status_code} {reply.text}\n{container.logs()}"
+    body = reply.json()
+    wrong = {k: (body.get(k), v) for k, v in QUICK_START.items() if body.get(k) != v}
+    assert not wrong, f"quick start: (got, README) differ: {wrong}"
+    return body
+
+
+def check_metrics(container: Container) -> int:
+    """/metrics answers, and the classified image is counted; returns the number of erde_ series."""
+    text = httpx.get(f"{container.url}/metrics", timeout=10).text
+    series = [ln for ln in text.splitlines() if ln.startswith("erde_")]
+    for name in ("erde_requests_total", "erde_exits_total", "erde_model_info"):
+        assert any(ln.startswith(name + "{") for ln in series), f"/metrics has no {name} series"
+    return len(series)
+
+
+def check_drain(container: Container) -> dict:
+    """`podman stop` (SIGTERM) under load: every request gets a reply (200, or 503 with Retry-After) or
+    no connection at all, and the container exits 0 within compose's stop_grace_period."""
+    api = compose_api()
+    grace = seconds(api["stop_grace_period"])
+    with SteadyLoad(container.url, clients=LOAD_CLIENTS) as load:
+        load.wait_for(50, timeout=60)
+        before = load.count()
+        started = time.monotonic()
+        podman("stop", "--time", str(int(grace)), container.name, timeout=grace + 30)
+        stopped_s = time.monotonic() - started
+    exit_code = int(container.state("ExitCode"))
+    summary = load.summary()
+    assert not load.unanswered(), f"drain: requests without a reply: {load.unanswered()[:5]} ({summary})"
+    assert not load.dishonest(), f"drain: refusals without Retry-After: {load.dishonest()[:5]} ({summary})"
+    assert exit_code == 0, f"drain: exit code {exit_code}\n{container.logs()}"
+    assert stopped_s < grace, f"drain: {stopped_s:.1f} s from SIGTERM to exit, grace period {grace} s"
+    return {"requests": load.count(), "before_sigterm": before, "codes": dict(summary), "stop_s": round(stopped_s, 1)}
