@@ -2,8 +2,9 @@
 
 1. The base image from Debian's packages (cached per machine), then docker/Dockerfile (or --dockerfile).
 2. The api container twice, model_store baked in, then mounted: the image's HEALTHCHECK passes, it runs
-   as the image's user, the README's quick start answers as the README says, /metrics has the series,
-   and `podman stop` under load loses no request and exits 0 within the grace period.
+   as the image's user, serves every model of model_store/, answers the README's quick start as the
+   README says, /metrics has the series, and `podman stop` under load loses no request and exits 0
+   within the grace period.
 3. podman-compose: api and a Debian Prometheus scraping it with docker/prometheus.
 
 Prints what it measured, one JSON object per step; any failed check exits non-zero with its reason.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tests.image.base import base_image
 from tests.image.build import DOCKERFILE, build, image_size
-from tests.image.checks import check_drain, check_metrics, check_quick_start, quick_start_png
+from tests.image.checks import check_drain, check_metrics, check_models, check_quick_start, quick_start_png
 from tests.image.compose import check_compose, prometheus_image
 from tests.image.container import start
 from tests.image.podman import podman
@@ -41,12 +42,13 @@ def check_container(image: str, png: Path, mount_store: bool) -> None:
         healthy_s = container.wait_healthy()
         user = podman("exec", container.name, "id", "-u").stdout.strip()
         assert user == IMAGE_USER, f"the service runs as uid {user}, not the image's {IMAGE_USER}"
+        models = check_models(container)
         reply = check_quick_start(container, png)
         series = check_metrics(container)
         drain = check_drain(container)
     finally:
         container.remove()
-    report(f"run, model_store {kind}", started, healthy_s=round(healthy_s, 1), label=reply["label"],
+    report(f"run, model_store {kind}", started, healthy_s=round(healthy_s, 1), models=models, label=reply["label"],
            metrics_series=series, drain=drain)
 
 

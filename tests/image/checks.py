@@ -1,4 +1,4 @@
-"""What each run of the api container must show: the README's quick start, /metrics, a clean drain."""
+"""What each run of the api container must show: the models, the README's quick start, /metrics, a clean drain."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.image.build import ROOT
 from tests.image.container import Container, classify, compose_api, seconds
 from tests.image.podman import podman
 from tests.service.steady_load import SteadyLoad
@@ -35,6 +36,17 @@ def check_quick_start(container: Container, png: Path) -> dict:
     wrong = {k: (body.get(k), v) for k, v in QUICK_START.items() if body.get(k) != v}
     assert not wrong, f"quick start: (got, README) differ: {wrong}"
     return body
+
+
+def check_models(container: Container) -> dict[str, str]:
+    """Every model of the repository's model_store/ is served, at its newest version."""
+    store = ROOT / "model_store"
+    expected = {d.name: str(max(int(v.name) for v in d.iterdir() if v.name.isdigit()))
+                for d in store.iterdir() if d.is_dir()}
+    served = {m["name"]: m["version"] for m in httpx.get(f"{container.url}/models", timeout=10).json()}
+    missing = {name: version for name, version in expected.items() if served.get(name) != version}
+    assert not missing, f"not served (model: version in model_store/): {missing}; served: {served}"
+    return served
 
 
 def check_metrics(container: Container) -> int:
