@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -52,9 +51,8 @@ def base_image() -> str:
         for ca in local_cas():
             shutil.copy(ca, rootfs / "usr/local/share/ca-certificates")
         run("chroot", str(rootfs), "update-ca-certificates")
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        podman("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python"]', "-", name,
-               stdin=tar.stdout, timeout=300)
-        if tar.wait() != 0:
-            raise RuntimeError("tar of the base root filesystem failed")
+        tarball = Path(tmp) / "rootfs.tar"
+        run("tar", "-C", str(rootfs), "-cf", str(tarball), ".", timeout=300)
+        podman("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python"]', str(tarball), name,
+               timeout=300)
     return name

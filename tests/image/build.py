@@ -20,6 +20,7 @@ from tests.image.podman import CACHE, podman, run
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+PYTHON = "3.11"  # the base image's, whatever runs this
 
 
 def torch_pins() -> list[str]:
@@ -28,13 +29,14 @@ def torch_pins() -> list[str]:
 
 
 def torch_wheels() -> Path:
-    """The folder of torch's wheels and their dependencies, downloaded on first use."""
+    """The folder of torch's wheels and their dependencies for the base image's Python, downloaded once."""
     pins = torch_pins()
-    folder = CACHE / f"wheels-{hashlib.sha256(' '.join(pins).encode()).hexdigest()[:12]}"
+    folder = CACHE / f"wheels-{hashlib.sha256(' '.join([*pins, PYTHON]).encode()).hexdigest()[:12]}"
     if not folder.is_dir():
         partial = folder.with_suffix(".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        run(sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(partial), *pins, timeout=900)
+        run(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", PYTHON,
+            "--dest", str(partial), *pins, timeout=900)
         partial.rename(folder)
     return folder
 
