@@ -19,13 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.image.base import base_image
+from tests.image.base import base_image, prune
 from tests.image.build import DOCKERFILE, build, image_size
 from tests.image.checks import check_drain, check_metrics, check_models, check_quick_start, quick_start_png
 from tests.image.compose import check_compose, prometheus_image
 from tests.image.container import start
 from tests.image.podman import podman
 
+LATEST = "localhost/erde-serving:image-test"  # keeps the newest build's layers as the next run's cache
 IMAGE_USER = "10001"  # the Dockerfile's erde user; docker-compose.yml sets none of its own
 SLOW_MS = "30"  # ERDE_TEST_SLOW_MS: every batch 30 ms longer, so SIGTERM always finds requests in flight
 
@@ -60,11 +61,13 @@ def main() -> None:
 
     started = time.monotonic()
     base = base_image()
+    prune(base)
     report("base image", started, image=base)
 
-    image = f"localhost/erde-serving:image-test-{os.getpid()}"
+    image = f"localhost/erde-serving:image-test-{os.getpid()}"  # this run's, whatever others build meanwhile
     started = time.monotonic()
     build(image, base, args.dockerfile)
+    podman("tag", image, LATEST)
     report("build", started, image=image, size_mb=round(image_size(image) / 1e6))
     try:
         with tempfile.TemporaryDirectory(prefix="erde-image-test-") as tmp:

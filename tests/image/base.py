@@ -20,9 +20,11 @@ from tests.image.podman import image_exists, podman, run
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
-# Left out of the image, as the slim image leaves them out: package caches, indexes and docs.
+# Left out of the image, as Debian's slim images leave them out: package caches, indexes and docs.
 TRIM = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale")
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
+REPOSITORY = "localhost/erde-base"
+LABEL = "erde-image-test=base"  # inherited by every image built on it: what prune() may remove
 
 
 def local_cas() -> list[Path]:
@@ -33,7 +35,7 @@ def tag() -> str:
     debootstrap = run("dpkg-query", "-W", "-f", "${Version}", "debootstrap").stdout
     inputs = [Path(__file__).read_bytes(), debootstrap.encode(), *(ca.read_bytes() for ca in local_cas())]
     key = hashlib.sha256(b"\0".join(inputs)).hexdigest()[:12]
-    return f"localhost/erde-base:{SUITE}-{key}"
+    return f"{REPOSITORY}:{SUITE}-{key}"
 
 
 def base_image() -> str:
@@ -53,6 +55,15 @@ def base_image() -> str:
         run("chroot", str(rootfs), "update-ca-certificates")
         tarball = Path(tmp) / "rootfs.tar"
         run("tar", "-C", str(rootfs), "-cf", str(tarball), ".", timeout=300)
-        podman("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python"]', str(tarball), name,
-               timeout=300)
+        podman("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python"]', "--change",
+               f"LABEL {LABEL}", str(tarball), name, timeout=300)
     return name
+
+
+def prune(current: str) -> None:
+    """Remove what earlier runs left and this one cannot use: base images of other inputs, and every
+    untagged image built on a base of ours (each superseded torch layer is about 6 GB)."""
+    for name in podman("images", "--format", "{{.Repository}}:{{.Tag}}", REPOSITORY).stdout.split():
+        if name != current:
+            podman("untag", name)
+    podman("image", "prune", "--force", "--filter", f"label={LABEL}", timeout=600)

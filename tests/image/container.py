@@ -1,4 +1,4 @@
-"""The api container, run as docker-compose.yml runs it, and the checks made against it.
+"""The api container, run as docker-compose.yml runs it, and how to talk to it.
 
 The flags come from the compose file's `api` service, so a change there changes what is tested:
 init, shm_size, environment, read_only (and no tmpfs but its own: podman's --read-only would add
