@@ -97,7 +97,8 @@ def check_drain(container: Container) -> dict:
         stopped_s = time.monotonic() - started
     exit_code = int(container.state("ExitCode"))
     summary = load.summary()
-    assert not load.unanswered(), f"drain: requests without a reply: {load.unanswered()[:5]} ({summary})"
+    assert not load.unanswered(), (f"drain: requests without a reply: {load.unanswered()[:5]} ({summary}), "
+                                   f"{stopped_s:.2f} s from SIGTERM to exit\n{container.logs()}")
     assert not load.dishonest(), f"drain: refusals without Retry-After: {load.dishonest()[:5]} ({summary})"
     assert exit_code == 0, f"drain: exit code {exit_code}\n{container.logs()}"
     assert stopped_s < grace, f"drain: {stopped_s:.1f} s from SIGTERM to exit, grace period {grace} s"
