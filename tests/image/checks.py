@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
+from erde.data import load_fashion_mnist
 from tests.image.build import ROOT
 from tests.image.container import Container, classify, compose_api, seconds
 from tests.image.podman import podman
@@ -20,10 +22,6 @@ LOAD_CLIENTS = 8
 
 def quick_start_png(folder: Path) -> Path:
     """boot.png, made as the README's quick start makes it."""
-    from PIL import Image
-
-    from erde.data import load_fashion_mnist
-
     path = folder / "boot.png"
     Image.fromarray(load_fashion_mnist("test").images[0, 0].numpy()).save(path)
     return path
