@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps data test lint serve bench bench-overload bench-drift clean
+.PHONY: install system-deps image-deps data test image-test lint serve bench bench-overload bench-drift clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,12 +34,26 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
+# Debian packages of `make image-test`: podman with runc (crun fails on this machine's cgroups),
+# podman-compose, and debootstrap for the base image. Installed only when missing.
+image-deps:
+	@missing=""; \
+	for tool in podman runc podman-compose debootstrap; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
 data:
 	@[ -f $(FMNIST) ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check erde service tests bench
 	$(PY) -m pytest tests
+
+# The image built with podman from docker/Dockerfile and run as docker-compose.yml runs it, then compose's
+# api + a Debian Prometheus (tests/image; README, "Deploy with docker-compose"). Needs root.
+image-test: $(STAMP) image-deps data
+	$(SUDO) $(PY) -m tests.image
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check erde service tests bench

@@ -50,7 +50,8 @@ def compose_config(tmp_path: Path, password: str | None) -> subprocess.Completed
     """`docker-compose config` with an empty env file, so a developer's own .env cannot change the result."""
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRAFANA_", "COMPOSE_", "ERDE_"))}
+    prefixes = ("GRAFANA_", "COMPOSE_", "ERDE_", "API_PORT", "PROMETHEUS_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     if password is not None:
         env["GRAFANA_ADMIN_PASSWORD"] = password
     cmd = [require_binary("docker-compose"), "--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"),
@@ -320,8 +321,12 @@ def pyproject_pins() -> dict[str, str]:
 
 def test_dockerfile_stages_user_cmd_and_healthcheck() -> None:
     ins = dockerfile_instructions()
-    froms = [a for k, a in ins if k == "FROM"]
-    assert len(froms) >= 2 and all(re.match(r"python:3\.11[.\d]*-slim@sha256:[0-9a-f]{64} ", f) for f in froms), froms
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    assert re.fullmatch(r"python:3\.11[.\d]*-slim@sha256:[0-9a-f]{64}", args["BASE_IMAGE"]), args["BASE_IMAGE"]
+    # The first stage starts from BASE_IMAGE, every later one from an earlier stage.
+    froms = [a.split() for k, a in ins if k == "FROM"]
+    assert froms[0][0] == "${BASE_IMAGE}" and all(f[1].upper() == "AS" for f in froms), froms
+    assert all(f[0] in [g[2] for g in froms[:i]] for i, f in enumerate(froms) if i), froms
     users = [a for k, a in ins if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the runtime stage must run as a non-root USER"
     (cmd,) = [a for k, a in ins if k == "CMD"]
@@ -337,14 +342,18 @@ def test_dockerfile_stages_user_cmd_and_healthcheck() -> None:
 
 def test_dockerfile_installs_cpu_torch_at_the_pyproject_pins() -> None:
     pins = pyproject_pins()
-    runs = [a for k, a in dockerfile_instructions() if k == "RUN"]
+    ins = dockerfile_instructions()
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu", "users get PyTorch's CPU index"
+    runs = [a for k, a in ins if k == "RUN"]
     (torch_run,) = [r for r in runs if "torch==" in r]
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+    assert "--index-url $TORCH_INDEX_URL" in torch_run
     for package in ("torch", "torchvision"):
         found = re.findall(rf"(?<![\w-]){package}==(\S+)", torch_run)
         assert found == [pins[package]], f"Dockerfile {package}=={found} but pyproject pins {pins[package]}"
-    install = [i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r)]
-    assert install and install[0] > runs.index(torch_run), "install CPU torch first, then `pip install .`"
+    later = runs[runs.index(torch_run) + 1:]
+    assert any("pip install -r" in r for r in later), "install CPU torch first, then the other dependencies"
+    assert any("pip install --no-deps" in r for r in later), "and the project last, without its dependencies"
 
 
 def test_dockerfile_copies_only_what_exists_and_dockerignore_excludes_local_state() -> None:
