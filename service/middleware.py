@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import PayloadTooLarge, error_body
+from service.numbers import parse_int
 from service.record import RequestRecord, record_of
 
 log = logging.getLogger("erde.service")
@@ -175,11 +176,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 def declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, or None when it has none or an unreadable one."""
-    value = _header(scope, b"content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+    return parse_int(_header(scope, b"content-length"))
 
 
 async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True) -> None:
