@@ -292,6 +292,8 @@ class ModelWorker:
             future = self._inflight[reply.batch_id][1][reply.row].future
             if future is not None and not future.done():
                 future.set_exception(reply.error)
+        elif isinstance(reply, process.Progress):
+            pass  # its arrival is the progress the watchdog looks for
         else:
             slot, jobs = self._inflight.pop(reply.batch_id)
             self._free_slots.append(slot)
