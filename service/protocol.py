@@ -13,6 +13,14 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   is answered 503 with Retry-After, as uvicorn's `limit_concurrency` does, but in JSON.
 - **Every reply is JSON**: the protocol's own refusals (400 not HTTP, 408, 431, 503) carry the
   service's error body, never text/plain, and no reply says `server: uvicorn`.
+- **Requests parsed before a refusal are answered first** (issue 20): a malformed request
+  pipelined behind good ones is refused only once their replies are sent, then the connection
+  is closed (RFC 9112 section 9.3.2).
+- **HTTP/1.x only**: an HTTP/0.9 request line and CONNECT get 400 (`malformed_http`); an
+  absolute-form target (`GET http://host/path`) stands for the Host header, as RFC 9112
+  section 3.2.2 says, so the Host check (service/middleware.py) checks its host.
+- **A fair share of the cap** (service/fairness.py): as open connections near the cap, the ones
+  idle longest are closed, and one peer address past its share is refused first.
 
 A refusal made before the app saw the request is counted in `erde_rejected_total` here (model
 "unknown"); one made while the app holds the request (a 408 on a stalled body) goes into the
@@ -33,6 +41,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
 from service.errors import error_body
+from service.fairness import ConnectionShare
 from service.middleware import send_json
 from service.record import UNKNOWN_MODEL, record_of
 from service.settings import Settings
@@ -50,10 +59,19 @@ class HeadTooLarge(Exception):
     """Raised from a parser callback: the complete head is over the limit."""
 
 
+class NotHttp11(Exception):
+    """Raised from a parser callback: an HTTP/0.9 request or CONNECT, which this server does not speak."""
+
+
+ABSOLUTE_FORM = (b"http://", b"https://")  # lower case; the scheme is matched case-insensitively
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, limits: HttpLimits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: HttpLimits, share: ConnectionShare, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.share = share
+        self.refusal_owed: bytes | None = None  # a refusal waiting for the replies owed before it
         self.limit_concurrency = None  # uvicorn's check answers in text/plain; ours is in on_headers_complete
         self.in_head = False  # from a request's first byte to the end of its headers
         self.head_bytes = 0  # bytes read for the current head (whole reads while it is incomplete)
@@ -69,14 +87,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.share.opened(self)
         self._start_read()  # a connection that never sends a byte is closed at this deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.read_timer is not None:
             self.read_timer.cancel()
+        self.share.closed(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.refusal_owed is not None:  # the parser stopped at an error: nothing after it is read
+            return
         self._unset_keepalive_if_required()
         done_before = self.messages_done
         self.reading = len(data)
@@ -90,6 +112,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             else:
                 self._refuse(400, "malformed_http", "the request is not valid HTTP/1.1")
             return
+        if (self.in_head and self.messages_done == done_before and self.url and b"\n" in data
+                and self.parser.get_http_version() == "0.0"):  # a request line ended without a version
+            self._refuse(400, "malformed_http", "the request is not valid HTTP/1.1")
+            return
         if self.in_head:
             if self.messages_done == done_before:  # no earlier request ended in this read: all of it is head
                 self.head_bytes += len(data)
@@ -100,6 +126,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.share.busy(self)
         self.in_head = True
         self.head_bytes = 0
         self._start_read()
@@ -109,16 +136,42 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.head_bytes + self.reading > limit and (  # else it is surely within: no need to add it up
                 len(self.url) + sum(len(name) + len(value) for name, value in self.headers) > limit):
             raise HeadTooLarge  # a head that ended in this read
+        if self.parser.get_http_version() == "0.9" or self.parser.get_method() == b"CONNECT":
+            raise NotHttp11
+        if self.url[:8].lower().startswith(ABSOLUTE_FORM):
+            self._host_from_target()
         self.in_head = False
         limit = self.limits.max_connections
         over = len(self.connections) > limit or len(self.tasks) >= limit
-        self.app = self._over_capacity if over else self.config.loaded_app
+        self.app = self._over_capacity if over or self.share.over(self) else self.config.loaded_app
         super().on_headers_complete()
+
+    def _host_from_target(self) -> None:
+        """An absolute-form target's authority replaces every Host header (RFC 9112 section 3.2.2),
+        and the target becomes its path and query; the Host check then checks that authority."""
+        parsed = httptools.parse_url(self.url)
+        authority = parsed.host or b""
+        if parsed.port is not None:
+            authority += b":" + str(parsed.port).encode()
+        self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
+        self.headers.append((b"host", authority))
+        self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.messages_done += 1
         self.read_deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.pipeline or self.transport.is_closing():
+            self.share.busy(self)
+            return
+        if self.refusal_owed is not None:  # every reply owed before the refusal is sent: now the refusal
+            self.transport.write(self.refusal_owed)
+            self.transport.close()
+            return
+        self.share.idle(self)
 
     # refusals
 
@@ -147,9 +200,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         owed = cycle is not None and not cycle.response_complete  # a reply this connection still owes
         if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
+            if self.refusal_owed is not None:
+                return
             metrics.observe_rejected(UNKNOWN_MODEL, code)
-            if not owed:
-                self.transport.write(self._error_response(status, code, message))
+            if owed:  # answer the requests parsed before this one first (on_response_complete), then refuse
+                self.refusal_owed = self._error_response(status, code, message)
+                self.flow.pause_reading()
+                return
+            self.transport.write(self._error_response(status, code, message))
         elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
             record = record_of(cycle.scope)
             record.status, record.reason = status, code
@@ -169,9 +227,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return b"".join(head)
 
     async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The app for a request past the connection cap: 503 JSON with Retry-After, connection closed."""
+        """The app for a request past the connection cap, or past its peer's share of it: 503 JSON with
+        Retry-After, connection closed."""
         metrics.observe_rejected(UNKNOWN_MODEL, "too_many_connections")
-        body = error_body("too_many_connections", "the server has too many open connections; retry")
+        whose = "this client has" if self.share.over(self) else "the server has"
+        body = error_body("too_many_connections", f"{whose} too many open connections; retry")
         await send_json(send, 503, body, retry_after=self.limits.retry_after_s)
 
     def _start_read(self) -> None:
@@ -185,6 +245,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     (a partial of a module-level class, so a worker's config can be pickled)."""
     limits = HttpLimits(settings.max_header_bytes, settings.read_timeout_s, settings.max_connections,
                         settings.retry_after_s)
+    share = ConnectionShare(settings.max_connections, settings.max_client_connections, settings.proxy_addresses)
     return {"host": settings.host, "port": settings.port, "loop": "uvloop",
-            "http": functools.partial(LimitedHttpProtocol, limits=limits), "ws": "none", "server_header": False,
+            "http": functools.partial(LimitedHttpProtocol, limits=limits, share=share), "ws": "none",
+            "server_header": False,
             "access_log": False, "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1}

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         "and the connection is closed"))
     max_connections: int = Field(1000, ge=1, description=(
         "open connections (and requests in progress) per server process; beyond it 503 with Retry-After"))
+    max_client_connections: int = Field(500, ge=1, description=(
+        "one peer address's share of max_connections: near the cap its connections past the share are closed "
+        "and refused first (README, Security: behind a proxy, list it in proxy_addresses)"))
+    proxy_addresses: tuple[str, ...] = Field((), description=(
+        "peer addresses exempt from max_client_connections: the proxy in front of the service (a JSON list)"))
     max_pixels_ratio: int = Field(1024, ge=1, description=(
         "an image may have at most this many times the model's input pixels (28x28: 802,816, about "
         "896x896), under max_pixels"))
