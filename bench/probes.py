@@ -138,12 +138,14 @@ class HealthWatch:
     """Polls /healthz on its own connection while a probe runs: the slowest answer, in seconds."""
 
     url: str
+    local_address: str | None = None  # the source address to poll from (a peer apart from the probe's)
     slowest: float = 0.0
     answered: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
+        transport = httpx.HTTPTransport(local_address=self.local_address)
+        with httpx.Client(base_url=self.url, timeout=30, transport=transport) as client:
             while not self._stop.is_set():
                 started = time.perf_counter()
                 with suppress(httpx.TransportError):  # a failed poll counts as slow, never as answered
@@ -246,3 +248,15 @@ def oip_binary_elements(count: int) -> tuple[bytes, int]:
     header = orjson.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count],
                                        "parameters": {"binary_data_size": 4 * count}}]})
     return header + bytes(4 * count), len(header)
+
+
+def rle_bmp(side: int, noops: int = 0) -> bytes:
+    """An 8-bit RLE BMP of side x side, runs of one pixel each, after `noops` moves by (0, 0): Pillow
+    decodes RLE in Python, an instruction at a time (about 1 µs each), and the structural scan reads a
+    BMP's size only, so only the decode-time budget stops this."""
+    row = b"\x01\x07" * side + b"\x00\x00"  # runs of one pixel of colour 7, then end of line
+    data = b"\x00\x02\x00\x00" * noops + row * side + b"\x00\x01"  # delta moves, the rows, end of bitmap
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(data), 2835, 2835, 256, 0)  # BI_RLE8
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
