@@ -164,9 +164,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.pipeline or self.transport.is_closing():
-            self.share.busy(self)
-            return
+        if self.pipeline or not self.cycle.response_complete or self.transport.is_closing():
+            return  # a pipelined request still to answer (or none at all)
         if self.refusal_owed is not None:  # every reply owed before the refusal is sent: now the refusal
             self.transport.write(self.refusal_owed)
             self.transport.close()

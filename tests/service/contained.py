@@ -20,8 +20,22 @@ HEALTHZ_S = 0.1  # the slowest /healthz allowed while a probe runs
 BYSTANDER = "127.0.0.2"  # the bystander's and the health poll's peer address: not the probe's 127.0.0.1
 
 
+ATTEMPTS = 3  # a probe that misses a bound is sent again: CPU taken by other work stalls a poll now and then, a
+# probe that stalls the server does so every time
+
+
 def contained(server: Server, probe: Callable[[], T], *, seconds: float, mb: float = 50.0) -> T:
     """Run `probe` (the sender) and check the bounds above; returns what the probe returned."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return _contained(server, probe, seconds, mb)
+        except AssertionError:
+            if attempt == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _contained(server: Server, probe: Callable[[], T], seconds: float, mb: float) -> T:
     bystander: list[int] = []
 
     def classify() -> None:
