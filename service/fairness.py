@@ -79,16 +79,18 @@ class ConnectionShare:
 
     def over(self, protocol: Any) -> bool:
         """Refuse this connection's request: it is past its peer's share and the cap is near."""
-        return protocol in self.over_share and self._open() > HIGH_WATER * self.cap
+        return protocol in self.over_share and self.open > HIGH_WATER * self.cap
 
-    def _open(self) -> int:
+    @property
+    def open(self) -> int:
+        """Open connections, less those closed to make room (they are lost a moment later)."""
         return len(self.peer_of) - len(self.closing)
 
     def _make_room(self) -> None:
-        if self._open() <= HIGH_WATER * self.cap:
+        if self.open <= HIGH_WATER * self.cap:
             return
         for order in (self.idle_over, self.idle_within):
-            while order and self._open() > LOW_WATER * self.cap:
+            while order and self.open > LOW_WATER * self.cap:
                 protocol = next(iter(order))
                 del order[protocol]
                 self.closing.add(protocol)

@@ -142,7 +142,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._host_from_target()
         self.in_head = False
         limit = self.limits.max_connections
-        over = len(self.connections) > limit or len(self.tasks) >= limit
+        over = self.share.open > limit or len(self.tasks) >= limit
         self.app = self._over_capacity if over or self.share.over(self) else self.config.loaded_app
         super().on_headers_complete()
 
