@@ -89,7 +89,7 @@ def _walk(data: bytes, full: bool) -> Layout | None:
             return _webp(data)
         if data[:2] == b"BM":
             return _bmp(data)
-    except struct.error:  # cut short: the decoder gives its own error
+    except (struct.error, IndexError):  # cut short: the decoder gives its own error
         return None
     return None
 

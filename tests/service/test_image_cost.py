@@ -8,6 +8,7 @@ full-size requests are in bench/security.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -21,6 +22,7 @@ from PIL import Image
 from bench import probes
 from bench.probes import BOUNDARY, exchange, request
 from service import imagescan
+from service.errors import UnsupportedImage
 from tests.service import images
 from tests.service.conftest import Server
 from tests.service.contained import contained
@@ -73,6 +75,22 @@ def test_real_images_pass_the_structural_scan() -> None:
         layout = imagescan.scan(data)
         assert layout is not None and (layout.width, layout.height) == Image.open(io.BytesIO(data)).size, name
         assert imagescan.size_of(data) == layout, name
+
+
+def test_the_scan_takes_any_bytes() -> None:
+    """Cut and corrupted files: a layout, None (the decoder decides), or a client error; never a crash."""
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    files = [images.encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "TIFF", "WEBP", "BMP")]
+    files += [probes.progressive_jpeg(64, 3), probes.tiff_ifds(2), probes.rle_bmp(16), images.animated_gif()]
+    for data in files:
+        for cut in range(0, len(data), max(1, len(data) // 200)):
+            mutated = bytearray(data)
+            mutated[rng.integers(0, len(data))] = rng.integers(0, 256)
+            for candidate in (data[:cut], bytes(mutated)):
+                for walk in (imagescan.scan, imagescan.size_of):
+                    with contextlib.suppress(UnsupportedImage):
+                        walk(candidate)
 
 
 def slow_webp(side: int, seed: int = 0) -> bytes:
