@@ -142,10 +142,12 @@ class DecodeTooSlow(BaseException):
 
 @contextmanager
 def decode_budget(seconds: float | None) -> Iterator[None]:
-    """Raise DecodeTooSlow into the block once it has run `seconds` (wall time), by SIGALRM: Pillow
-    decodes in steps of DECODE_STEP bytes of input and returns to Python between them, where the
-    signal is handled (one step of a format decoded in a single call, WebP, is bounded by the pixel
-    limits). Main thread only (the inference process decodes in its main thread)."""
+    """Raise DecodeTooSlow into the block once it has used `seconds` of the process's CPU time, by
+    SIGPROF. CPU time, not wall time: on a machine busy with other work an image waiting for a core
+    is not refused (a stall is the watchdog's to see). Pillow decodes in steps of DECODE_STEP bytes
+    of input and returns to Python between them, where the signal is handled (a format decoded in
+    one call, WebP, is bounded by the pixel limits instead). Main thread only (the inference process
+    decodes in its main thread)."""
     if seconds is None:
         yield
         return
@@ -153,17 +155,17 @@ def decode_budget(seconds: float | None) -> Iterator[None]:
     def expired(signum: int, frame: object) -> None:
         raise DecodeTooSlow
 
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def too_slow(seconds: float) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the image took more than {seconds * 1000:.0f} ms to decode; send a simpler file "
+    return PayloadTooLarge(f"the image took more than {seconds * 1000:.0f} ms of CPU to decode; send a simpler file "
                            "(a baseline JPEG or a plain PNG)", code="decode_too_slow")
 
 

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
         "an image may have at most this many times the model's input pixels (28x28: 802,816, about "
         "896x896), under max_pixels"))
     decode_timeout_ms: float = Field(250.0, gt=0, le=60_000, description=(
-        "an image that takes longer to decode is refused (413 decode_too_slow) and its batch goes on; "
-        "under hang_timeout_s (the slowest real image at the pixel limit decodes in about 60 ms)"))
+        "CPU time an image may take to decode, else it is refused (413 decode_too_slow) and its batch goes "
+        "on; under hang_timeout_s (the slowest real image at the pixel limit decodes in about 60 ms)"))
     max_request_pixels: int = Field(4_000_000, ge=64, description=(
         "total pixels of all images in one request (64 of 250x250), checked from their headers before "
         "any is decoded"))

@@ -12,6 +12,7 @@ import contextlib
 import io
 import math
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,7 +25,7 @@ from bench.probes import BOUNDARY, exchange, request
 from service import imagescan
 from service.errors import UnsupportedImage
 from tests.service import images
-from tests.service.conftest import Server
+from tests.service.conftest import Server, start_server
 from tests.service.contained import contained
 
 PNG = images.png()
@@ -109,10 +110,19 @@ def largest_side(server: Server) -> int:
     return math.isqrt(1024 * size * size)  # the default pixel ratio
 
 
-def test_an_image_the_scan_cannot_see_is_stopped_by_the_decode_budget(server: Server) -> None:
-    """An RLE BMP of 200,000 no-op moves (800 KB): about 0.4 s of Pillow's Python RLE decoder."""
-    data = probes.rle_bmp(64, noops=200_000)
-    reply = contained(server, lambda: classify(server, data), seconds=1.0)
+@pytest.fixture(scope="module")
+def roomy(toy_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the default settings (the shared one takes 1 MiB uploads, the default is 8 MiB)."""
+    srv = start_server(toy_store, tmp_path_factory.mktemp("roomy"))
+    yield srv
+    srv.stop()
+
+
+def test_an_image_the_scan_cannot_see_is_stopped_by_the_decode_budget(roomy: Server) -> None:
+    """An RLE BMP of 2,000,000 no-op moves (8 MB): about 1.5 s of CPU in Pillow's Python RLE decoder,
+    six times the default budget; before the budget it was answered 200 after 2 s."""
+    data = probes.rle_bmp(64, noops=2_000_000)
+    reply = contained(roomy, lambda: classify(roomy, data), seconds=1.5)
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "decode_too_slow", reply.text
 
 
@@ -129,13 +139,14 @@ def test_a_batch_holding_a_bomb_answers_the_others_and_the_watchdog_never_fires(
 
 
 def test_a_batch_of_slow_admissible_images_is_progress_not_a_hang(make_server) -> None:
-    """Twenty images of about 30 ms each, decoded in one batch: past a 0.3 s watchdog together, each
-    within the budget. The process says it is still decoding between rows, so none is taken for a hang."""
-    server = make_server(hang_timeout_s=0.3, decode_timeout_ms=250, max_batch_size=20, max_batch_delay_ms=500)
-    slow = [slow_webp(largest_side(server), seed) for seed in range(20)]
-    with ThreadPoolExecutor(20) as pool:
+    """48 images of about 20 ms each, decoded in one batch: past a 0.5 s watchdog together, each within
+    the budget. The process says it is still decoding between rows, so none is taken for a hang."""
+    server = make_server(hang_timeout_s=0.5, max_batch_size=48, max_batch_delay_ms=500,
+                         max_upload_bytes=16 * 1024 * 1024)  # an inference slot holds one upload's bytes
+    slow = [slow_webp(largest_side(server))] * 48  # decoded once per row all the same
+    with ThreadPoolExecutor(48) as pool:
         replies = list(pool.map(lambda data: classify(server, data), slow))
-    assert [r.status_code for r in replies] == [200] * 20, [r.text for r in replies if r.status_code != 200]
+    assert [r.status_code for r in replies] == [200] * 48, [r.text for r in replies if r.status_code != 200]
     assert not replaced(server), "the watchdog replaced the inference process"
 
 
@@ -166,10 +177,10 @@ def test_an_oip_body_of_empty_arrays_is_refused_unparsed(server: Server) -> None
     assert reply.status == 400 and b"JSON values" in reply.body, reply.body
 
 
-def test_binary_oip_elements_are_counted_before_they_are_unpacked(make_server) -> None:
+def test_binary_oip_elements_are_counted_before_they_are_unpacked(roomy: Server) -> None:
     """The review's 2 million zero-length images (8 MB, under the default upload limit): unpacked on the
     event loop before the image count was checked, a 0.8 s stall."""
-    server = make_server()
+    server = roomy
     body, header = probes.oip_binary_elements(2_000_000)
     payload = request("POST", "/v2/models/toy/infer", {"Inference-Header-Content-Length": str(header)}, body)
     reply = contained(server, lambda: exchange(port_of(server), payload), seconds=1.0)
