@@ -314,6 +314,9 @@ class ModelWorker:
         self._watchdog = None
         if self._requests is None:
             return
+        self._on_replies()  # read what the process sent first: after a stall of the loop, timers run before I/O
+        if self._requests is None:
+            return
         stalled = time.monotonic() - self._progress_at
         if self._inflight and stalled > self.hang_timeout_s:
             log.error("inference process %d for %s made no progress for %.1f s with %d rows; replacing it",
