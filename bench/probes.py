@@ -6,16 +6,21 @@ full sizes and by tests/service/test_security.py, scaled down where a test must 
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import orjson
 from PIL import Image
 
 BOUNDARY = "probe"
@@ -133,12 +138,14 @@ class HealthWatch:
     """Polls /healthz on its own connection while a probe runs: the slowest answer, in seconds."""
 
     url: str
+    local_address: str | None = None  # the source address to poll from (a peer apart from the probe's)
     slowest: float = 0.0
     answered: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
+        transport = httpx.HTTPTransport(local_address=self.local_address)
+        with httpx.Client(base_url=self.url, timeout=30, transport=transport) as client:
             while not self._stop.is_set():
                 started = time.perf_counter()
                 with suppress(httpx.TransportError):  # a failed poll counts as slow, never as answered
@@ -164,3 +171,92 @@ class HealthWatch:
         deadline = time.monotonic() + timeout
         while self.answered < answers and time.monotonic() < deadline:
             time.sleep(0.002)
+
+
+# ---- the second review's images (issue 20): within the pixel limits, costly in their structure ----
+
+def _segments(jpeg: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG's marker segments in order (a scan's entropy-coded data stays with its SOS), without EOI."""
+    segments, pos = [], 2
+    while jpeg[pos + 1] != 0xD9:
+        code, length = jpeg[pos + 1], struct.unpack_from(">H", jpeg, pos + 2)[0]
+        end = pos + 2 + length
+        if code == 0xDA:
+            end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(jpeg, end).start()
+        segments.append((code, jpeg[pos:end]))
+        pos = end
+    return segments
+
+
+def progressive_jpeg(side: int = 896, scans: int = 0) -> bytes:
+    """A grey progressive JPEG with `scans` empty scans appended (a copy of its last scan's header,
+    with no data): each costs libjpeg a pass over every block (about 50 µs at 896x896)."""
+    jpeg = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True)
+    last = [segment for code, segment in _segments(jpeg) if code == 0xDA][-1]
+    header = last[:2 + struct.unpack_from(">H", last, 2)[0]]
+    return jpeg[:-2] + header * scans + b"\xff\xd9"
+
+
+def jpeg_app_markers(count: int, side: int = 64) -> bytes:
+    """A baseline JPEG with `count` empty APP1 segments after SOI (Pillow reads each in Python)."""
+    jpeg = encode(Image.new("L", (side, side), 128), "JPEG")
+    return jpeg[:2] + b"\xff\xe1\x00\x02" * count + jpeg[2:]
+
+
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_chunks(count: int, side: int = 64) -> bytes:
+    """A PNG with `count` empty ancillary chunks before its image data."""
+    png = encode(Image.new("L", (side, side), 128), "PNG")
+    return png[:33] + _png_chunk(b"teXt") * count + png[33:]  # after the signature and IHDR
+
+
+def tiff_ifds(count: int, side: int = 64) -> bytes:
+    """A little-endian TIFF whose image is described by `count` chained IFDs (Pillow counts the frames
+    by walking the chain from its start for each one: quadratic)."""
+    pixels = bytes(side * side)
+    entries = [(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (277, 3, 1, 1), (278, 3, 1, side), (279, 4, 1, len(pixels))]
+    ifd_size = 2 + 12 * len(entries) + 4
+    first = 8 + len(pixels)
+    ifds = []
+    for index in range(count):
+        following = first + (index + 1) * ifd_size if index + 1 < count else 0
+        ifds.append(struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+                    + struct.pack("<I", following))
+    return b"II*\0" + struct.pack("<I", first) + pixels + b"".join(ifds)
+
+
+def gif_extensions(count: int, side: int = 64) -> bytes:
+    """A still GIF with `count` empty comment extensions before its image."""
+    gif = encode(Image.new("L", (side, side), 128), "GIF")
+    start = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)
+    return gif[:start] + b"\x21\xfe\x00" * count + gif[start:]
+
+
+def oip_json_bomb(size: int, image: bytes) -> bytes:
+    """An OIP infer body of about `size` bytes whose ignored `parameters` hold empty arrays."""
+    arrays = ",".join(["[]"] * (size // 3))
+    return (f'{{"parameters": {{"ignored": [{arrays}]}}, "inputs": [{{"name": "image", "datatype": "BYTES", '
+            f'"shape": [1], "data": ["{base64.b64encode(image).decode()}"]}}]}}').encode()
+
+
+def oip_binary_elements(count: int) -> tuple[bytes, int]:
+    """An OIP infer body declaring `count` images in binary form, each zero bytes long; and its JSON length."""
+    header = orjson.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count],
+                                       "parameters": {"binary_data_size": 4 * count}}]})
+    return header + bytes(4 * count), len(header)
+
+
+def rle_bmp(side: int, noops: int = 0) -> bytes:
+    """An 8-bit RLE BMP of side x side, runs of one pixel each, after `noops` moves by (0, 0): Pillow
+    decodes RLE in Python, an instruction at a time (about 1 µs each), and the structural scan reads a
+    BMP's size only, so only the decode-time budget stops this."""
+    row = b"\x01\x07" * side + b"\x00\x00"  # runs of one pixel of colour 7, then end of line
+    data = b"\x00\x02\x00\x00" * noops + row * side + b"\x00\x01"  # delta moves, the rows, end of bitmap
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(data), 2835, 2835, 256, 0)  # BI_RLE8
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data

@@ -7,5 +7,6 @@
 
 Beneath them all, usable by any layer: `settings` (the one settings class), `metrics` (every
 collector), `errors` (domain errors and the error body per protocol), `record` (what one request
-did), `endpoints` (the one endpoint table) and `schemas` (typed options and replies).
+did), `endpoints` (the one endpoint table), `schemas` (typed options and replies) and `numbers`
+(the one parser of the numbers a client sends).
 """

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import BadOptions
+from service.numbers import parse_decimal, parse_int
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def _ascii_number(parse: Callable[[str], Any], what: str) -> BeforeValidator:
+    """Form fields and query parameters are text: read them with the service's one number parser
+    (service/numbers.py), not pydantic's lenient one (`" 3 "`, `"1_0"`, `"+3"`, 20-digit top_k)."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        number = parse(value)
+        if number is None:
+            raise ValueError(f"must be {what} in ASCII digits")
+        return number
+
+    return BeforeValidator(check)
+
+
+Count = Annotated[int, _ascii_number(parse_int, "a whole number")]
+Decimal = Annotated[float, _ascii_number(parse_decimal, "a decimal number")]
 
 
 class ClassifyOptions(BaseModel):
@@ -17,18 +38,18 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+    budget: Decimal | None = Field(None, gt=0, le=1, allow_inf_nan=False,
                                  description="most expected compute, as a fraction of the full model's MACs")
-    threshold: float | None = Field(None, ge=0, allow_inf_nan=False,
+    threshold: Decimal | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="expert override of the entropy threshold θ (not with budget)")
-    min_accuracy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+    min_accuracy: Decimal | None = Field(None, gt=0, le=1, allow_inf_nan=False,
                                        description="floor on the calibrated expected accuracy: alone, the cheapest "
                                                    "point that meets it; with budget, the most accurate point within "
                                                    "the budget, which must meet it (422 unsatisfiable otherwise)")
-    max_exit: int | None = Field(None, ge=0, description="hard cap: never run past this exit (0-based)")
-    top_k: int = Field(3, ge=1, description="how many classes to list")
+    max_exit: Count | None = Field(None, ge=0, description="hard cap: never run past this exit (0-based)")
+    top_k: Count = Field(3, ge=1, description="how many classes to list")
     model: str | None = Field(None, pattern=MODEL_NAME, description="model name; default: the server's")
-    timeout_ms: float | None = Field(None, gt=0, allow_inf_nan=False,
+    timeout_ms: Decimal | None = Field(None, gt=0, allow_inf_nan=False,
                                      description="answer 504 past this many ms (the server's limit still applies)")
 
     @model_validator(mode="after")

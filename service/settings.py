@@ -62,9 +62,17 @@ class Settings(BaseSettings):
         "and the connection is closed"))
     max_connections: int = Field(1000, ge=1, description=(
         "open connections (and requests in progress) per server process; beyond it 503 with Retry-After"))
+    max_client_connections: int = Field(500, ge=1, description=(
+        "one peer address's share of max_connections: near the cap its connections past the share are closed "
+        "and refused first (README, Security: behind a proxy, list it in proxy_addresses)"))
+    proxy_addresses: tuple[str, ...] = Field((), description=(
+        "peer addresses exempt from max_client_connections: the proxy in front of the service (a JSON list)"))
     max_pixels_ratio: int = Field(1024, ge=1, description=(
         "an image may have at most this many times the model's input pixels (28x28: 802,816, about "
         "896x896), under max_pixels"))
+    decode_timeout_ms: float = Field(250.0, gt=0, le=60_000, description=(
+        "CPU time an image may take to decode, else it is refused (413 decode_too_slow) and its batch goes "
+        "on; under hang_timeout_s (the slowest real image at the pixel limit decodes in about 60 ms)"))
     max_request_pixels: int = Field(4_000_000, ge=64, description=(
         "total pixels of all images in one request (64 of 250x250), checked from their headers before "
         "any is decoded"))
@@ -113,6 +121,9 @@ class Settings(BaseSettings):
             raise ValueError("default_budget must be in (0, 1]")
         if self.queue_size < self.max_batch_size:
             raise ValueError("queue_size must be at least max_batch_size")
+        if self.decode_timeout_ms >= self.hang_timeout_s * 1000:
+            raise ValueError("decode_timeout_ms must be below hang_timeout_s: a slow image is refused, "
+                             "never taken for a hang")
         self.image_formats = tuple(f.upper() for f in self.image_formats)
         return self
 

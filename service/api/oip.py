@@ -32,6 +32,7 @@ from service.engine.decode import check_request_pixels
 from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
+from service.numbers import parse_int
 from service.record import record_of
 from service.schemas import MODEL_NAME, ClassifyOptions, ClassifyReply
 
@@ -44,6 +45,11 @@ INPUTS = {"image": "BYTES", "budget": "FP32"}  # name -> datatype; both of shape
 OUTPUTS = {"label": "BYTES", "class_id": "INT64", "probabilities": "FP32", "exit": "INT32", "macs": "INT64",
            "expected_accuracy": "FP32"}  # name -> datatype; probabilities is [N, K], the others [N]
 BINARY = {"FP32": "<f4", "INT32": "<i4", "INT64": "<i8"}  # the binary form: little-endian, row major
+MAX_ID = 256  # characters of a request's `id`, which the reply echoes
+# JSON structure (`[`, `{`, `,` and `:`) in one request header, counted before it is parsed: 64 rows of
+# images and budgets with every output and parameter take about 400. orjson holds the GIL, so an 8 MB body
+# of 2.7 million empty arrays in an ignored parameter stalled every request for a second while it parsed.
+MAX_JSON_TOKENS = 4096
 
 
 class MalformedInference(ServiceError):
@@ -128,15 +134,19 @@ async def read_body(request: Request) -> tuple[bytes, memoryview]:
     if request.headers.get("content-encoding", "identity") != "identity":
         raise UnsupportedImage("compressed request bodies are not supported", code="unsupported_media_type")
     body = await request.body()
-    declared = request.headers.get(HEADER_LENGTH)
-    if declared is None:
+    if HEADER_LENGTH not in request.headers:
         return body, memoryview(b"")
-    if not declared.isdigit() or not 0 < int(declared) <= len(body):
+    declared = parse_int(request.headers[HEADER_LENGTH])
+    if declared is None or not 0 < declared <= len(body):
         raise MalformedInference(f"{HEADER_LENGTH} must be the JSON header's length, at most the body's")
-    return body[:int(declared)], memoryview(body)[int(declared):]
+    return body[:declared], memoryview(body)[declared:]
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
+    """The JSON header, refused unparsed when it holds more structure than a request needs (its cost
+    in orjson grows with the values, not the bytes: strings parse at memory speed)."""
+    if sum(map(raw.count, (b"[", b"{", b",", b":"))) > MAX_JSON_TOKENS:
+        raise MalformedInference(f"the inference request holds more than {MAX_JSON_TOKENS} JSON values")
     try:
         header = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -187,8 +197,9 @@ def _tensor_values(spec: dict[str, Any], name: str, count: int, tail: memoryview
     return np.frombuffer(blob, "<f4").tolist(), offset + size
 
 
-def read_inputs(header: dict[str, Any], tail: memoryview) -> dict[str, list]:
-    """Input name -> its elements in order; every input [N], named and typed as the metadata says."""
+def read_inputs(header: dict[str, Any], tail: memoryview, max_images: int) -> dict[str, list]:
+    """Input name -> its elements in order; every input [N], named and typed as the metadata says.
+    N is checked against `max_images` before any element is read."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadOptions("inputs: a list with the 'image' input (BYTES [N]) is required", code="missing_image")
@@ -203,6 +214,8 @@ def read_inputs(header: dict[str, Any], tail: memoryview) -> dict[str, list]:
         shape = spec.get("shape")
         if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] > 0):
             raise BadOptions(f"{name}: shape must be [N], one row per image, N > 0")
+        if shape[0] > max_images:
+            raise BadOptions(f"at most {max_images} images per request", code="too_many_images")
         found[name], offset = _tensor_values(spec, name, shape[0], tail, offset)
     if offset != len(tail):
         raise MalformedInference("the binary data after the JSON header is longer than the inputs declare")
@@ -282,20 +295,26 @@ def read_outputs(header: dict[str, Any], top_k: str | None) -> list[Requested]:
 
 
 def _count(value: Any) -> int:
-    if not isinstance(value, int | str) or isinstance(value, bool) or not str(value).isdigit():
+    if isinstance(value, str):
+        count = parse_int(value)
+    else:
+        count = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if count is None:
         raise BadOptions("classification (and erde_top_k) must be a whole number of classes")
-    return int(value)
+    return count
 
 
 def read_request(header: dict[str, Any], tail: memoryview, max_images: int) -> InferRequest:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadOptions("id must be a string")
+    if request_id is not None and len(request_id) > MAX_ID:
+        raise BadOptions(f"id: at most {MAX_ID} characters (the reply echoes it)")
     options = read_options(_dict(header.get("parameters"), "parameters"))
     outputs = read_outputs(header, options.pop("top_k", None))
     # the policy checks the classification count as it checks /classify's top_k
     options["top_k"] = str(next((o.classification for o in outputs if o.classification is not None), 1))
-    inputs = read_inputs(header, tail)
+    inputs = read_inputs(header, tail, max_images)
     images = image_rows(inputs["image"], max_images)
     return InferRequest(request_id, images, budget_rows(inputs.get("budget"), len(images), options), options,
                         outputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Iterable
 
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.endpoints import match
 from service.errors import PayloadTooLarge, error_body
+from service.numbers import parse_int
 from service.record import RequestRecord, record_of, request_id
 
 log = logging.getLogger("erde.service")
@@ -118,12 +120,20 @@ def account(record: RequestRecord, scope: Scope, status: int, seconds: float, lo
         }).decode())
 
 
+# RFC 3986's host[:port]: an IP literal in brackets or a name (DNS letters, digits, '.', '-', '_'), then
+# `:` and digits. Starlette's TrustedHostMiddleware has such a parser, but private (starlette._utils, not in
+# every Starlette our FastAPI range allows), and answers in text/plain with no way to let IP literals pass.
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{0,5})?")
+
+
 class AllowedHosts:
     """Answers 400 to a request whose Host header names a host this service is not: the defence
     against DNS rebinding (a web page whose own name now resolves to 127.0.0.1 reading /models or
     /metrics). IP literals always pass, since a rebinding page always sends its own name; names
     must be listed (`*.example.com` for its subdomains, `*` for any). A request without Host passes:
-    browsers always send one."""
+    browsers always send one. Two Host headers, or one outside host[:port], are 400 whatever the
+    list (RFC 9112 section 3.2); an absolute-form target's host arrives here as the Host header
+    (service/edge/protocol.py)."""
 
     def __init__(self, app: ASGIApp, names: Iterable[str]) -> None:
         self.app = app
@@ -134,31 +144,44 @@ class AllowedHosts:
         self.passed: set[bytes] = set()  # Host values already allowed, so most requests skip the parsing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.any:
-            host = header(scope, b"host")
+        if scope["type"] == "http":
+            hosts = [value for key, value in scope.get("headers", ()) if key == b"host"]
+            host = hosts[0] if hosts else None
+            if len(hosts) > 1:
+                await self._refuse(scope, send, "a request may carry one Host header")
+                return
             if host is not None and host not in self.passed:
                 if not self.allowed(host.decode("latin-1")):
-                    record = record_of(scope)
-                    record.reason = "invalid_host"
-                    await send_json(send, 400, error_body(
-                        "invalid_host", "this service does not answer to that Host name (see ERDE_ALLOWED_HOSTS)",
-                        record.request_id))
+                    await self._refuse(scope, send, "this service does not answer to that Host name "
+                                                    "(see ERDE_ALLOWED_HOSTS)")
                     return
                 if len(self.passed) < 256:  # bounded: IP literals are endless
                     self.passed.add(host)
         await self.app(scope, receive, send)
 
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, message: str) -> None:
+        record = record_of(scope)
+        record.reason = "invalid_host"
+        await send_json(send, 400, error_body("invalid_host", message, record.request_id))
+
     def allowed(self, host: str) -> bool:
-        if host.startswith("["):  # [v6]:port
-            name = host[1:host.find("]")]
-        else:
-            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        """A Host value in the host[:port] grammar, naming an IP literal or (unless any) a listed name."""
+        match = HOST.fullmatch(host)
+        if match is None:
+            return False
+        name = match[1]
+        if name.startswith("["):
+            return _is_ip(name[1:-1], version=6)
         name = name.rstrip(".").lower()
-        try:
-            ipaddress.ip_address(name)
-            return True
-        except ValueError:
-            return name in self.names or name.endswith(self.suffixes)
+        return _is_ip(name) or self.any or name in self.names or name.endswith(self.suffixes)
+
+
+def _is_ip(text: str, version: int | None = None) -> bool:
+    try:
+        return version in (None, ipaddress.ip_address(text).version)
+    except ValueError:
+        return False
 
 
 def header(scope: Scope, name: bytes, default: bytes | None = None) -> bytes | None:
@@ -171,11 +194,7 @@ def header(scope: Scope, name: bytes, default: bytes | None = None) -> bytes | N
 
 def declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, or None when it has none or an unreadable one."""
-    value = header(scope, b"content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+    return parse_int(header(scope, b"content-length"))
 
 
 async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True) -> None:

@@ -27,6 +27,14 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
 - **A pause after a refusal**: a kept-alive connection that was just answered 503 is not read
   again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a tight loop
   cannot take the event loop from the requests being served. The 503 itself goes out at once.
+- **Requests parsed before a refusal are answered first** (issue 20): a malformed request
+  pipelined behind good ones is refused only once their replies are sent, then the connection
+  is closed (RFC 9112 section 9.3.2).
+- **HTTP/1.x only**: an HTTP/0.9 request line and CONNECT get 400 (`malformed_http`); an
+  absolute-form target (`GET http://host/path`) stands for the Host header, as RFC 9112
+  section 3.2.2 says, so the Host check (service/edge/middleware.py) checks its host.
+- **A fair share of the cap** (service/edge/fairness.py): as open connections near the cap, the ones
+  idle longest are closed, and one peer address past its share is refused first.
 - **Every reply is JSON**: the protocol's own refusals (400 not HTTP, 408, 431, 503) carry the
   service's error body, never text/plain, and no reply says `server: uvicorn`.
 
@@ -50,6 +58,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
 from service.edge.admission import Admission, keeps_alive
+from service.edge.fairness import ConnectionShare
 from service.edge.middleware import account, send_json, start_record
 from service.engine.runtime import Runtime
 from service.errors import Unavailable, error_body
@@ -112,6 +121,13 @@ class HeadTooLarge(Exception):
     """Raised from a parser callback: the complete head is over the limit."""
 
 
+class NotHttp11(Exception):
+    """Raised from a parser callback: an HTTP/0.9 request or CONNECT, which this server does not speak."""
+
+
+ABSOLUTE_FORM = (b"http://", b"https://")  # lower case; the scheme is matched case-insensitively
+
+
 @dataclass(frozen=True)
 class Held:
     """A classify request refused from its head, waiting for its body: to drop it, or to read the form."""
@@ -124,10 +140,12 @@ class Held:
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, limits: HttpLimits, admission: Admission | None = None,
+    def __init__(self, *args: Any, limits: HttpLimits, share: ConnectionShare, admission: Admission | None = None,
                  log_requests: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.share = share
+        self.refusal_owed: bytes | None = None  # a refusal waiting for the replies owed before it
         self.admission = admission  # None: every request goes to the app (the supervisor's own config)
         self.log_requests = log_requests
         self.held: Held | None = None
@@ -147,17 +165,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.lingering = LingeringTransport(transport, self.loop, self.limits.max_linger_bytes)
         super().connection_made(self.lingering)  # type: ignore[arg-type]
+        self.share.opened(self)
         # When the client closes its side while we linger, uvicorn's eof_received lets the transport close.
         self._start_read()  # a connection that never sends a byte is closed at this deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.read_timer is not None:
             self.read_timer.cancel()
+        self.share.closed(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering.lingering:
             self.lingering.swallow(data)
+            return
+        if self.refusal_owed is not None:  # the parser stopped at an error: nothing after it is read
             return
         self._unset_keepalive_if_required()
         done_before = self.messages_done
@@ -172,6 +194,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             else:
                 self._refuse(400, "malformed_http", "the request is not valid HTTP/1.1")
             return
+        if (self.in_head and self.messages_done == done_before and self.url and b"\n" in data
+                and self.parser.get_http_version() == "0.0"):  # a request line ended without a version
+            self._refuse(400, "malformed_http", "the request is not valid HTTP/1.1")
+            return
         if self.in_head:
             if self.messages_done == done_before:  # no earlier request ended in this read: all of it is head
                 self.head_bytes += len(data)
@@ -182,6 +208,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.share.busy(self)
         self.in_head = True
         self.head_bytes = 0
         self._start_read()
@@ -191,11 +218,26 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.head_bytes + self.reading > limit and (  # else it is surely within: no need to add it up
                 len(self.url) + sum(len(name) + len(value) for name, value in self.headers) > limit):
             raise HeadTooLarge  # a head that ended in this read
+        if self.parser.get_http_version() == "0.9" or self.parser.get_method() == b"CONNECT":
+            raise NotHttp11
+        if self.url[:8].lower().startswith(ABSOLUTE_FORM):
+            self._host_from_target()
         self.in_head = False
         limit = self.limits.max_connections
-        over = len(self.connections) > limit or len(self.tasks) >= limit
-        self.app = self._over_capacity if over else self.config.loaded_app
+        over = self.share.open > limit or len(self.tasks) >= limit
+        self.app = self._over_capacity if over or self.share.over(self) else self.config.loaded_app
         super().on_headers_complete()
+
+    def _host_from_target(self) -> None:
+        """An absolute-form target's authority replaces every Host header (RFC 9112 section 3.2.2),
+        and the target becomes its path and query; the Host check then checks that authority."""
+        parsed = httptools.parse_url(self.url)
+        authority = parsed.host or b""
+        if parsed.port is not None:
+            authority += b":" + str(parsed.port).encode()
+        self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
+        self.headers.append((b"host", authority))
+        self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -255,6 +297,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if refused and not self.transport.is_closing():
             self.flow.pause_reading()
             self.loop.call_later(min(REFUSED_PAUSE_S, self.limits.retry_after_s), self._resume_after_refusal)
+        if self.pipeline or not self.cycle.response_complete or self.transport.is_closing():
+            return  # a pipelined request still to answer (or none at all)
+        if self.refusal_owed is not None:  # every reply owed before the refusal is sent: now the refusal
+            self.transport.write(self.refusal_owed)
+            self.transport.close()
+            return
+        self.share.idle(self)
 
     def _resume_after_refusal(self) -> None:
         if not self.transport.is_closing():
@@ -292,10 +341,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.held = None
         owed = cycle is not None and not cycle.response_complete  # a reply this connection still owes
         if self.in_head:  # the app never saw this request; `cycle` is an earlier (pipelined) one
+            if self.refusal_owed is not None:
+                return
             metrics.observe_rejected(UNKNOWN_MODEL, code)
-            if not owed:
-                rid = request_id(None)
-                self.transport.write(self._json_response(status, error_body(code, message, rid), rid))
+            rid = request_id(None)
+            reply = self._json_response(status, error_body(code, message, rid), rid)
+            if owed:  # answer the requests parsed before this one first (on_response_complete), then refuse
+                self.refusal_owed = reply
+                self.flow.pause_reading()
+                return
+            self.transport.write(reply)
         elif owed and not cycle.response_started:  # the app holds this request: it counts it, we answer
             record = record_of(cycle.scope)
             record.status, record.reason = status, code
@@ -320,9 +375,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return b"".join(head)
 
     async def _over_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The app for a request past the connection cap: 503 JSON with Retry-After, connection closed."""
+        """The app for a request past the connection cap, or past its peer's share of it: 503 JSON with
+        Retry-After, connection closed."""
         metrics.observe_rejected(UNKNOWN_MODEL, "too_many_connections")
-        body = error_body("too_many_connections", "the server has too many open connections; retry",
+        whose = "this client has" if self.share.over(self) else "the server has"
+        body = error_body("too_many_connections", f"{whose} too many open connections; retry",
                           record_of(scope).request_id)
         await send_json(send, 503, body, retry_after=self.limits.retry_after_s)
 
@@ -339,7 +396,8 @@ def uvicorn_options(settings: Settings, runtime: Runtime | None = None) -> dict[
     limits = HttpLimits(settings.max_header_bytes, settings.read_timeout_s, settings.max_connections,
                         settings.retry_after_s, max_linger_bytes=settings.max_upload_bytes)
     admission = None if runtime is None else Admission(runtime)
-    protocol = functools.partial(LimitedHttpProtocol, limits=limits, admission=admission,
+    share = ConnectionShare(settings.max_connections, settings.max_client_connections, settings.proxy_addresses)
+    protocol = functools.partial(LimitedHttpProtocol, limits=limits, share=share, admission=admission,
                                  log_requests=settings.access_log)
     return {"host": settings.host, "port": settings.port, "loop": "uvloop", "http": protocol, "ws": "none",
             "server_header": False,

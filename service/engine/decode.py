@@ -11,11 +11,20 @@ all the images of one request together at most `request_pixels`, read from their
 any is decoded. JPEGs are decoded at a reduced scale (`draft`), and large images are shrunk by
 an integer factor first (`reducing_gap`), which Pillow documents as indistinguishable from the
 exact resampling at 3.0 (tests/service/test_decode.py checks it).
+
+Pixels do not bound everything: a file's structure (scans, chunks, frames) can cost more than its
+pixels, so it is counted first (service/engine/imagescan.py), and what is left is bounded in time: the
+inference process decodes each image under `decode_budget`, and an image past it is refused (413
+`decode_too_slow`) while the other rows of its batch go on, long before the watchdog would replace
+the process.
 """
 
 from __future__ import annotations
 
 import io
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from erde.data import InputSpec
+from service.engine import imagescan
 from service.errors import BadOptions, PayloadTooLarge, UnsupportedImage
 from service.settings import Settings
 
@@ -36,6 +46,9 @@ BACKGROUND = (0, 0, 0, 255)
 
 
 REDUCING_GAP = 3.0  # Pillow: from 3.0 the two-step resize is indistinguishable from the exact one
+# Input Pillow hands its decoder per step (its default is 64 KiB). The decode budget is checked between
+# steps, and 64 KiB of empty progressive-JPEG scans cost 0.35 s at 896x896; 8 KiB cost 45 ms.
+DECODE_STEP = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,12 @@ class ImageLimits:
     formats: tuple[str, ...]
     pixels_ratio: int | None = None  # per image: at most this many times the model's input pixels
     request_pixels: int | None = None  # all images of one request together (None: no such limit)
+    decode_timeout_s: float | None = None  # per image, in the inference process (None: no such limit)
 
     @classmethod
     def from_settings(cls, s: Settings) -> ImageLimits:
-        return cls(s.max_pixels, s.min_image_side, s.image_formats, s.max_pixels_ratio, s.max_request_pixels)
+        return cls(s.max_pixels, s.min_image_side, s.image_formats, s.max_pixels_ratio, s.max_request_pixels,
+                   s.decode_timeout_ms / 1000)
 
     def pixels_for(self, spec: InputSpec) -> int:
         """The most pixels one image may have for a model with this input."""
@@ -59,6 +74,7 @@ class ImageLimits:
 def _open(data: bytes, limits: ImageLimits, max_pixels: int) -> Image.Image:
     if not data:
         raise UnsupportedImage("the image file is empty", code="empty_image")
+    imagescan.scan(data)  # the structure's cost, bounded before Pillow walks it
     try:  # reads the header only; our pixel limit is checked right after, before any decoding
         im = Image.open(io.BytesIO(data), formats=limits.formats)
     except Image.DecompressionBombError:
@@ -100,6 +116,7 @@ def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """Encoded image -> normalised float32 tensor (C, size, size), upright (EXIF applied)."""
     im = _open(data, limits, limits.pixels_for(spec))
+    im.decodermaxblock = DECODE_STEP
     try:
         if im.format == "JPEG":
             im.draft(spec.mode, (spec.size, spec.size))  # let libjpeg decode at a reduced scale
@@ -118,21 +135,54 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
     return torch.from_numpy(np.stack([table[c][pixels[..., c]] for c in range(3)]))
 
 
+class DecodeTooSlow(BaseException):
+    """Raised into a decode that ran past its budget. A BaseException, so that no `except Exception`
+    inside Pillow can swallow it."""
+
+
+@contextmanager
+def decode_budget(seconds: float | None) -> Iterator[None]:
+    """Raise DecodeTooSlow into the block once it has used `seconds` of the process's CPU time, by
+    SIGPROF. CPU time, not wall time: on a machine busy with other work an image waiting for a core
+    is not refused (a stall is the watchdog's to see). Pillow decodes in steps of DECODE_STEP bytes
+    of input and returns to Python between them, where the signal is handled (a format decoded in
+    one call, WebP, is bounded by the pixel limits instead). Main thread only (the inference process
+    decodes in its main thread)."""
+    if seconds is None:
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise DecodeTooSlow
+
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def too_slow(seconds: float) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the image took more than {seconds * 1000:.0f} ms of CPU to decode; send a simpler file "
+                           "(a baseline JPEG or a plain PNG)", code="decode_too_slow")
+
+
 def check_request_pixels(images: list[bytes], limits: ImageLimits) -> None:
     """Refuse (413) a request whose images together have more than `request_pixels` pixels. Only the
-    headers are read (about 15 µs an image, on the event loop); an image that cannot be opened is
-    left for the decoder to refuse with its own error. One image is bounded by `pixels_for` alone."""
+    sizes are read, by the structural scan's bounded walk to them (service/engine/imagescan.py: never more
+    than its limits, whatever the file's size), on the event loop; Pillow is not involved. An image
+    the scan does not know is left for the decoder to refuse with its own error. One image is bounded
+    by `pixels_for` alone."""
     if len(images) < 2 or limits.request_pixels is None:
         return
     total = 0
     for data in images:
-        try:
-            width, height = Image.open(io.BytesIO(data), formats=limits.formats).size
-        except Image.DecompressionBombError:
-            width, height = limits.request_pixels + 1, 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        layout = imagescan.size_of(data)
+        if layout is None:
             continue
-        total += width * height
+        total += layout.width * layout.height
         if total > limits.request_pixels:
             raise PayloadTooLarge(f"the images of this request have more than {limits.request_pixels} pixels "
                                   "together; send fewer or smaller ones", code="too_many_pixels")

@@ -15,6 +15,8 @@ Wire format (over two one-way pipes; the encoded images go through shared memory
                      S: stop
   process -> server  R: ready (model loaded, backends chosen, warmed up)
                      X: one row's image was refused by the decoder (HTTP status, code, reason, message)
+                     P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
+                        slow but admissible images is progress, not a hang, to the watchdog)
                      E: rows that left at one exit, with entropy, queue and decode time and top-k
                      D: the batch is finished and its slot is free
                      F: the batch failed (its unreleased rows get an error)
@@ -39,7 +41,7 @@ from safetensors.torch import save as save_tensors
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
 from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
-from service.engine.decode import ImageLimits, decode_image
+from service.engine.decode import DecodeTooSlow, ImageLimits, decode_budget, decode_image, too_slow
 from service.errors import ServiceError
 
 log = logging.getLogger("erde.service")
@@ -49,6 +51,7 @@ EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference second
 REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
 ID = struct.Struct("<cI")  # kind, batch id (D and F)
 READY, STOP = b"R", b"S"
+HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +164,18 @@ class Finished:
     failed: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """The process is still decoding the batch."""
+
+    batch_id: int
+
+
 class ProtocolError(Exception):
     """A message from the process that the server does not understand: the process is not trusted further."""
 
 
-def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished:
+def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished | Progress:
     """One message from the process, typed; `top_k(batch_id)` gives each row's k for that batch."""
     kind = message[:1]
     if kind == b"E":
@@ -175,6 +185,8 @@ def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | 
         return Refused(*decode_refused(message))
     if kind in (b"D", b"F") and len(message) == ID.size:
         return Finished(ID.unpack(message)[1], kind == b"F")
+    if kind == b"P" and len(message) == ID.size:
+        return Progress(ID.unpack(message)[1])
     raise ProtocolError(f"unknown reply kind {kind!r}")
 
 
@@ -216,18 +228,29 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
 
 def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limits: ImageLimits, batch_id: int,
              rows: list[Row], arena: memoryview, replies: Connection) -> None:
-    """Decode each row (a refused image is answered at once), then run the rest stage by stage.
+    """Decode each row within the decode budget (a refused image is answered at once), then run the
+    rest stage by stage.
 
     An image's queue time runs until the network starts, so it includes the batch's decoding.
     """
     samples: list[Sample] = []
     where: dict[int, tuple[int, float]] = {}  # id(sample) -> (its row in the batch, its decode seconds)
+    said = time.perf_counter()  # when the server last heard from this batch
     for i, row in enumerate(rows):
         started = time.perf_counter()
+        if started - said > HEARTBEAT_S:
+            replies.send_bytes(ID.pack(b"P", batch_id))
+            said = started
         try:
-            x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
+            with decode_budget(limits.decode_timeout_s):
+                x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
+        except DecodeTooSlow:
+            replies.send_bytes(encode_refused(batch_id, i, too_slow(limits.decode_timeout_s)))
+            said = time.perf_counter()
+            continue
         except ServiceError as exc:
             replies.send_bytes(encode_refused(batch_id, i, exc))
+            said = time.perf_counter()
             continue
         sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued)
         where[id(sample)] = (i, time.perf_counter() - started)

@@ -291,6 +291,8 @@ class ModelWorker:
             future = self._inflight[reply.batch_id][1][reply.row].future
             if future is not None and not future.done():
                 future.set_exception(reply.error)
+        elif isinstance(reply, process.Progress):
+            pass  # its arrival is the progress the watchdog looks for
         else:
             slot, jobs = self._inflight.pop(reply.batch_id)
             self._free_slots.append(slot)
@@ -309,6 +311,9 @@ class ModelWorker:
         """Kill a process that holds work and has shown no progress for `hang_timeout_s` (a hang, a
         stopped process, a livelock): its rows are answered 503 now instead of at their deadlines."""
         self._watchdog = None
+        if self._requests is None:
+            return
+        self._on_replies()  # read what the process sent first: after a stall of the loop, timers run before I/O
         if self._requests is None:
             return
         stalled = time.monotonic() - self._progress_at

@@ -16,6 +16,7 @@ from service.api.oip import router as oip_router
 from service.api.routes import classify_router, router
 from service.api.ui import ui_router
 from service.edge.admission import AdmissionControl
+from service.edge.head import HeadAsGet
 from service.edge.middleware import AllowedHosts, RequestAccounting
 from service.engine.runtime import Runtime
 from service.errors import install_error_handlers
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(oip_router)  # the Open Inference Protocol (v2 REST) under /v2
     app.include_router(ui_router())  # the demo page at / and /ui, and /stats
+    app.add_middleware(HeadAsGet)  # innermost: HEAD is routed as GET, and counted as what it asked
     app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
     app.add_middleware(AllowedHosts, names=(*settings.allowed_hosts, settings.host))  # counted too
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
