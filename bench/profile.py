@@ -37,15 +37,18 @@ PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 # frame of its stack (frames read "Class.function (path/file.py:line)"), else to "other".
 EVENT_LOOP_PARTS = [
     ("decode (PIL open + load + normalise)", r"decode_image|PIL/"),
-    ("access log", r"logging/|_account \(service/middleware"),
-    ("reply building + JSON", r"orjson|\bencode \(service/pipeline|json/"),
-    ("multipart parsing + options", r"service/multipart|read_upload|service/policy|service/schemas|pydantic"),
+    ("access log", r"logging/|\baccount \(service/edge/middleware"),
+    ("drift guard (live θ and accuracy)", r"service/engine/drift|report_drift"),
+    ("reply building + JSON", r"orjson|\bencode \(service/api/pipeline|json/"),
+    ("multipart parsing + options",
+     r"service/edge/multipart|read_upload|service/engine/policy|service/schemas|pydantic"),
     ("metrics, queueing, reading the inference replies", r"prometheus_client|service/metrics|service/engine/"),
+    ("the edge: protocol, accounting, admission", r"service/edge/|service/record|service/endpoints"),
     ("framework stack: uvicorn, Starlette and FastAPI, response send", r"uvicorn/|starlette/|fastapi/|asyncio/"),
 ]
 INFERENCE_PARTS = [
     ("waiting for the next batch (pipe read)", r"multiprocessing/connection|selectors"),
-    ("decode (PIL open, load, normalise)", r"decode_image|PIL/|service/decode"),
+    ("decode (PIL open, load, normalise)", r"decode_image|PIL/|service/engine/decode|service/engine/imagescan"),
     ("convolutions", r"conv2d|_conv_forward|convolution"),
     ("exit heads (BN, ReLU, FC)", r"\bexit \(erde/nets"),
     ("rest of the stages (ReLU, residual adds)", r"torch/nn/|erde/nets"),
