@@ -109,7 +109,7 @@ class AdmissionControl:
             elif overturnable:  # too large to read here: the pipeline refuses it if its own model is full
                 refusal = None
             if refusal is not None:
-                await refuse(scope, receive, send, refusal, keep_alive=not self.runtime.draining,
+                await refuse(scope, receive, send, refusal, draining=self.runtime.draining,
                              oip=record_of(scope).endpoint.protocol == "oip")
                 return
         if self.runtime.draining:
@@ -150,13 +150,11 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, keep_alive: bool,
+async def refuse(scope: Scope, receive: Receive, send: Send, error: Unavailable, draining: bool,
                  oip: bool) -> None:
-    """A 503 JSON reply. With `keep_alive`, a small body (already in the socket's buffer, as most uploads
-    here are) is read and dropped so the connection can serve the client's retry; a large or unsized one
-    is left unread and the connection closed."""
+    """A 503 JSON reply; the connection is kept as `keeps_alive` says, its small body read and dropped."""
     record_of(scope).reason = error.reason
-    keep = keeps_alive(scope, not keep_alive)
+    keep = keeps_alive(scope, draining)
     if keep:
         while (await receive()).get("more_body"):
             pass
