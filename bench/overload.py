@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ class Summary:
     p50_ms: float
     p99_ms: float  # of the answered (200) requests
     refused: float  # share answered 503
-    failed: float  # share with another status, no answer, or not sent
+    failed: float  # share with another status (not 422), no answer, or not sent
+    unsatisfiable: float  # share answered 422: a floor no operating point met (the live accuracy estimate's doing)
     degraded: float  # share of the answered that were degraded
     expected: float  # mean expected accuracy of the answered
     measured: float  # measured accuracy of the answered, against the labels
@@ -163,11 +165,18 @@ def summarise(label: str, rate: float, seconds: float, outcomes: list[Outcome], 
         sum(1 for o in ok if o.latency <= SLO_S) / seconds,
         float(np.percentile(latencies, 50)) * 1e3, float(np.percentile(latencies, 99)) * 1e3,
         sum(1 for o in outcomes if o.status == 503) / n,
-        sum(1 for o in outcomes if o.status not in (200, 503)) / n,
+        sum(1 for o in outcomes if o.status not in (200, 503, 422)) / n,
+        sum(1 for o in outcomes if o.status == 422) / n,
         sum(1 for o in ok if o.reply["degraded"]) / len(ok) if ok else 0.0,
         float(np.mean([o.reply["expected_accuracy"] for o in ok])) if ok else math.nan,
         float(np.mean(hits)) if ok else math.nan, float(np.mean(top_hits)) if top_hits else math.nan,
         below, len(ok), sum(1 for o in outcomes if o.status == 503), server_cpu_s, top_hits)
+
+
+def others(outcomes: list[Outcome]) -> str:
+    """The answers that were neither 200 nor 503, by status (0: none, -1: not sent), when there are any."""
+    counts = Counter(o.status for o in outcomes if o.status not in (200, 503))
+    return f" other {dict(counts)}" if counts else ""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -185,7 +194,8 @@ def offer(server: tuple[int, int], load: Workload, rate: float, seconds: float, 
     outcomes, spread, cpu = generate(Phase("127.0.0.1", port, rate, seconds, order), load.requests)
     summary = summarise(label, rate, seconds, outcomes, spread, cpu, load, server_floor, cpu_seconds(pid) - before)
     print(f"  {label:>22} offered {rate:8.1f}/s sent {summary.sent:8.1f}/s goodput {summary.goodput:8.1f}/s "
-          f"p99 {summary.p99_ms:8.1f} ms 503 {summary.refused:6.1%} degraded {summary.degraded:6.1%}", flush=True)
+          f"p99 {summary.p99_ms:8.1f} ms 503 {summary.refused:6.1%} degraded {summary.degraded:6.1%}"
+          f"{others(outcomes)}", flush=True)
     return summary
 
 
@@ -236,15 +246,20 @@ def servers(models: list[str], log_dir: Path) -> dict[str, tuple[subprocess.Pope
 
 
 def run_model(model: str, plan: Plan, ports: dict[str, tuple[int, int]], test_images: np.ndarray,
-              test_labels: list[int], server_floor: float) -> dict:
+              test_labels: list[int], server_floor: float, known: tuple[float, float] | None = None) -> dict:
+    """One model's capacities (searched, or `known` from an earlier run: the same offered rates for two
+    builds side by side) and its phases."""
     pngs = [encode_png(im) for im in test_images[:plan.images]]
     labels = test_labels[:plan.images]
     mix = floor_mix(model)
     asked = workload(model, mix, pngs, labels, False, server_floor)
     at_floor = workload(model, mix, pngs, labels, True, server_floor)
-    print(f"# {model}: capacities on the reject server", flush=True)
-    c_full, full_trials = capacity(ports["reject"], asked, plan, "C_full", server_floor)
-    c_floor, floor_trials = capacity(ports["reject"], at_floor, plan, "C_floor", server_floor)
+    if known is not None:
+        (c_full, c_floor), full_trials, floor_trials = known, [], []
+    else:
+        print(f"# {model}: capacities on the reject server", flush=True)
+        c_full, full_trials = capacity(ports["reject"], asked, plan, "C_full", server_floor)
+        c_floor, floor_trials = capacity(ports["reject"], at_floor, plan, "C_floor", server_floor)
     print(f"# {model}: C_full {c_full:.0f}/s, C_floor {c_floor:.0f}/s", flush=True)
     phases: dict[tuple[str, float], Summary] = {}
     for i, multiple in enumerate(plan.multiples):
@@ -306,12 +321,13 @@ def targets(result: dict) -> list[tuple[str, bool, str]]:
 
 def row(model: str, mode: str, multiple: float, s: Summary) -> list[object]:
     return [model, mode, f"{multiple:g}", f"{s.offered:.0f}", f"{s.sent:.0f}", f"{s.goodput:.0f}", f"{s.p50_ms:.1f}",
-            f"{s.p99_ms:.1f}", f"{s.refused:.1%}", f"{s.failed:.1%}", f"{s.degraded:.1%}", f"{s.expected:.4f}",
+            f"{s.p99_ms:.1f}", f"{s.refused:.1%}", f"{s.failed:.1%}", f"{s.unsatisfiable:.1%}", f"{s.degraded:.1%}",
+            f"{s.expected:.4f}",
             f"{s.measured:.4f}", f"{s.measured_top_floor:.4f}", s.below_floor, f"{s.lag_p99_ms:.1f}",
             f"{s.generator_cpu:.0%}", f"{s.server_cpu_s / max(s.answered + s.refusals, 1) * 1e6:.0f}"]
 
 
-HEADERS = ["model", "mode", "x C_full", "offered/s", "sent/s", "goodput/s", "p50 ms", "p99 ms", "503", "other",
+HEADERS = ["model", "mode", "x C_full", "offered/s", "sent/s", "goodput/s", "p50 ms", "p99 ms", "503", "other", "422",
            "degraded", "expected acc", "measured acc", "top-floor acc", "below floor", "send lag p99 ms", "gen CPU",
            "server µs/req"]
 
@@ -323,13 +339,15 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
              f"{plan.images} Fashion-MNIST test images cycled, SLO p99 {SLO_S * 1e3:.0f} ms. Generated by "
              "`make bench-overload` (bench/overload.py).", ""]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "## Capacities (reject server)", ""]
+    lines += ["", "## Capacities (reject server; given with --capacity, or searched)", ""]
     lines.append(table(["model", "floor mix", "C_full /s", "C_floor /s"],
                        [[r["model"], ", ".join("none" if f is None else f"{f:g}" for f in r["floors"]),
                          f"{r['c_full']:.0f}", f"{r['c_floor']:.0f}"] for r in results]))
     lines += ["", "## Phases", "",
-              "goodput: 200s within the SLO per second; p50/p99 of the 200s; 503 and other (other status, no answer "
-              "or not sent) as shares of all requests; degraded, expected and measured accuracy over the 200s; "
+              "goodput: 200s within the SLO per second; p50/p99 of the 200s; 503, other (other status, no answer "
+              "or not sent) and 422 (a floor no point met: the live accuracy estimate moved the floors; not "
+              "counted against a capacity trial) as shares of all requests; degraded, expected and measured accuracy "
+              "over the 200s; "
               "top-floor acc: measured accuracy of the requests with the mix's highest floor.", ""]
     lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results
                                  for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
@@ -384,6 +402,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: the student, short phases, no report files")
     parser.add_argument("--phase-s", type=float, help="seconds per phase (default 10, quick 1.5)")
+    parser.add_argument("--capacity", action="append", default=[], metavar="MODEL=C_FULL:C_FLOOR",
+                        help="a model's capacities from an earlier run, instead of searching them")
     parser.add_argument("--out", type=Path, help="report path (default reports/overload.md; quick: a temp folder)")
     args = parser.parse_args()
     served = list_versions(ROOT / "model_store")
@@ -404,7 +424,9 @@ def main() -> None:
     procs = servers(plan.models, log_dir)
     try:
         ports = {mode: (port, proc.pid) for mode, (proc, port) in procs.items()}
-        results = [run_model(m, plan, ports, images, labels, server_floor) for m in plan.models]
+        known = {name: tuple(map(float, rates.split(":"))) for name, rates in
+                 (item.split("=") for item in args.capacity)}
+        results = [run_model(m, plan, ports, images, labels, server_floor, known.get(m)) for m in plan.models]
     finally:
         for proc, _ in procs.values():
             stop(proc)

@@ -3,9 +3,11 @@ inject (overload, deadlines, a batch killed while it runs, a queue held full) wh
 settings have no such knob.
 
 Every batch the inference process runs first sleeps `SLOW_BATCH_MS` milliseconds (an environment
-variable of this entry point, not a setting). The inference processes are forked from a fork server that preloads the
-engine's process module; preloading this module there too puts the slow batches into every one of
-them. Spawned server workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
+variable of this entry point, not a setting). With `SLOW_LOOP_MS`, the server's event loop is stalled
+that long every `STALL_PERIOD_S`, as a loop saturated by more requests than it can read would be.
+The inference processes are forked from a fork server that preloads the engine's process module;
+preloading this module there too puts the slow batches into every one of them. Spawned server
+workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import time
 from service.engine import process, worker
 
 SLOW_S = float(os.environ.get("SLOW_BATCH_MS", "0")) / 1000
+STALL_S = float(os.environ.get("SLOW_LOOP_MS", "0")) / 1000
+STALL_PERIOD_S = 0.01
 _run_rows = process.run_rows
+_start_lag = worker.LoopLag.start
 
 
 def slow_run_rows(*args, **kwargs) -> None:
@@ -24,7 +29,19 @@ def slow_run_rows(*args, **kwargs) -> None:
     _run_rows(*args, **kwargs)
 
 
+def stalling_start(self: worker.LoopLag, loop) -> None:
+    _start_lag(self, loop)
+
+    def stall() -> None:
+        time.sleep(STALL_S)  # the loop runs nothing else meanwhile
+        loop.call_later(STALL_PERIOD_S, stall)
+
+    if STALL_S:
+        loop.call_later(STALL_PERIOD_S, stall)
+
+
 process.run_rows = slow_run_rows
+worker.LoopLag.start = stalling_start
 worker._context.set_forkserver_preload(["service.engine.process", __name__])
 
 if __name__ == "__main__":

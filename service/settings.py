@@ -85,8 +85,15 @@ class Settings(BaseSettings):
         "degrade", description="degrade: answer late rows at cheaper points; reject: never degrade, a full queue "
                                "answers 503")
     target_queue_ms: float = Field(20.0, gt=0, le=60_000, description=(
-        "queueing delay the controller holds rows under: a fifth of the 100 ms p99 SLO, leaving the rest for "
-        "a batch's inference and HTTP on a loaded CPU"))
+        "queueing delay the controller holds rows under, and a standing queue's sojourn target: a fifth of "
+        "the SLO, leaving the rest for a batch's inference and HTTP on a loaded CPU"))
+    # admission by expected waiting time (issue 23): what cannot be answered in time is refused at once
+    slo_ms: float = Field(100.0, gt=0, le=3_600_000, description=(
+        "the time a request without timeout_ms has: it is admitted only when it can be answered within it, "
+        "and a row still queued past it is never run (503 expired); timeout_ms gives a request its own"))
+    adaptive_lifo: bool = Field(True, description=(
+        "serve a queue that has not been empty for an SLO newest first, so that the rows answered are the "
+        "ones still in time"))
     min_accuracy: float = Field(0.85, gt=0, le=1, description=(
         "server floor for rows without min_accuracy: about what a linear classifier gets on Fashion-MNIST; "
         "the shipped student's cheapest point (87.7%) is above it"))

@@ -20,7 +20,7 @@ from service.engine.compute import ExitResult
 from service.engine.decode import check_request_pixels
 from service.engine.policy import Decision
 from service.engine.registry import ServedModel
-from service.engine.runtime import Runtime
+from service.engine.runtime import Runtime, time_allowed
 from service.errors import DeadlineExceeded, ServiceError
 from service.record import record_of
 from service.schemas import ClassifyOptions, ClassifyReply, Latency, TopClass, parse_options
@@ -39,6 +39,7 @@ class Order:
     served: ServedModel
     decision: Decision
     deadline: float  # monotonic seconds; past it the request is answered 504
+    answer_by: float  # monotonic seconds; admitted only if it can be answered by then, never run after it
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,8 @@ def resolve(runtime: Runtime, request: Request, fields: dict[str, str], started:
     record.model = served.name
     decision = served.policy.decide(options)
     record.budget, record.threshold = decision.budget, decision.threshold
-    return Order(served, decision, started + request_timeout(runtime, options.timeout_ms))
-
-
-def request_timeout(runtime: Runtime, timeout_ms: float | None) -> float:
-    """Seconds a request may take: the server's limit, or less when the request asks for less."""
-    limit = runtime.settings.request_timeout_s
-    return limit if timeout_ms is None else min(limit, timeout_ms / 1000)
+    timeout_s, window_s = time_allowed(runtime.settings, options.timeout_ms)
+    return Order(served, decision, started + timeout_s, started + window_s)
 
 
 async def infer(order: Order, images: list[bytes]) -> list[Answer]:
@@ -74,9 +70,10 @@ async def infer(order: Order, images: list[bytes]) -> list[Answer]:
     the request. Past the deadline the rows are withdrawn (or their results dropped) and it is 504."""
     loop = asyncio.get_running_loop()
     now = time.monotonic()
-    jobs = [Job(data, order.decision, now, order.deadline, loop.create_future()) for data in images]
+    jobs = [Job(data, order.decision, now, order.deadline, loop.create_future(), answer_by=order.answer_by)
+            for data in images]
     worker = order.served.worker
-    worker.submit(jobs)
+    worker.submit(jobs, order.answer_by - now)
     try:
         async with asyncio.timeout(max(0.0, order.deadline - now)):
             if len(jobs) == 1:

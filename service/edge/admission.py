@@ -10,7 +10,9 @@ move to another instance instead of reusing this one's connections.
 The model is looked up as the pipeline looks it up (`split_upload`: a form field over the query),
 so that a request naming an idle model in its form is never refused for the default model's full
 queue: when the model the request line points to would refuse, a small multipart body is read and
-its fields consulted; if its own model admits it, the body is handed on to the app as read.
+its fields consulted; if its own model admits it, the body is handed on to the app as read. So is
+its time: a request is refused when it cannot be answered within its timeout_ms, else the SLO
+(service/engine/sojourn.py), and a form (or an OIP parameter) may give it more time than the query.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.edge.middleware import declared_length, header, send_json
 from service.edge.multipart import split_upload
-from service.engine.runtime import Runtime
+from service.engine.runtime import Runtime, time_allowed
 from service.errors import ServiceError, Unavailable, UnknownModel, error_body
+from service.numbers import parse_decimal
 from service.record import record_of
 
 CLOSE = (b"connection", b"close")
@@ -48,36 +51,54 @@ class Admission:
         if not (record.endpoint.work and scope["method"] == "POST"):
             return None
         oip = record.endpoint.protocol == "oip"  # its path names the model
-        named = record.path_params["name"] if oip else query_model(scope)
-        refusal = self.refusal(scope, named)
+        query = query_fields(scope) if b"=" in scope.get("query_string", b"") else {}
+        named = record.path_params["name"] if oip else query.get("model")
+        refusal = self.refusal(scope, named, query.get("timeout_ms"))
         if refusal is None:
             return None
+        if refusal.reason == "draining":
+            return refusal, False
+        timed = refusal.reason == "queue_wait" and "timeout_ms" not in query  # the body may give it more time
+        if oip:
+            return refusal, timed
         formed = header(scope, b"content-type", b"").startswith(b"multipart/form-data")
-        return refusal, not oip and named is None and formed and refusal.reason != "draining"
+        return refusal, formed and (named is None or timed)
 
-    def refusal(self, scope: Scope, name: str | None) -> Unavailable | None:
-        """Why to refuse a classify request for model `name` (None: the default) now, or None."""
+    def refusal(self, scope: Scope, name: str | None, timeout_ms: str | None = None) -> Unavailable | None:
+        """Why to refuse a classify request for model `name` (None: the default) with `timeout_ms` (as
+        sent; None: the SLO) now, or None."""
         runtime = self.runtime
         refusal = runtime.draining_refusal()
         if refusal is not None:
             return refusal
+        timeout = parse_decimal(timeout_ms)
+        if timeout_ms is not None and (timeout is None or timeout <= 0):
+            return None  # the pipeline answers 422 for it
         try:
             served = runtime.registry.get(name)
         except UnknownModel:  # not served (or not yet loaded): the pipeline answers it with its own error
             return None
         record_of(scope).model = served.name
-        return served.worker.refusal()
+        return served.worker.refusal(1, time_allowed(runtime.settings, timeout)[1])
+
+    def loop_behind(self) -> bool:
+        """Whether the event loop runs later than a standing queue's target: requests already wait in the
+        kernel before it reads them, and reading a refused client's retry at once only adds to that."""
+        return self.runtime.registry.lag.lag_s > self.runtime.settings.target_queue_ms / 1000
 
     def after_body(self, scope: Scope, body: bytes, refusal: Unavailable) -> Unavailable | None:
-        """The refusal for the model the form names (the head's `refusal` when it names none)."""
-        if b'name="model"' not in body:  # the form names no model: the request line's refusal stands
-            return refusal
+        """The refusal for the model and the time the form names (the head's `refusal` when it names
+        neither). An OIP body with its own timeout goes to the pipeline, which reads its parameters."""
+        if record_of(scope).endpoint.protocol == "oip":
+            return None if b"erde_timeout_ms" in body else refusal
+        if b'name="model"' not in body and b'name="timeout_ms"' not in body:
+            return refusal  # the form names neither: the request line's refusal stands
         try:
             _, fields = split_upload(header(scope, b"content-type", b"").decode("latin-1"), body,
                                      query_fields(scope), self.runtime.settings.max_batch_images)
         except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
             return None
-        return self.refusal(scope, fields.get("model"))
+        return self.refusal(scope, fields.get("model"), fields.get("timeout_ms"))
 
 
 def keeps_alive(scope: Scope, draining: bool) -> bool:
@@ -129,11 +150,6 @@ async def read_body(receive: Receive) -> bytes:
 def query_fields(scope: Scope) -> dict[str, str]:
     query = scope.get("query_string", b"")
     return {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()} if query else {}
-
-
-def query_model(scope: Scope) -> str | None:
-    """The model the query names (cheap: no parsing when it names none)."""
-    return query_fields(scope).get("model") if b"model=" in scope.get("query_string", b"") else None
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -24,9 +24,12 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   connection closes. When a multipart form may name another model, the body decides. Counted
   and logged like every request (`middleware.account`). The Host check does not run first: a 503
   carries nothing a rebinding page could want.
-- **A pause after a refusal**: a kept-alive connection that was just answered 503 is not read
-  again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a tight loop
-  cannot take the event loop from the requests being served. The 503 itself goes out at once.
+- **A pause after a refusal while the loop is behind**: when the event loop runs later than the
+  queue's target (`Admission.loop_behind`), a kept-alive connection that was just answered 503 is
+  not read again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a
+  tight loop cannot take the loop from the requests being served. The 503 itself goes out at once.
+  A loop that keeps up reads at once: under an open loop the next request on that connection is a
+  new one, not a retry, and a pause would only make it late.
 - **Requests parsed before a refusal are answered first** (issue 20): a malformed request
   pipelined behind good ones is refused only once their replies are sent, then the connection
   is closed (RFC 9112 section 9.3.2).
@@ -294,7 +297,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         refused = self.cycle is not None and record_of(self.cycle.scope).sent == 503
         super().on_response_complete()
-        if refused and not self.transport.is_closing():
+        if refused and not self.transport.is_closing() and self.admission is not None and self.admission.loop_behind():
             self.flow.pause_reading()
             self.loop.call_later(min(REFUSED_PAUSE_S, self.limits.retry_after_s), self._resume_after_refusal)
         if self.pipeline or not self.cycle.response_complete or self.transport.is_closing():

@@ -1,7 +1,7 @@
 """Load-adaptive budgets for one model: the glue between its queue, the controller and its policy.
 
 The worker calls `adjust` with each batch just before sending it, and `saturate` when its queue is
-full. It measures how long the batch's oldest row waited, steps the controller
+full or cannot answer more rows in time. It measures how long the batch's oldest row waited, steps the controller
 (service/engine/overload.py), and gives every row the rule to run with: its own, or under pressure a
 cheaper operating point no lower than its floor (`BudgetPolicy.degrade`). Rows are degraded when
 they leave the queue, so the ones already queued when load rises are answered cheaper too.
@@ -34,10 +34,13 @@ class AdaptiveBudgets:
         for job in jobs:
             job.used = self.policy.degrade(job.asked, self.state.pressure)
 
-    def saturate(self, now: float) -> None:
-        """The queue refused rows for lack of room, the strongest load signal there is: every queued row
-        goes at its floor before anyone else is refused."""
+    def saturate(self, now: float) -> bool:
+        """The queue cannot take rows (no room) or answer them in time, the strongest load signal there
+        is: every queued row goes at its floor before anyone else is refused. True when that is news
+        (degrading, below full pressure): the rows are taken, as their floors will absorb them."""
+        absorbed = self.degrade and self.state.pressure < 1.0
         self._measured(OverloadState(1.0, now))
+        return absorbed
 
     def _measured(self, state: OverloadState) -> None:
         self.state = state

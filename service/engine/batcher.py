@@ -20,6 +20,7 @@ class Job:
     enqueued: float  # monotonic seconds when it entered the queue
     deadline: float = math.inf  # monotonic seconds past which nobody waits for it
     future: asyncio.Future | None = field(default=None, repr=False)  # resolved with an ExitResult
+    answer_by: float = math.inf  # answered after this it is late: never run then (service/engine/sojourn.py)
     used: Decision | None = None  # the rule it was sent with (cheaper than `asked` under overload)
 
     @property
@@ -27,15 +28,18 @@ class Job:
         return self.used or self.asked
 
 
-def take_batch(pending: deque[Job], now: float, max_size: int, max_delay: float) -> list[Job] | float:
+def take_batch(pending: deque[Job], now: float, max_size: int, max_delay: float,
+               newest_first: bool = False) -> list[Job] | float:
     """A batch of up to `max_size` jobs if one is due, else the seconds to wait before asking again.
 
     A batch is due when it is full or when its oldest job has waited `max_delay`; under load the
     oldest job has always waited that long already, so a busy worker never idles waiting to fill.
+    It takes the oldest jobs, or with `newest_first` (a standing queue: adaptive LIFO) the newest.
     """
     if not pending:
         return math.inf
     waited = now - pending[0].enqueued
     if len(pending) >= max_size or waited >= max_delay:
-        return [pending.popleft() for _ in range(min(max_size, len(pending)))]
+        take = pending.pop if newest_first else pending.popleft
+        return [take() for _ in range(min(max_size, len(pending)))]
     return max_delay - waited

@@ -19,7 +19,8 @@ from service.engine.decode import ImageLimits
 from service.engine.drift import Cell, DriftGuard, DriftLaw
 from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
-from service.engine.worker import ModelWorker
+from service.engine.sojourn import WaitLaw
+from service.engine.worker import LoopLag, ModelWorker
 from service.errors import UnknownModel
 from service.schemas import ModelInfo, OperatingPointOut
 from service.settings import Settings
@@ -72,6 +73,7 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()  # one reload at a time
         self.loop: asyncio.AbstractEventLoop | None = None  # where the workers answer; set before reload
+        self.lag = LoopLag()  # that loop's lag, which admission adds to every predicted wait
 
     @property
     def names(self) -> list[str]:
@@ -115,7 +117,7 @@ class ModelRegistry:
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
-                             adjust=adjust, on_full=adaptive.saturate,
+                             law=WaitLaw.from_settings(s), lag=self.lag, adjust=adjust, on_overload=adaptive.saturate,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too

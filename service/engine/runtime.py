@@ -9,6 +9,17 @@ from service.errors import Unavailable
 from service.settings import Settings
 
 
+def time_allowed(settings: Settings, timeout_ms: float | None) -> tuple[float, float]:
+    """(seconds until a request is answered 504, seconds it is admitted for): the server's request timeout,
+    shortened by the request's timeout_ms; and its timeout_ms, else the SLO, within that timeout
+    (admission by expected waiting time: service/engine/sojourn.py)."""
+    limit = settings.request_timeout_s
+    if timeout_ms is None:
+        return limit, min(settings.slo_ms / 1000, limit)
+    own = min(limit, timeout_ms / 1000)
+    return own, own
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -20,6 +31,7 @@ class Runtime:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Load every model (each in its own inference process, answering on `loop`)."""
         self.registry.loop = loop
+        self.registry.lag.start(loop)
         self.registry.reload()
         self.started = True
 

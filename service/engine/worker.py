@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import mmap
 import multiprocessing
 import os
@@ -37,6 +38,9 @@ from erde.nets import EarlyExitResNet
 from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.engine.decode import ImageLimits
+from service.engine.sojourn import RowCost, Wait, WaitLaw, is_standing, measured, retry_after, row_cost
+from service.engine.sojourn import late as is_late
+from service.engine.sojourn import refusal as wait_refusal
 from service.errors import PayloadTooLarge, Unavailable
 
 log = logging.getLogger("erde.service")
@@ -61,12 +65,38 @@ def _end_processes() -> None:
             worker._requests.close()
 
 
+class LoopLag:
+    """How late the event loop runs a timer: about what a request that became readable now waits before
+    the loop reads it (under overload, requests wait in the kernel, where nothing else sees them).
+    Sampled every PERIOD_S; a peak is taken at once and decays over a few samples."""
+
+    PERIOD_S = 0.005
+
+    def __init__(self) -> None:
+        self.lag_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due = time.perf_counter() + self.PERIOD_S  # uvloop's own clock has millisecond resolution
+        loop.call_later(self.PERIOD_S, self._tick)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        late = max(0.0, now - self._due)
+        self.lag_s = late if late > self.lag_s else self.lag_s + 0.3 * (late - self.lag_s)
+        self._due = now + self.PERIOD_S
+        self._loop.call_later(self.PERIOD_S, self._tick)
+
+
 class ModelWorker:
     def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
+                 law: WaitLaw | None = None, lag: LoopLag | None = None,
                  adjust: Callable[[list[Job], float], None] = lambda jobs, now: None,
-                 on_full: Callable[[float], None] = lambda now: None,
+                 on_overload: Callable[[float], bool] = lambda now: False,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.blob = process.ModelBlob.of(model)
@@ -80,12 +110,19 @@ class ModelWorker:
         self.queue_size = queue_size
         self.retry_after = retry_after
         self.hang_timeout_s = hang_timeout_s
+        self.law = law  # admission by expected waiting time (None: refused only when the queue is full)
+        self.lag = lag
         self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
-        self.on_full = on_full  # told when the queue refuses rows for lack of room
+        # told when rows cannot be queued (no room) or answered in time; True: degrading will absorb them
+        self.on_overload = on_overload
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
         self.on_depth = on_depth
         self._pending: deque[Job] = deque()
-        self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
+        self._inflight: dict[int, tuple[int, list[Job], float]] = {}  # batch id -> (slot, jobs by row, sent at)
+        self._running = 0  # rows in the process
+        self._cost = RowCost()  # measured inference seconds per row (service/engine/sojourn.py)
+        self._last_done = 0.0  # monotonic time the process last finished a batch
+        self._last_empty = time.monotonic()  # when the queue last held no row
         self._free_slots = list(range(SLOTS))
         self._batch_ids = iter(range(1, 2**32))
         self._timer: asyncio.TimerHandle | None = None
@@ -188,19 +225,22 @@ class ModelWorker:
 
     # ---- the event loop's side -----------------------------------------------------------------------------
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs, all or none; a full, closing or down queue answers 503 at once. On the loop thread."""
+    def submit(self, jobs: list[Job], time_s: float = math.inf) -> None:
+        """Queue jobs, all or none; a closing, down or full queue, or one that cannot answer them within
+        `time_s`, answers 503 at once. On the loop thread."""
         if any(len(j.image) > self.arena_bytes for j in jobs):
             raise PayloadTooLarge(f"an image is larger than {self.arena_bytes} bytes")
-        refusal = self.refusal(len(jobs))
+        refusal = self.refusal(len(jobs), time_s)
         if refusal is not None:
             raise refusal
+        if not self._pending:
+            self._last_empty = time.monotonic()
         self._pending.extend(jobs)
         self._dispatch()
 
-    def refusal(self, rows: int = 1) -> Unavailable | None:
-        """Why `rows` more rows cannot be queued now (closing, down, full), or None. Cheap: the server
-        asks it from the request's headers, before reading the body."""
+    def refusal(self, rows: int = 1, time_s: float = math.inf) -> Unavailable | None:
+        """Why `rows` more rows cannot be queued now (closing, down, full) or answered within `time_s`
+        seconds, or None. Cheap: the server asks it from the request's headers, before reading the body."""
         if self._closed:
             return Unavailable("the model is being replaced or the service is shutting down; retry",
                                retry_after=self.retry_after, reason="draining")
@@ -208,10 +248,31 @@ class ModelWorker:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
         if len(self._pending) + rows > self.queue_size:
-            self.on_full(time.monotonic())
+            self.on_overload(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
-        return None
+        wait = self.wait(rows, time_s)
+        if wait is None or self.on_overload(time.monotonic()):
+            return None
+        return Unavailable(wait_message(wait), code="overloaded", retry_after=retry_after(wait, self.retry_after),
+                           reason="queue_wait")
+
+    def wait(self, rows: int, time_s: float) -> Wait | None:
+        """Why `rows` more rows would be answered too late (service/engine/sojourn.py), or None."""
+        law = self.law
+        if law is None:
+            return None
+        now, queued = time.monotonic(), len(self._pending)
+        lag, standing = self.lag.lag_s if self.lag else 0.0, is_standing(law, queued, self._last_empty, now)
+        return wait_refusal(law, self._row_s(now), queued, self._running, rows, lag,
+                            law.slo_s if math.isinf(time_s) else time_s, standing)
+
+    def _row_s(self, now: float) -> float:
+        """Inference seconds per row: measured, or more while the batch running now takes longer."""
+        if not self._inflight:
+            return self._cost.row_s
+        _, jobs, sent = next(iter(self._inflight.values()))  # the batch the process runs now: the oldest sent
+        return row_cost(self._cost, now - max(sent, self._last_done), len(jobs))
 
     def withdraw(self, jobs: list[Job]) -> None:
         """Forget jobs nobody waits for any more (their deadline passed): out of the queue if still
@@ -232,20 +293,32 @@ class ModelWorker:
             if self._inflight and len(self._pending) < self.max_batch_size:
                 break
             delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
-            ready = take_batch(self._pending, time.monotonic(), self.max_batch_size, delay)
+            now = time.monotonic()
+            ready = take_batch(self._pending, now, self.max_batch_size, delay, self._newest_first(now))
             if not isinstance(ready, list):
                 self._timer = self._loop.call_later(ready, self._dispatch)
                 break
             self._send(ready)
+        if not self._pending:
+            self._last_empty = time.monotonic()
         self.on_depth(len(self._pending))
+
+    def _newest_first(self, now: float) -> bool:
+        law = self.law
+        return law is not None and law.adaptive_lifo and is_standing(law, len(self._pending), self._last_empty, now)
 
     def _send(self, jobs: list[Job]) -> None:
         """Write the batch's images into a free slot's arena (the ones that do not fit go back to the
         head of the queue) and announce it. Rows nobody waits for any more are dropped here."""
+        now = time.monotonic()
+        r = self._row_s(now) if self.law is not None else 0.0
+        late = [j for j in jobs if is_late(r, self._running, len(jobs), now, j.enqueued, j.answer_by)]
+        if late:
+            _fail(late, Unavailable("the request waited in the queue past the time it had; retry", code="overloaded",
+                                    retry_after=self.retry_after, reason="expired"))
         jobs = [j for j in jobs if j.future is None or not j.future.done()]
         if not jobs:
             return
-        now = time.monotonic()
         self.adjust(jobs, now)
         slot = self._free_slots.pop()
         base, at, rows = slot * self.arena_bytes, 0, []
@@ -262,7 +335,8 @@ class ModelWorker:
         if not self._inflight:
             self._progress_at = now  # the watchdog's clock starts when an idle process gets work
         batch_id = next(self._batch_ids)
-        self._inflight[batch_id] = (slot, jobs)
+        self._inflight[batch_id] = (slot, jobs, now)
+        self._running += len(jobs)
         self._requests.send_bytes(process.encode_batch(batch_id, slot, rows))
         self.on_batch(len(jobs))
 
@@ -294,7 +368,11 @@ class ModelWorker:
         elif isinstance(reply, process.Progress):
             pass  # its arrival is the progress the watchdog looks for
         else:
-            slot, jobs = self._inflight.pop(reply.batch_id)
+            slot, jobs, sent = self._inflight.pop(reply.batch_id)
+            self._running -= len(jobs)
+            now = self._progress_at
+            self._cost = measured(self._cost, len(jobs), now - max(sent, self._last_done))
+            self._last_done = now
             self._free_slots.append(slot)
             if reply.failed:
                 _fail(jobs, RuntimeError("inference failed"))
@@ -319,7 +397,7 @@ class ModelWorker:
         stalled = time.monotonic() - self._progress_at
         if self._inflight and stalled > self.hang_timeout_s:
             log.error("inference process %d for %s made no progress for %.1f s with %d rows; replacing it",
-                      self._proc.pid, self.name, stalled, sum(len(j) for _, j in self._inflight.values()))
+                      self._proc.pid, self.name, stalled, self._running)
             self._kill()
             return
         self._schedule_watchdog()
@@ -341,10 +419,11 @@ class ModelWorker:
         self._replies.close()
         self._requests.close()
         self._requests = self._replies = None
-        for _, jobs in self._inflight.values():
+        for _, jobs, _ in self._inflight.values():
             _fail(jobs, Unavailable("the inference process was replaced; retry", retry_after=self.retry_after,
                                     reason="worker_restart"))
         self._inflight.clear()
+        self._running = 0
         if self._closed:
             self._check_drained()
             return
@@ -400,6 +479,14 @@ class ModelWorker:
         if self._requests is not None:
             self._requests.send_bytes(process.STOP)
         self._drained.set()
+
+
+def wait_message(wait: Wait) -> str:
+    if wait.held:
+        return (f"the inference queue has stood above its {wait.allowed_s * 1e3:.0f} ms target; this request "
+                f"would be answered in about {wait.answer_s * 1e3:.0f} ms; retry shortly")
+    return (f"this request would be answered in about {wait.answer_s * 1e3:.0f} ms, past the "
+            f"{wait.allowed_s * 1e3:.0f} ms it may take; retry shortly or allow more with timeout_ms")
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

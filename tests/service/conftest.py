@@ -69,15 +69,18 @@ def eventually(check, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def start_server(store: Path, log_dir: Path, slow_batch_ms: float = 0, **settings: object) -> Server:
+def start_server(store: Path, log_dir: Path, slow_batch_ms: float = 0, slow_loop_ms: float = 0,
+                 **settings: object) -> Server:
     """`python -m service` with ERDE_* `settings`; with `slow_batch_ms`, the same service whose every
-    batch takes that much longer (bench/slow_service.py)."""
+    batch takes that much longer, with `slow_loop_ms` one whose event loop stalls that long every 10 ms
+    (bench/slow_service.py)."""
     port = free_port()
     env = {**os.environ, "ERDE_STORE": str(store), "ERDE_HOST": "127.0.0.1", "ERDE_PORT": str(port),
-           "ERDE_DEFAULT_MODEL": "toy", "PYTHONUNBUFFERED": "1", "SLOW_BATCH_MS": str(slow_batch_ms)}
+           "ERDE_DEFAULT_MODEL": "toy", "PYTHONUNBUFFERED": "1", "SLOW_BATCH_MS": str(slow_batch_ms),
+           "SLOW_LOOP_MS": str(slow_loop_ms)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update({f"ERDE_{k.upper()}": str(v) for k, v in settings.items()})
-    module = "bench.slow_service" if slow_batch_ms else "service"
+    module = "bench.slow_service" if slow_batch_ms or slow_loop_ms else "service"
     return launch(["-m", module], env, port, log_dir / f"server-{port}.log")
 
 

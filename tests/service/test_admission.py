@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,8 +13,10 @@ from tests.service.conftest import eventually
 
 PNG = images.png()
 QUEUE = 4
-# Every batch takes 0.6 s: two in the inference process and QUEUE waiting fill a model's queue.
-FLOODABLE = {"max_batch_size": 1, "queue_size": QUEUE, "slow_batch_ms": 600, "hang_timeout_s": 10, "overload": "reject"}
+# Every batch takes 0.6 s: two in the inference process and QUEUE waiting fill a model's queue (an SLO of
+# a minute: every row is in time, so the queue's room is what refuses; test_waiting.py tests the time).
+FLOODABLE = {"max_batch_size": 1, "queue_size": QUEUE, "slow_batch_ms": 600, "hang_timeout_s": 10, "overload": "reject",
+             "slo_ms": 60_000}
 
 
 def post(url: str, params: dict[str, str] | None = None, **fields: str) -> httpx.Response:
@@ -67,20 +67,3 @@ def test_a_full_model_named_in_a_form_field_is_refused_under_its_own_name(make_s
     assert refused.json()["error"]["code"] == "overloaded"
     eventually(lambda: server.metric("erde_rejected_total", model="other", reason="queue_full") == 1)
     assert server.metric("erde_rejected_total", model="toy") == 0
-
-
-def test_a_kept_alive_connection_refused_503_is_read_again_only_after_a_pause(make_server) -> None:
-    server = make_server(**FLOODABLE)
-    with ThreadPoolExecutor(QUEUE + 2) as pool, httpx.Client(base_url=server.url, timeout=30) as impatient:
-        flood = [pool.submit(post, server.url) for _ in range(QUEUE + 2)]
-        eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
-        started = time.monotonic()
-        answered = []  # when each reply arrived
-        for _ in range(5):  # a client that retries at once, on its one kept-alive connection
-            reply = impatient.post("/classify", files={"image": ("a.png", PNG, "image/png")})
-            answered.append(time.monotonic())
-            assert reply.status_code == 503 and reply.headers["retry-after"] and "connection" not in reply.headers
-        assert all(f.result().status_code == 200 for f in flood)
-    gaps = [b - a for a, b in itertools.pairwise(answered)]
-    assert all(g >= 0.08 for g in gaps), gaps  # each retry was read only after the pause (0.1 s) ...
-    assert answered[0] - started < 0.5 * min(gaps), (answered[0] - started, gaps)  # ... the first 503 at once

@@ -93,18 +93,19 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
     eventually(lambda: server.metric("erde_rejected_total", reason="worker_restart") >= 1)
 
 
-def test_timeout_ms_on_a_busy_model_is_504_at_once(make_server) -> None:
-    server = make_server(slow_batch_ms=1500, hang_timeout_s=10, max_batch_size=1)
+def test_timeout_ms_on_a_busy_model_is_refused_at_once(make_server) -> None:
+    server = make_server(slow_batch_ms=1500, hang_timeout_s=10, max_batch_size=1, slo_ms=5000)
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(post, server.url)  # holds the process for 1.5 s
         time.sleep(0.3)
         started = time.monotonic()
-        late = post(server.url, timeout_ms="1")
+        late = post(server.url, timeout_ms="1")  # it cannot be answered in 1 ms: it is not queued at all
         took = time.monotonic() - started
         assert busy.result().status_code == 200
-    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "overloaded"
+    assert "ms it may take; retry shortly or allow more with timeout_ms" in late.json()["error"]["message"]
     assert late.headers["retry-after"] and took < 1.0
-    eventually(lambda: server.metric("erde_rejected_total", reason="deadline") == 1)
+    eventually(lambda: server.metric("erde_rejected_total", reason="queue_wait") == 1)
     bad = post(server.url, timeout_ms="0")
     assert bad.status_code == 422 and "timeout_ms" in bad.json()["error"]["message"]
 
@@ -157,7 +158,8 @@ def test_two_workers_reload_on_sighup_and_drain_on_sigterm_under_load(make_serve
 
 def test_a_full_queue_refuses_from_the_headers_on_both_protocols(make_server) -> None:
     # One batch in each of the two process slots, one row in the queue: each batch takes 2 s.
-    server = make_server(slow_batch_ms=2000, hang_timeout_s=10, request_timeout_s=20, max_batch_size=1, queue_size=1)
+    server = make_server(slow_batch_ms=2000, hang_timeout_s=10, request_timeout_s=20, max_batch_size=1, queue_size=1,
+                         slo_ms=20_000)
     with ThreadPoolExecutor(3) as pool:
         held = [pool.submit(post, server.url) for _ in range(3)]
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == 1)
@@ -188,7 +190,8 @@ def test_a_killed_worker_is_replaced_by_the_supervisor(make_server) -> None:
 def test_requests_sharing_a_failed_batch_each_get_their_own_image_numbers(make_server) -> None:
     # Two requests of two images each share one batch (it leaves full at 4); the process is killed while
     # it runs, and one error object reaches all four rows. Each request numbers its own failed image.
-    server = make_server(slow_batch_ms=3000, hang_timeout_s=10, max_batch_size=4, max_batch_delay_ms=2000)
+    server = make_server(slow_batch_ms=3000, hang_timeout_s=10, max_batch_size=4, max_batch_delay_ms=2000,
+                         slo_ms=5000)
     files = [("image", (f"{i}.png", PNG, "image/png")) for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         replies = [pool.submit(httpx.post, f"{server.url}/classify/batch", files=files, timeout=30) for _ in range(2)]
