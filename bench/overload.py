@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -179,6 +180,23 @@ def others(outcomes: list[Outcome]) -> str:
     return f" other {dict(counts)}" if counts else ""
 
 
+def settle(port: int, cooldown_s: float, limit_s: float = 60.0) -> None:
+    """Wait until the server holds no request (the backlog of an overloaded phase is answered or gone),
+    then `cooldown_s` more: the controller sees no delay, and the next phase starts from idle."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        busy = [line for line in text.splitlines() if line.startswith(("erde_inflight_requests ", "erde_queue_depth{"))]
+        if all(float(line.rsplit(" ", 1)[1]) == 0 for line in busy):
+            break
+        time.sleep(0.5)
+    time.sleep(cooldown_s)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (its own threads, not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -209,7 +227,7 @@ def capacity(server: tuple[int, int], load: Workload, plan: Plan, name: str,
     def passes(rate: float) -> bool:
         s = offer(server, load, rate, plan.trial_s, f"{name} {rate:.0f}/s", server_floor)
         trials.append(s)
-        time.sleep(plan.cooldown_s)
+        settle(server[0], plan.cooldown_s)
         return s.p99_ms < SLO_S * 1e3 and s.refused + s.failed <= MAX_REFUSED
 
     good, bad, rate = 0.0, math.inf, plan.start_rate
@@ -267,7 +285,7 @@ def run_model(model: str, plan: Plan, ports: dict[str, tuple[int, int]], test_im
         for mode in modes:
             label = f"{mode} {multiple:g}C"
             phases[mode, multiple] = offer(ports[mode], asked, multiple * c_full, plan.phase_s, label, server_floor)
-            time.sleep(plan.cooldown_s)
+            settle(ports[mode][0], plan.cooldown_s)
     return {"model": model, "floors": mix, "c_full": c_full, "c_floor": c_floor,
             "trials": full_trials + floor_trials, "phases": phases}
 

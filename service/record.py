@@ -7,6 +7,7 @@ the HTTP protocol, the middleware and the handlers reach the same record without
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from service.endpoints import OTHER, Endpoint
 UNKNOWN_MODEL = "unknown"  # the model label when no served model answered
 MAX_REQUEST_ID = 64  # characters of a client's X-Request-ID that is taken as is
 _KEY = "erde"
+_PREFIX = secrets.token_hex(4)  # this process's
+_COUNTER = itertools.count()
 
 
 @dataclass(slots=True)
@@ -36,10 +39,12 @@ class RequestRecord:
 
 def request_id(sent: bytes | None) -> str:
     """The client's X-Request-ID when it is short and printable ASCII (so that it can be logged and
-    echoed safely), else one made here: 16 hex digits, unique with overwhelming probability."""
+    echoed safely), else one made here: 16 hex digits, a random prefix per process and a counter, so
+    unique within a process and across them with overwhelming probability. (It names a request, it
+    guards nothing: a fresh random id per request cost 4% of the event loop under overload.)"""
     if sent is not None and 0 < len(sent) <= MAX_REQUEST_ID and all(0x21 <= b <= 0x7E for b in sent):
         return sent.decode("ascii")
-    return secrets.token_hex(8)
+    return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 def record_of(scope: Scope) -> RequestRecord:

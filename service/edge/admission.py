@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.edge.middleware import declared_length, header, send_json
-from service.edge.multipart import split_upload
+from service.edge.multipart import ABSENT, boundary_of, simple_field, split_upload
 from service.engine.runtime import Runtime, time_allowed
 from service.errors import ServiceError, Unavailable, UnknownModel, error_body
 from service.numbers import parse_decimal
@@ -81,21 +81,22 @@ class Admission:
         record_of(scope).model = served.name
         return served.worker.refusal(1, time_allowed(runtime.settings, timeout)[1])
 
-    def loop_behind(self) -> bool:
-        """Whether the event loop runs later than a standing queue's target: requests already wait in the
-        kernel before it reads them, and reading a refused client's retry at once only adds to that."""
-        return self.runtime.registry.lag.lag_s > self.runtime.settings.target_queue_ms / 1000
-
     def after_body(self, scope: Scope, body: bytes, refusal: Unavailable) -> Unavailable | None:
         """The refusal for the model and the time the form names (the head's `refusal` when it names
         neither). An OIP body with its own timeout goes to the pipeline, which reads its parameters."""
         if record_of(scope).endpoint.protocol == "oip":
             return None if b"erde_timeout_ms" in body else refusal
-        if b'name="model"' not in body and b'name="timeout_ms"' not in body:
-            return refusal  # the form names neither: the request line's refusal stands
+        content_type = header(scope, b"content-type", b"").decode("latin-1")
         try:
-            _, fields = split_upload(header(scope, b"content-type", b"").decode("latin-1"), body,
-                                     query_fields(scope), self.runtime.settings.max_batch_images)
+            boundary = boundary_of(content_type)
+            model, timeout = (simple_field(body, boundary, name) for name in ("model", "timeout_ms"))
+            if model == ABSENT and timeout == ABSENT:
+                return refusal  # the form names neither: the request line's refusal stands
+            fields = query_fields(scope)
+            if model is None or timeout is None:  # unsure: only the whole form can tell
+                _, fields = split_upload(content_type, body, fields, self.runtime.settings.max_batch_images)
+            else:  # a form field over the query, as split_upload has it
+                fields.update({k: v for k, v in (("model", model), ("timeout_ms", timeout)) if v != ABSENT})
         except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
             return None
         return self.refusal(scope, fields.get("model"), fields.get("timeout_ms"))

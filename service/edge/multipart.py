@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from service.errors import BadOptions, ServiceError, UnsupportedImage
 
+MAX_SIMPLE_VALUE = 128  # longer values are left to the full parse
+
 MAX_CONTENT_TYPE = 1024  # characters of the request's Content-Type (a boundary is at most 70)
 MAX_PART_HEAD = 4096  # bytes of one part's header block
 MAX_NAME = 128  # characters of a field name
@@ -94,6 +96,32 @@ def parse_multipart(body: bytes, boundary: bytes, max_parts: int) -> list[Part]:
             raise MalformedMultipart(f"too many parts: at most {max_parts}")
         raise MalformedMultipart("the multipart body is malformed or incomplete (no closing boundary)")
     return [_part(section) for section in sections[1:-1]]
+
+
+ABSENT = ""  # `simple_field`: the form does not name the field
+
+
+def simple_field(body: bytes, boundary: bytes, name: str) -> str | None:
+    """The value of text field `name` when the body holds its name once, in a part written as client
+    libraries write a text field (`Content-Disposition: form-data; name="..."`, no other header, a
+    short non-empty ASCII value); ABSENT when the name is nowhere in the body; None when unsure, and
+    then only `split_upload` can tell. Admission asks this of a refused request's form (does it name
+    another model, or more time?) without parsing the whole form, a fifth of a refusal's cost under
+    overload."""
+    key = name.encode()
+    count = body.count(key)
+    if count == 0:
+        return ABSENT
+    head = b'\r\nContent-Disposition: form-data; name="' + key + b'"\r\n\r\n'
+    start = body.find(head)
+    if count != 1 or start < 0 or not body[:start].endswith(b"--" + boundary):
+        return None
+    start += len(head)
+    end = body.find(b"\r\n--" + boundary, start)
+    value = body[start:end] if end > start else b""
+    if not value or len(value) > MAX_SIMPLE_VALUE or not value.isascii():
+        return None
+    return value.decode("ascii")
 
 
 def split_upload(content_type: str, body: bytes, query: dict[str, str],

@@ -24,12 +24,11 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   connection closes. When a multipart form may name another model, the body decides. Counted
   and logged like every request (`middleware.account`). The Host check does not run first: a 503
   carries nothing a rebinding page could want.
-- **A pause after a refusal while the loop is behind**: when the event loop runs later than the
-  queue's target (`Admission.loop_behind`), a kept-alive connection that was just answered 503 is
-  not read again for `REFUSED_PAUSE_S` (at most its Retry-After), so that clients retrying in a
-  tight loop cannot take the loop from the requests being served. The 503 itself goes out at once.
-  A loop that keeps up reads at once: under an open loop the next request on that connection is a
-  new one, not a retry, and a pause would only make it late.
+- **No pause after a refusal**: a kept-alive connection that was just answered 503 is read again
+  at once. Pausing it (as this protocol did, to slow clients retrying in a tight loop) makes the
+  next request on it late when that request is a new one, as it is from any pooled client under an
+  open loop; the client then opens more connections, and past capacity they piled up to the
+  generator's limit (issue 23). A refusal is cheap instead, and says when to come back.
 - **Requests parsed before a refusal are answered first** (issue 20): a malformed request
   pipelined behind good ones is refused only once their replies are sent, then the connection
   is closed (RFC 9112 section 9.3.2).
@@ -80,7 +79,6 @@ class HttpLimits:
 
 # nginx lingers 30 s at most (lingering_time); a refused body on the same network arrives in milliseconds.
 LINGER_S = 2.0
-REFUSED_PAUSE_S = 0.1
 
 
 class LingeringTransport:
@@ -290,16 +288,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         cycle.response_started = cycle.response_complete = True  # no task holds it: nothing else answers
         account(record, cycle.scope, refusal.status, time.perf_counter() - started, self.log_requests)
         if keep:
-            self.on_response_complete()  # keep-alive, the next pipelined request, the pause
+            self.on_response_complete()  # keep-alive, the next pipelined request
         else:
             self.transport.close()
 
     def on_response_complete(self) -> None:
-        refused = self.cycle is not None and record_of(self.cycle.scope).sent == 503
         super().on_response_complete()
-        if refused and not self.transport.is_closing() and self.admission is not None and self.admission.loop_behind():
-            self.flow.pause_reading()
-            self.loop.call_later(min(REFUSED_PAUSE_S, self.limits.retry_after_s), self._resume_after_refusal)
         if self.pipeline or not self.cycle.response_complete or self.transport.is_closing():
             return  # a pipelined request still to answer (or none at all)
         if self.refusal_owed is not None:  # every reply owed before the refusal is sent: now the refusal
@@ -307,10 +301,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.share.idle(self)
-
-    def _resume_after_refusal(self) -> None:
-        if not self.transport.is_closing():
-            self.flow.resume_reading()
 
     # refusals
 

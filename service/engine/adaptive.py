@@ -1,10 +1,11 @@
 """Load-adaptive budgets for one model: the glue between its queue, the controller and its policy.
 
-The worker calls `adjust` with each batch just before sending it, and `saturate` when its queue is
-full or cannot answer more rows in time. It measures how long the batch's oldest row waited, steps the controller
-(service/engine/overload.py), and gives every row the rule to run with: its own, or under pressure a
-cheaper operating point no lower than its floor (`BudgetPolicy.degrade`). Rows are degraded when
-they leave the queue, so the ones already queued when load rises are answered cheaper too.
+The worker calls `adjust` with each batch just before sending it, `saturate` when its queue is full,
+and `absorb` when a request could not be answered in its time at today's cost. `adjust` measures
+how long the batch's oldest row waited, steps the controller (service/engine/overload.py), and
+gives every row the rule to run with: its own, or under pressure a cheaper operating point no lower
+than its floor (`BudgetPolicy.degrade`). Rows are degraded when they leave the queue, so the ones
+already queued when load rises are answered cheaper too.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ class AdaptiveBudgets:
         for job in jobs:
             job.used = self.policy.degrade(job.asked, self.state.pressure)
 
-    def saturate(self, now: float) -> bool:
-        """The queue cannot take rows (no room) or answer them in time, the strongest load signal there
-        is: every queued row goes at its floor before anyone else is refused. True when that is news
-        (degrading, below full pressure): the rows are taken, as their floors will absorb them."""
-        absorbed = self.degrade and self.state.pressure < 1.0
+    def saturate(self, now: float) -> None:
+        """The queue refused rows for lack of room, the strongest load signal there is: every queued row
+        goes at its floor before anyone else is refused."""
         self._measured(OverloadState(1.0, now))
-        return absorbed
+
+    def absorb(self, wait_s: float, now: float) -> bool:
+        """A request would wait `wait_s`, too long to be answered in its time: in degrade mode below full
+        pressure, that is a measurement like a late row's (the pressure rises with it) and the request is
+        taken, as cheaper rows ahead will make room; True then. Refused otherwise (service/engine/sojourn.py)."""
+        if not self.degrade or self.state.pressure >= 1.0:
+            return False
+        self._measured(step(self.law, self.state, wait_s, now))
+        return True
 
     def _measured(self, state: OverloadState) -> None:
         self.state = state

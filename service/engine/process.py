@@ -18,8 +18,8 @@ Wire format (over two one-way pipes; the encoded images go through shared memory
                      P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
                         slow but admissible images is progress, not a hang, to the watchdog)
                      E: rows that left at one exit, with entropy, queue and decode time and top-k
-                     D: the batch is finished and its slot is free
-                     F: the batch failed (its unreleased rows get an error)
+                     D: the batch is finished and its slot is free, with the seconds it took here
+                     F: the batch failed (its unreleased rows get an error), with the same
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ log = logging.getLogger("erde.service")
 BATCH = struct.Struct("<cIII")  # kind, batch id, slot, rows
 EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference seconds
 REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
-ID = struct.Struct("<cI")  # kind, batch id (D and F)
+ID = struct.Struct("<cI")  # kind, batch id (P)
+DONE = struct.Struct("<cId")  # kind, batch id, seconds the process spent on it (D and F)
 READY, STOP = b"R", b"S"
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
@@ -162,6 +163,7 @@ class Finished:
 
     batch_id: int
     failed: bool
+    busy_s: float = 0.0  # what the batch cost this process, not counting the server's wait to read the reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +185,9 @@ def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | 
         return Exited(*decode_exited(message, top_k(batch_id)))
     if kind == b"X":
         return Refused(*decode_refused(message))
-    if kind in (b"D", b"F") and len(message) == ID.size:
-        return Finished(ID.unpack(message)[1], kind == b"F")
+    if kind in (b"D", b"F") and len(message) == DONE.size:
+        _, batch_id, busy_s = DONE.unpack(message)
+        return Finished(batch_id, kind == b"F", busy_s)
     if kind == b"P" and len(message) == ID.size:
         return Progress(ID.unpack(message)[1])
     raise ProtocolError(f"unknown reply kind {kind!r}")
@@ -216,14 +219,15 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             log.error("unknown message %r from the server; stopping", message[:1])
             return
         batch_id, slot, rows = decode_batch(message)
+        started = time.perf_counter()
         try:
             run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
-            replies.send_bytes(ID.pack(b"D", batch_id))
+            replies.send_bytes(DONE.pack(b"D", batch_id, time.perf_counter() - started))
         except (EOFError, OSError):
             return  # the server is gone
         except Exception:  # a bug must not kill the process or strand the clients
             log.exception("inference failed for a batch of %d", len(rows))
-            replies.send_bytes(ID.pack(b"F", batch_id))
+            replies.send_bytes(DONE.pack(b"F", batch_id, time.perf_counter() - started))
 
 
 def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limits: ImageLimits, batch_id: int,

@@ -117,7 +117,8 @@ class ModelRegistry:
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
-                             law=WaitLaw.from_settings(s), lag=self.lag, adjust=adjust, on_overload=adaptive.saturate,
+                             law=WaitLaw.from_settings(s), lag=self.lag, adjust=adjust, on_full=adaptive.saturate,
+                             absorb=adaptive.absorb,
                              on_batch=lambda size: metrics.observe_batch(name, size),
                              on_depth=lambda depth: metrics.set_queue_depth(name, depth))
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too

@@ -5,29 +5,32 @@ and `take_batch`: tested without sleeping; the worker (service/engine/worker.py)
 
 A queue that refuses only when it is full answers everyone late under an open loop past capacity:
 its 512 rows are 0.3 s of the teacher's work, three times a 100 ms SLO. So a request is admitted
-only when it can be answered in time. With r the measured inference seconds per row, P the rows
-queued, F the rows in the inference process, n the request's rows, L the event loop's lag (how
-long a request may have waited before the loop read it) and t the time the request has (its
+only when it can be answered in time. With r the inference process's measured seconds per row in
+a well-filled batch (its own clock, so the event loop's delays are not in it: `RowCost`), P the
+rows queued, F the rows in the process, n the request's rows, L the event loop's lag (how long a
+request may have waited before the loop read it) and t the time the request has (its
 `timeout_ms`, else ERDE_SLO_MS):
 
-    answer   A = L + (P + F + n)·r          when it would be answered
-    sojourn  S = P·r                        how long it would wait before its batch leaves
-    standing   the queue has not been empty for an interval (CoDel's; the SLO)
+    answer   A = L + (P + F + n)·r           when it would be answered
+    standing Q = the fewest rows queued over the last interval (CoDel's; the SLO)
 
-    admit  iff  P + F = 0                                  an idle model takes anything
-           or   A ≤ HEADROOM·t  and  (S ≤ target  or  not standing)
+    admit  iff  P + F = 0                    an idle model takes anything
+           or   A ≤ HEADROOM·t  and  Q·r ≤ target
 
-A standing queue buys no throughput, only latency, so it is held near the target sojourn (CoDel,
-as in Facebook's "Fail at Scale"); a burst may queue up to the request's own time. HEADROOM leaves
-the rest of t for the reply, the HTTP path and the spread around these means. A refusal's
-Retry-After is how long what is ahead of it takes to answer (A, rounded up), at least the
-configured one.
+A standing queue (rows that stayed queued the whole interval) buys no throughput, only latency, so
+its sojourn is held at the target (CoDel's minimum sojourn, as in Facebook's "Fail at Scale"); a
+burst, which empties again within the interval, may queue up to the request's time. HEADROOM
+leaves the rest of t for the reply, the HTTP path and the spread around these means. A refusal's
+Retry-After is A rounded up to whole seconds, at least the configured one. In degrade mode a
+refusal comes after degrading: while the overload controller's pressure is below 1, a request
+predicted within its whole time t is taken, and its predicted wait steps the controller as a late
+row's would (service/engine/adaptive.py); one predicted past t is refused even then.
 
-At dispatch, a standing queue is served newest first (adaptive LIFO): the oldest rows are the
-likeliest to be late whatever happens, and the newest can still be answered in time. A row that
-would be answered late if its batch left now (now + (F + b)·r past its time, b the batch's rows)
-is never run: the worker answers it 503 `expired`. Unless it never had the time: a row that even
-an idle model could not answer in its time ((b)·r more than it had) runs, bounded by its deadline.
+At dispatch, a standing queue (Q > 0) is served newest first (adaptive LIFO): the oldest rows are
+the likeliest to be late whatever happens, and the newest can still be answered in time. A row
+that would be answered after its time if its batch of b rows left now (now + (F + b)·r) is never
+run: the worker answers it 503 `expired`. Unless it never had the time: a row that even an idle
+model could not answer in its time (b·r more than it had) runs, bounded by its deadline.
 """
 
 from __future__ import annotations
@@ -37,15 +40,15 @@ from dataclasses import dataclass
 
 from service.settings import Settings
 
-HEADROOM = 0.6  # share of a request's time its predicted answer may take
-SMOOTHING = 0.2  # weight of each batch in the cost's running means
+HEADROOM = 0.8  # share of a request's time its predicted answer may take
+SMOOTHING = 0.1  # weight of each batch in the cost's running moments
 
 
 @dataclass(frozen=True)
 class WaitLaw:
     slo_s: float  # the time a request without timeout_ms has
     target_s: float  # sojourn a standing queue is held at
-    interval_s: float  # a queue not empty for this long is standing
+    interval_s: float  # the window over which the standing queue is the fewest rows queued
     adaptive_lifo: bool = True  # serve a standing queue newest first
 
     @classmethod
@@ -57,7 +60,13 @@ class WaitLaw:
 @dataclass(frozen=True)
 class RowCost:
     """Running means of the inference process's busy seconds and rows per batch; their ratio is the cost
-    of a row (a big batch weighs more than a small one, as it should). Unknown (0) before any batch."""
+    of a row. Unknown (0) before any batch. The worker feeds it the batches of at least half the batch
+    size (and the first of all): a queue long enough to matter leaves in full batches, and a small
+    batch's fixed cost spread over its few rows would overstate a row's (the teacher: 2 ms a row in
+    batches of 5, 0.7 ms in batches of 26), so that a burst at light load would be refused.
+
+    A line a + c·rows fitted over all batches was tried: over batches of 14 to 29 rows its slope
+    swung from 0.15 to 1.8 ms a row for the teacher, and a wrong slope refuses at 0.8x capacity."""
 
     busy_s: float = 0.0
     rows: float = 0.0
@@ -68,10 +77,22 @@ class RowCost:
 
 
 def measured(cost: RowCost, rows: int, busy_s: float) -> RowCost:
-    """The cost after a batch of `rows` kept the process busy for `busy_s`."""
+    """The cost after a batch of `rows` kept the process busy for `busy_s` (the process's own clock)."""
     if not cost.rows:
         return RowCost(busy_s, float(rows))
     return RowCost(cost.busy_s + SMOOTHING * (busy_s - cost.busy_s), cost.rows + SMOOTHING * (rows - cost.rows))
+
+
+@dataclass(frozen=True)
+class Queue:
+    """What is ahead of a new row: rows queued, and rows in the inference process."""
+
+    queued: int
+    running: int
+
+    def ahead_s(self, cost: RowCost, rows: int) -> float:
+        """Seconds until `rows` more rows, queued behind all of it, are answered."""
+        return (self.running + self.queued + rows) * cost.row_s
 
 
 @dataclass(frozen=True)
@@ -82,33 +103,28 @@ class Wait:
     answer_s: float
     allowed_s: float
     held: bool  # refused to hold a standing queue at its target, though it had the time
+    time_s: float  # the request's whole time: past it, degrading the rows ahead cannot help it either
 
 
-def row_cost(cost: RowCost, running_s: float, running_rows: int) -> float:
-    """Seconds per row: the measured mean, or more while the batch running now has already taken longer
-    per row (a process that just slowed down, or the first batch of all)."""
-    return max(cost.row_s, running_s / running_rows) if running_rows else cost.row_s
-
-
-def refusal(law: WaitLaw, r: float, queued: int, running: int, rows: int, lag_s: float, time_s: float,
-            standing: bool) -> Wait | None:
-    """None when `rows` more can be answered within `time_s` at `r` seconds per row (see the module
-    docstring), else the wait that says why not."""
-    if queued + running == 0:
+def refusal(law: WaitLaw, cost: RowCost, queue: Queue, rows: int, lag_s: float, time_s: float,
+            standing: int) -> Wait | None:
+    """None when `rows` more can be answered within `time_s`, with `standing` rows that stayed queued
+    over the last interval (see the module docstring), else the wait that says why not."""
+    if queue.queued + queue.running == 0:
         return None
-    answer = lag_s + (queued + running + rows) * r
+    answer = lag_s + queue.ahead_s(cost, rows)
     too_long = answer > HEADROOM * time_s
-    held = standing and queued * r > law.target_s
+    held = standing * cost.row_s > law.target_s
     if not (too_long or held):
         return None
-    return Wait(answer, HEADROOM * time_s if too_long else law.target_s, held and not too_long)
+    return Wait(answer, HEADROOM * time_s if too_long else law.target_s, held and not too_long, time_s)
 
 
-def late(r: float, running: int, batch: int, now: float, enqueued: float, answer_by: float) -> bool:
-    """Whether a row of a batch of `batch` rows leaving now, behind `running` rows, would be answered
-    after its time because it waited (see the module docstring)."""
-    own = batch * r
-    return now + running * r + own > answer_by and answer_by - enqueued > own
+def late(cost: RowCost, running: int, rows: int, now: float, enqueued: float, answer_by: float) -> bool:
+    """Whether a row of a batch of `rows` leaving now, behind `running` rows in the process, would be
+    answered after its time because it waited (see the module docstring)."""
+    own = rows * cost.row_s
+    return now + running * cost.row_s + own > answer_by and answer_by - enqueued > own
 
 
 def retry_after(wait: Wait, configured: int) -> int:
@@ -116,6 +132,22 @@ def retry_after(wait: Wait, configured: int) -> int:
     return max(configured, math.ceil(wait.answer_s))
 
 
-def is_standing(law: WaitLaw, queued: int, last_empty: float, now: float) -> bool:
-    """Whether the queue has held rows for longer than the interval."""
-    return queued > 0 and now - last_empty > law.interval_s
+@dataclass(frozen=True)
+class QueueLow:
+    """The fewest rows the queue held in the interval now running, and in the one before it."""
+
+    started: float = -math.inf  # the first sight starts an interval
+    low: int = 0
+    last: int = 0
+
+
+def seen(law: WaitLaw, state: QueueLow, queued: int, now: float) -> QueueLow:
+    """The state after the queue was seen holding `queued` rows at `now` (after every change)."""
+    if now - state.started >= law.interval_s:
+        return QueueLow(now, queued, state.low)
+    return QueueLow(state.started, min(state.low, queued), state.last)
+
+
+def standing(state: QueueLow) -> int:
+    """The rows that stayed queued over the last interval: its fewest, or fewer since."""
+    return min(state.low, state.last)

@@ -38,7 +38,7 @@ from erde.nets import EarlyExitResNet
 from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.engine.decode import ImageLimits
-from service.engine.sojourn import RowCost, Wait, WaitLaw, is_standing, measured, retry_after, row_cost
+from service.engine.sojourn import Queue, QueueLow, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
 from service.engine.sojourn import late as is_late
 from service.engine.sojourn import refusal as wait_refusal
 from service.errors import PayloadTooLarge, Unavailable
@@ -68,7 +68,7 @@ def _end_processes() -> None:
 class LoopLag:
     """How late the event loop runs a timer: about what a request that became readable now waits before
     the loop reads it (under overload, requests wait in the kernel, where nothing else sees them).
-    Sampled every PERIOD_S; a peak is taken at once and decays over a few samples."""
+    Sampled every PERIOD_S, as a running mean over a few samples."""
 
     PERIOD_S = 0.005
 
@@ -85,7 +85,7 @@ class LoopLag:
     def _tick(self) -> None:
         now = time.perf_counter()
         late = max(0.0, now - self._due)
-        self.lag_s = late if late > self.lag_s else self.lag_s + 0.3 * (late - self.lag_s)
+        self.lag_s += 0.3 * (late - self.lag_s)
         self._due = now + self.PERIOD_S
         self._loop.call_later(self.PERIOD_S, self._tick)
 
@@ -96,7 +96,8 @@ class ModelWorker:
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  law: WaitLaw | None = None, lag: LoopLag | None = None,
                  adjust: Callable[[list[Job], float], None] = lambda jobs, now: None,
-                 on_overload: Callable[[float], bool] = lambda now: False,
+                 on_full: Callable[[float], None] = lambda now: None,
+                 absorb: Callable[[float, float], bool] = lambda wait_s, now: False,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self.blob = process.ModelBlob.of(model)
@@ -113,16 +114,15 @@ class ModelWorker:
         self.law = law  # admission by expected waiting time (None: refused only when the queue is full)
         self.lag = lag
         self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
-        # told when rows cannot be queued (no room) or answered in time; True: degrading will absorb them
-        self.on_overload = on_overload
+        self.on_full = on_full  # told when the queue refuses rows for lack of room
+        self.absorb = absorb  # asked whether degrading takes rows that would be late (wait, now) -> taken
         self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
         self.on_depth = on_depth
         self._pending: deque[Job] = deque()
-        self._inflight: dict[int, tuple[int, list[Job], float]] = {}  # batch id -> (slot, jobs by row, sent at)
+        self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
-        self._cost = RowCost()  # measured inference seconds per row (service/engine/sojourn.py)
-        self._last_done = 0.0  # monotonic time the process last finished a batch
-        self._last_empty = time.monotonic()  # when the queue last held no row
+        self._cost = RowCost()  # what a row costs the inference process (service/engine/sojourn.py)
+        self._low = QueueLow()  # the fewest rows queued over the last interval: the standing queue
         self._free_slots = list(range(SLOTS))
         self._batch_ids = iter(range(1, 2**32))
         self._timer: asyncio.TimerHandle | None = None
@@ -233,8 +233,6 @@ class ModelWorker:
         refusal = self.refusal(len(jobs), time_s)
         if refusal is not None:
             raise refusal
-        if not self._pending:
-            self._last_empty = time.monotonic()
         self._pending.extend(jobs)
         self._dispatch()
 
@@ -248,12 +246,12 @@ class ModelWorker:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
         if len(self._pending) + rows > self.queue_size:
-            self.on_overload(time.monotonic())
+            self.on_full(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
         wait = self.wait(rows, time_s)
-        if wait is None or self.on_overload(time.monotonic()):
-            return None
+        if wait is None or (wait.answer_s <= wait.time_s and self.absorb(wait.answer_s, time.monotonic())):
+            return None  # in time, or late by the headroom only: degrading the rows ahead absorbs it
         return Unavailable(wait_message(wait), code="overloaded", retry_after=retry_after(wait, self.retry_after),
                            reason="queue_wait")
 
@@ -262,17 +260,9 @@ class ModelWorker:
         law = self.law
         if law is None:
             return None
-        now, queued = time.monotonic(), len(self._pending)
-        lag, standing = self.lag.lag_s if self.lag else 0.0, is_standing(law, queued, self._last_empty, now)
-        return wait_refusal(law, self._row_s(now), queued, self._running, rows, lag,
-                            law.slo_s if math.isinf(time_s) else time_s, standing)
-
-    def _row_s(self, now: float) -> float:
-        """Inference seconds per row: measured, or more while the batch running now takes longer."""
-        if not self._inflight:
-            return self._cost.row_s
-        _, jobs, sent = next(iter(self._inflight.values()))  # the batch the process runs now: the oldest sent
-        return row_cost(self._cost, now - max(sent, self._last_done), len(jobs))
+        lag = self.lag.lag_s if self.lag else 0.0
+        return wait_refusal(law, self._cost, Queue(len(self._pending), self._running), rows, lag,
+                            law.slo_s if math.isinf(time_s) else time_s, standing(self._low))
 
     def withdraw(self, jobs: list[Job]) -> None:
         """Forget jobs nobody waits for any more (their deadline passed): out of the queue if still
@@ -294,25 +284,24 @@ class ModelWorker:
                 break
             delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
             now = time.monotonic()
-            ready = take_batch(self._pending, now, self.max_batch_size, delay, self._newest_first(now))
+            ready = take_batch(self._pending, now, self.max_batch_size, delay, self._newest_first())
             if not isinstance(ready, list):
                 self._timer = self._loop.call_later(ready, self._dispatch)
                 break
             self._send(ready)
-        if not self._pending:
-            self._last_empty = time.monotonic()
+        if self.law is not None:
+            self._low = seen(self.law, self._low, len(self._pending), time.monotonic())
         self.on_depth(len(self._pending))
 
-    def _newest_first(self, now: float) -> bool:
-        law = self.law
-        return law is not None and law.adaptive_lifo and is_standing(law, len(self._pending), self._last_empty, now)
+    def _newest_first(self) -> bool:
+        """A standing queue is served newest first (adaptive LIFO: service/engine/sojourn.py)."""
+        return self.law is not None and self.law.adaptive_lifo and standing(self._low) > 0
 
     def _send(self, jobs: list[Job]) -> None:
         """Write the batch's images into a free slot's arena (the ones that do not fit go back to the
         head of the queue) and announce it. Rows nobody waits for any more are dropped here."""
         now = time.monotonic()
-        r = self._row_s(now) if self.law is not None else 0.0
-        late = [j for j in jobs if is_late(r, self._running, len(jobs), now, j.enqueued, j.answer_by)]
+        late = [j for j in jobs if is_late(self._cost, self._running, len(jobs), now, j.enqueued, j.answer_by)]
         if late:
             _fail(late, Unavailable("the request waited in the queue past the time it had; retry", code="overloaded",
                                     retry_after=self.retry_after, reason="expired"))
@@ -335,7 +324,7 @@ class ModelWorker:
         if not self._inflight:
             self._progress_at = now  # the watchdog's clock starts when an idle process gets work
         batch_id = next(self._batch_ids)
-        self._inflight[batch_id] = (slot, jobs, now)
+        self._inflight[batch_id] = (slot, jobs)
         self._running += len(jobs)
         self._requests.send_bytes(process.encode_batch(batch_id, slot, rows))
         self.on_batch(len(jobs))
@@ -368,11 +357,10 @@ class ModelWorker:
         elif isinstance(reply, process.Progress):
             pass  # its arrival is the progress the watchdog looks for
         else:
-            slot, jobs, sent = self._inflight.pop(reply.batch_id)
+            slot, jobs = self._inflight.pop(reply.batch_id)
             self._running -= len(jobs)
-            now = self._progress_at
-            self._cost = measured(self._cost, len(jobs), now - max(sent, self._last_done))
-            self._last_done = now
+            if not self._cost.rows or 2 * len(jobs) >= self.max_batch_size:  # see RowCost
+                self._cost = measured(self._cost, len(jobs), reply.busy_s)  # the process's own clock: no loop lag
             self._free_slots.append(slot)
             if reply.failed:
                 _fail(jobs, RuntimeError("inference failed"))
@@ -419,7 +407,7 @@ class ModelWorker:
         self._replies.close()
         self._requests.close()
         self._requests = self._replies = None
-        for _, jobs, _ in self._inflight.values():
+        for _, jobs in self._inflight.values():
             _fail(jobs, Unavailable("the inference process was replaced; retry", retry_after=self.retry_after,
                                     reason="worker_restart"))
         self._inflight.clear()

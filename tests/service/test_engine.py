@@ -151,7 +151,7 @@ def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
     reply = process.decode_reply(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
                                  lambda batch: [r.top_k for r in sent_rows])
     assert reply == process.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
-    assert process.decode_reply(process.ID.pack(b"F", 7), list) == process.Finished(7, failed=True)
+    assert process.decode_reply(process.DONE.pack(b"F", 7, 0.25), list) == process.Finished(7, True, 0.25)
     with pytest.raises(process.ProtocolError):  # an unknown message is an error, never a silent "done"
         process.decode_reply(process.ID.pack(b"Z", 7), list)
 

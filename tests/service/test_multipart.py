@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.edge.multipart import MalformedMultipart, boundary_of, parse_multipart
+from service.edge.multipart import ABSENT, MalformedMultipart, boundary_of, parse_multipart, simple_field, split_upload
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n\x00\xff--\r\n"  # CRLFs, dashes and binary inside a file
 
@@ -51,3 +51,41 @@ def test_malformed_bodies_are_refused(body: bytes, message: str) -> None:
 def test_bad_boundaries(content_type: str) -> None:
     with pytest.raises(MalformedMultipart):
         boundary_of(content_type)
+
+
+def full_parse(body: bytes, content_type: str, name: str) -> str:
+    fields = split_upload(content_type, body, {}, max_images=4)[1]
+    return fields.get(name, ABSENT)
+
+
+@pytest.mark.parametrize("data", [
+    {"model": "fashion-mnist-teacher", "budget": "0.5"},
+    {"timeout_ms": "2500"},
+    {"budget": "0.25"},
+    {"model": "other", "timeout_ms": "10", "top_k": "2"},
+])
+def test_a_simple_field_reads_what_the_whole_parse_reads_from_real_clients_bodies(data: dict) -> None:
+    body, content_type = encoded(data, [("image", ("a.png", TRICKY, "image/png"))])
+    for name in ("model", "timeout_ms"):
+        assert simple_field(body, boundary_of(content_type), name) == full_parse(body, content_type, name)
+
+
+@pytest.mark.parametrize("part", [
+    b'Content-Disposition: form-data; name=model\r\n\r\nother',  # unquoted, as a hand-written client may
+    b'Content-Disposition: form-data; name="model"\r\nContent-Type: text/plain\r\n\r\nother',  # another header
+    b'content-disposition: form-data; name="model"\r\n\r\nother',  # other case
+    b'Content-Disposition: form-data; name="model"\r\n\r\n',  # empty
+])
+def test_a_field_in_any_other_shape_is_left_to_the_whole_parse(part: bytes) -> None:
+    image = b'Content-Disposition: form-data; name="image"; filename="a"\r\n\r\nx'
+    body = b"--b\r\n" + part + b"\r\n--b\r\n" + image + b"\r\n--b--"
+    assert simple_field(body, b"b", "model") is None
+
+
+def test_a_field_named_twice_or_a_name_inside_the_image_is_left_to_the_whole_parse() -> None:
+    twice, content_type = encoded({"model": ["a", "b"]}, [("image", ("a.png", b"x", "image/png"))])
+    assert simple_field(twice, boundary_of(content_type), "model") is None
+    inside, content_type = encoded({"model": "a"}, [("image", ("a.png", b'..name="model"..', "image/png"))])
+    assert simple_field(inside, boundary_of(content_type), "model") is None
+    absent, content_type = encoded({"budget": "1"}, [("image", ("a.png", b"x", "image/png"))])
+    assert simple_field(absent, boundary_of(content_type), "model") == ABSENT
