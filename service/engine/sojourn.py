@@ -60,10 +60,11 @@ class WaitLaw:
 @dataclass(frozen=True)
 class RowCost:
     """Running means of the inference process's busy seconds and rows per batch; their ratio is the cost
-    of a row. Unknown (0) before any batch. The worker feeds it the batches of at least half the batch
-    size (and the first of all): a queue long enough to matter leaves in full batches, and a small
-    batch's fixed cost spread over its few rows would overstate a row's (the teacher: 2 ms a row in
-    batches of 5, 0.7 ms in batches of 26), so that a burst at light load would be refused.
+    of a row. Unknown (0) before any batch. Once it holds batches of at least half the batch size on
+    average, the worker feeds it only such batches: a queue long enough to matter leaves in full
+    batches, and a small batch's fixed cost spread over its few rows would overstate a row's (the
+    teacher: 2 ms a row in batches of 5, 0.7 ms in batches of 26), so that a burst at light load
+    would be refused. Until then it takes every batch, small ones too.
 
     A line a + c·rows fitted over all batches was tried: over batches of 14 to 29 rows its slope
     swung from 0.15 to 1.8 ms a row for the teacher, and a wrong slope refuses at 0.8x capacity."""

@@ -359,7 +359,7 @@ class ModelWorker:
         else:
             slot, jobs = self._inflight.pop(reply.batch_id)
             self._running -= len(jobs)
-            if not self._cost.rows or 2 * len(jobs) >= self.max_batch_size:  # see RowCost
+            if 2 * len(jobs) >= self.max_batch_size or 2 * self._cost.rows < self.max_batch_size:  # see RowCost
                 self._cost = measured(self._cost, len(jobs), reply.busy_s)  # the process's own clock: no loop lag
             self._free_slots.append(slot)
             if reply.failed:
