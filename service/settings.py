@@ -128,6 +128,9 @@ class Settings(BaseSettings):
             raise ValueError("default_budget must be in (0, 1]")
         if self.queue_size < self.max_batch_size:
             raise ValueError("queue_size must be at least max_batch_size")
+        if self.max_batch_delay_ms >= self.slo_ms:
+            raise ValueError("max_batch_delay_ms must be below slo_ms: rows held for a batch past their time "
+                             "would never run")
         if self.decode_timeout_ms >= self.hang_timeout_s * 1000:
             raise ValueError("decode_timeout_ms must be below hang_timeout_s: a slow image is refused, "
                              "never taken for a hang")

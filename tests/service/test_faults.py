@@ -95,6 +95,7 @@ def test_a_frozen_inference_process_is_replaced_and_no_request_waits_past_its_de
 
 def test_timeout_ms_on_a_busy_model_is_refused_at_once(make_server) -> None:
     server = make_server(slow_batch_ms=1500, hang_timeout_s=10, max_batch_size=1, slo_ms=5000)
+    assert post(server.url).status_code == 200  # the server learns what a row costs
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(post, server.url)  # holds the process for 1.5 s
         time.sleep(0.3)

@@ -129,7 +129,8 @@ def test_an_image_the_scan_cannot_see_is_stopped_by_the_decode_budget(roomy: Ser
 def test_a_batch_holding_a_bomb_answers_the_others_and_the_watchdog_never_fires(make_server) -> None:
     """A 2 MB RLE BMP (about a second to decode) in one micro-batch with three good images: without the
     budget it holds the process past the 0.4 s watchdog, which replaces it and answers all four 503."""
-    server = make_server(decode_timeout_ms=50, hang_timeout_s=0.4, max_batch_size=4, max_batch_delay_ms=500)
+    server = make_server(decode_timeout_ms=50, hang_timeout_s=0.4, max_batch_size=4, max_batch_delay_ms=500,
+                         slo_ms=10_000)
     bomb = probes.rle_bmp(64, noops=500_000)
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda data: classify(server, data), [bomb, PNG, PNG, PNG]))
@@ -143,7 +144,7 @@ def test_a_batch_of_slow_admissible_images_is_progress_not_a_hang(make_server) -
     each within the budget. The process says it is still decoding between rows, so none is taken for
     a hang (the watchdog's margin, 0.8 s, is for a machine busy with other work)."""
     server = make_server(hang_timeout_s=1.0, max_pixels_ratio=4096, max_batch_size=24, max_batch_delay_ms=500,
-                         max_upload_bytes=16 * 1024 * 1024)  # an inference slot holds one upload's bytes
+                         max_upload_bytes=16 * 1024 * 1024, slo_ms=10_000)  # an inference slot holds one upload's bytes
     slow = [slow_webp(1024)] * 24  # decoded once per row all the same
     with ThreadPoolExecutor(24) as pool:
         replies = list(pool.map(lambda data: classify(server, data), slow))

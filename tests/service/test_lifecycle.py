@@ -27,7 +27,7 @@ def post(url: str, **fields: str) -> httpx.Response:
 
 def test_two_budgets_in_one_batch_keep_their_own_threshold_and_exit(make_server) -> None:
     # A batch only goes when full (2) or after 3 s: the two requests must share one batch.
-    server = make_server(max_batch_size=2, max_batch_delay_ms=3000)
+    server = make_server(max_batch_size=2, max_batch_delay_ms=3000, slo_ms=10_000)
     with ThreadPoolExecutor(2) as pool:
         deep = pool.submit(post, server.url, threshold="0")
         shallow = pool.submit(post, server.url, threshold="1000")
@@ -41,7 +41,7 @@ def test_two_budgets_in_one_batch_keep_their_own_threshold_and_exit(make_server)
 
 def test_full_queue_answers_503_at_once(make_server) -> None:
     # Room for 8 queued images; 5 wait for a batch that leaves after 2.5 s, then 4 more arrive at once.
-    server = make_server(max_batch_size=8, queue_size=8, max_batch_delay_ms=2500)
+    server = make_server(max_batch_size=8, queue_size=8, max_batch_delay_ms=2500, slo_ms=10_000)
     with ThreadPoolExecutor(5) as pool:
         waiting = [pool.submit(post, server.url) for _ in range(5)]
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == 5)
@@ -55,7 +55,7 @@ def test_full_queue_answers_503_at_once(make_server) -> None:
 
 
 def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
-    server = make_server(max_batch_size=8, max_batch_delay_ms=1500, drain_timeout_s=10)
+    server = make_server(max_batch_size=8, max_batch_delay_ms=1500, drain_timeout_s=10, slo_ms=10_000)
     with ThreadPoolExecutor(3) as pool:
         queued = [pool.submit(post, server.url) for _ in range(3)]
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == 3)
