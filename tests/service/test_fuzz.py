@@ -4,7 +4,8 @@ the real app. A 5xx is counted by the alert on `erde_requests_total{code=~"5.."}
 that can make one at will can page whoever runs the service.
 
 The one 5xx a client may ask for is its own deadline: a `timeout_ms` it sets and the service cannot
-meet is 504 `deadline_exceeded`, by design (README, Errors).
+meet is refused at once (503 `overloaded`, issue 23) or, if admitted and then missed, 504
+`deadline_exceeded`, by design (README, Errors).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def port_of(server: Server) -> int:
 def no_5xx(reply, where: str) -> None:
     if reply.status_code == 504 and "timeout_ms" in where:  # the client's own deadline (module docstring)
         assert "deadline" in reply.text, reply.text
+        return
+    if reply.status_code == 503 and "timeout_ms" in where:  # a deadline too short to meet, refused at once
+        assert "allow more with timeout_ms" in reply.text and reply.headers["retry-after"], reply.text
         return
     assert reply.status_code < 500, f"{where}: {reply.status_code} {reply.text[:300]}"
     if reply.status_code >= 400:
