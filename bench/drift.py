@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from PIL import Image
 from bench import shifts
 from bench.common import table
 from bench.load import ROOT, launch, server_port, stop
+from erde.confidence import AccuracyEstimator
 from erde.data import load_fashion_mnist
 from erde.store import list_versions, read_artifact
 from service.engine.drift import DriftGuard, DriftLaw
@@ -42,6 +44,9 @@ ROWS = 32
 KEPT = ("macs_fraction", "right", "expected_accuracy", "expected_accuracy_offline", "expected_accuracy_live",
         "accuracy_source", "threshold")
 ADAPT = 200  # replies per budget after a change of images before a segment is measured (docs/budgets.md)
+# The live estimate at a segment's end covers the last ERDE_DRIFT_WINDOW (400) shadow rows, 1/0.15 replies
+# apart over both budgets: about 1,330 replies per budget. Its truth: the last 1,000 replies at that budget.
+TRUE_OVER = 1000
 
 
 @dataclass
@@ -55,6 +60,15 @@ def png(picture: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(picture, "L").save(buf, "PNG")
     return buf.getvalue()
+
+
+def shadow_share(url: str, model: str) -> float:
+    """The MACs the server spent on shadow passes for `model`, as a share of those its answers spent."""
+    text = httpx.get(f"{url}/metrics").text
+    def total(name: str) -> float:
+        found = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
+        return float(found[1]) if found else 0.0
+    return total("erde_shadow_macs_total") / total("erde_macs_total")
 
 
 def run_stream(url: str, model: str, segments: list[Segment]) -> dict[tuple[str, float], list[dict]]:
@@ -95,24 +109,32 @@ def summarise(replies: list[dict], budget: float, drift: bool) -> dict:
             "live": last["expected_accuracy_live"], "source": last["accuracy_source"],
             "theta": last["threshold"], "peak": max(np.mean([r["macs_fraction"] for r in replies[k:k + 100]])
                                                    for k in range(0, len(replies) - 99, 25)),
-            "true_recent": float(np.mean([r["right"] for r in replies[-300:]]))}
+            "true_recent": float(np.mean([r["right"] for r in replies[-TRUE_OVER:]]))}
 
 
 def controller_cost(model: str, repeats: int = 20000) -> float:
     """Microseconds of drift-guard work per reply, in process: θ for the row, the law's step, the live
-    shift for floors and the metrics, as the service does them."""
+    shift for floors and the metrics, and a shadow row every 1/shadow_fraction replies (which renews the
+    accuracy estimate over the evidence), as the service does them."""
     art = read_artifact(ROOT / "model_store" / model / list_versions(ROOT / "model_store")[model][-1])
     policy = BudgetPolicy(art.calibration, art.model.num_exits, len(art.classes), 0.5, 100)
-    guard = DriftGuard(art.calibration, art.manifest.get("atc"), DriftLaw(), enabled=True)
+    law = DriftLaw()
+    guard = DriftGuard(art.calibration, AccuracyEstimator.from_manifest(art.manifest.get("estimator"), art.calibration),
+                       law, enabled=True)
     guard.on_change = lambda point, budget, cell: report_drift(model, guard, policy, budget, cell)  # as served
     decision = policy.decide(ClassifyOptions(budget=0.25))
     rng = np.random.default_rng(0)
-    exits, entropies = rng.integers(0, art.model.num_exits, repeats), rng.random(repeats)
-    fractions = np.array(art.macs_per_exit)[exits] / art.macs_per_exit[-1]
+    exits = rng.integers(0, art.model.num_exits, repeats)
+    fractions = (np.array(art.macs_per_exit)[exits] / art.macs_per_exit[-1]).tolist()
+    entropy = rng.random((repeats, art.model.num_exits)) * 2
+    prediction = rng.integers(0, len(art.classes), (repeats, art.model.num_exits))
+    every = round(1 / law.shadow_fraction)
     started = time.perf_counter()
-    for e, h, f in zip(exits.tolist(), entropies.tolist(), fractions.tolist(), strict=True):
+    for i, f in enumerate(fractions):
         guard.theta(decision)
-        guard.observe(decision, e, h, f)
+        if i % every == 0:
+            guard.witness(entropy[i:i + 1], prediction[i:i + 1])
+        guard.observe(decision, f)
     return (time.perf_counter() - started) / repeats * 1e6
 
 
@@ -136,23 +158,27 @@ def main() -> None:
     if args.load:
         saved = json.loads(args.load.read_text())
         results = {(m, mode): {(seg, float(b)): replies for seg, b, replies in streams}
-                   for m, mode, streams in saved}
+                   for m, mode, streams in saved["streams"]}
+        shadows = saved["shadow"]
     else:
-        results = serve_and_stream(segments)
+        results, shadows = serve_and_stream(segments)
     if args.save:
-        args.save.write_text(json.dumps([[m, mode, [[seg, b, [{k: r[k] for k in KEPT} for r in replies]]
-                                                    for (seg, b), replies in streams.items()]]
-                                         for (m, mode), streams in results.items()]))
-    args.out.write_text(report(results, segments, {m: controller_cost(m) for m in MODELS}, n))
+        args.save.write_text(json.dumps({"streams": [[m, mode, [[seg, b, [{k: r[k] for k in KEPT} for r in replies]]
+                                                                for (seg, b), replies in streams.items()]]
+                                                     for (m, mode), streams in results.items()],
+                                         "shadow": shadows}))
+    args.out.write_text(report(results, segments, {m: controller_cost(m) for m in MODELS}, shadows, n))
     print(args.out.read_text())
 
 
-def serve_and_stream(segments: list[Segment]) -> dict[tuple[str, str], dict]:
-    """Both servers (ERDE_DRIFT off, then on), every model's stream through each."""
+def serve_and_stream(segments: list[Segment]) -> tuple[dict[tuple[str, str], dict], dict[str, float]]:
+    """Both servers (ERDE_DRIFT off, then on), every model's stream through each; and the share of MACs
+    each model spent on shadow passes with the drift guard on."""
     env = {**os.environ, "ERDE_STORE": str(ROOT / "model_store"), "ERDE_HOST": "127.0.0.1",
            "ERDE_ACCESS_LOG": "false", "ERDE_QUEUE_SIZE": "1024", "ERDE_OVERLOAD": "reject"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     results: dict[tuple[str, str], dict] = {}
+    shadows: dict[str, float] = {}
     logs = Path(tempfile.mkdtemp(prefix="erde-bench-drift-"))
     for mode in ("off", "on"):
         port = server_port()
@@ -163,10 +189,12 @@ def serve_and_stream(segments: list[Segment]) -> dict[tuple[str, str], dict]:
             for model in MODELS:
                 started = time.monotonic()
                 results[(model, mode)] = run_stream(f"http://127.0.0.1:{port}", model, segments)
+                if mode == "on":
+                    shadows[model] = shadow_share(f"http://127.0.0.1:{port}", model)
                 print(f"  {model}: {time.monotonic() - started:.0f} s", flush=True)
         finally:
             stop(proc)
-    return results
+    return results, shadows
 
 
 def targets(model: str, results: dict, segments: list[Segment]) -> list[tuple[str, bool]]:
@@ -193,7 +221,8 @@ def targets(model: str, results: dict, segments: list[Segment]) -> list[tuple[st
     return out
 
 
-def report(results: dict, segments: list[Segment], cost_us: dict[str, float], n: int) -> str:
+def report(results: dict, segments: list[Segment], cost_us: dict[str, float], shadows: dict[str, float],
+           n: int) -> str:
     lines = ["# Budgets under drift (issue 19)", "",
              f"`make bench-drift` ({time.strftime('%Y-%m-%d')}): both shipped models over HTTP, two budgets "
              f"mixed in one stream (the student's 0.25 and 0.5; the teacher's 0.4 and 0.5, as its cheapest point "
@@ -229,8 +258,10 @@ def report(results: dict, segments: list[Segment], cost_us: dict[str, float], n:
         lines += ["| images | budget | before: spent | ÷ budget | accuracy | expected | after: spent | ÷ budget | "
                   "accuracy | expected | after: peak ÷ budget (100 replies) | after: θ at the end |",
                   "|" + "---|" * 12, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), "",
-                  "Live accuracy estimate (ATC) at the end of each segment against the true accuracy of the "
-                  "segment's last 300 replies at that budget; the last column is the error of today's "
+                  "Live accuracy estimate (shadow passes: agreement with the last exit and its ATC threshold, "
+                  "docs/budgets.md) at the end of each segment against the true accuracy of the segment's last "
+                  f"{TRUE_OVER:,} replies at that budget; *quoted* is the figure the last reply quoted (live once "
+                  "the evidence contradicts the calibration); the last column is the error of today's "
                   "calibrated figure for comparison:", "",
                   table(["images", "budget", "true", "live estimate", "error (points)", "quoted",
                          "today's error (points)"],
@@ -239,8 +270,9 @@ def report(results: dict, segments: list[Segment], cost_us: dict[str, float], n:
                   "1.05 × the budget (measured on the stream):", "",
                   table(["segment", "budget", "replies"], adapt), "",
                   f"Controller work per reply (in process: θ for the row, the law's step, the live shift and the "
-                  f"metrics): {cost_us[model]:.1f} µs. "
-                  "Shadow passes: none (not built; see docs/budgets.md).", ""]
+                  f"metrics, the estimate renewed after each shadow row): {cost_us[model]:.1f} µs. "
+                  f"Shadow passes cost {shadows[model]:.1%} of the MACs the answers spent (erde_shadow_macs_total "
+                  "over erde_macs_total, this stream; taken only while nothing else is queued).", ""]
     return "\n".join(lines)
 
 

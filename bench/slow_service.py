@@ -24,9 +24,9 @@ _run_rows = process.run_rows
 _start_lag = worker.LoopLag.start
 
 
-def slow_run_rows(*args, **kwargs) -> None:
+def slow_run_rows(*args, **kwargs) -> process.Shadows | None:
     time.sleep(SLOW_S)
-    _run_rows(*args, **kwargs)
+    return _run_rows(*args, **kwargs)
 
 
 def stalling_start(self: worker.LoopLag, loop) -> None:

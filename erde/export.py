@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from erde.calibrate import exit_outputs
-from erde.confidence import fit_atc
+from erde.confidence import fit_estimator
 from erde.data import InputSpec, load_dataset
 from erde.evaluate import markdown_table, measure_test_split
 from erde.latency import measure as measure_latency
@@ -96,7 +96,7 @@ def export_run(run_dir: Path, store: Path, name: str, version: str, overwrite: b
         "training": {**cfg.to_dict(), "history": state["history"],
                      "minutes": round(sum(h["seconds"] for h in state["history"]) / 60, 2)},
         "test_metrics": metrics,
-        "atc": fit_atc(exit_outputs(model, load_run_data(cfg).val), curve),  # label-free accuracy (erde/confidence.py)
+        "estimator": fit_estimator(exit_outputs(model, load_run_data(cfg).val), curve),  # erde/confidence.py
         **({"exit_latency": latency} if latency else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "software": {"torch": torch.__version__, "python": platform.python_version()},

@@ -70,11 +70,14 @@ DRIFT_SPENT = Gauge("erde_drift_macs_fraction", "Realized MACs fraction of the r
 DRIFT_OFFSET = Gauge("erde_drift_theta_offset", "How far the drift controller raised θ above its calibrated value "
                      "for the replies under a budget (nats)", ["model", "budget"], multiprocess_mode="livemax")
 ACCURACY = Gauge("erde_accuracy_estimate", "Accuracy of the replies at the operating points in use: calibrated "
-                 "(offline) and estimated without labels (live, ATC)", ["model", "source"], multiprocess_mode="livemin")
+                 "(offline) and estimated without labels (live, from shadow passes)", ["model", "source"],
+                 multiprocess_mode="livemin")
 BUDGET_SPENT = Counter("erde_budget_spent_total", "Sum of the MACs fractions spent, by the budget asked for (upper "
                        "edge of its erde_budget bucket)", ["model", "budget"])
 BUDGET_REPLIES = Counter("erde_budget_replies_total", "Replies, by the budget asked for (upper edge of its "
                          "erde_budget bucket)", ["model", "budget"])
+SHADOW_MACS = Counter("erde_shadow_macs_total", "Multiply-accumulates spent on shadow passes beyond the answers' own "
+                      "(the label-free accuracy estimate's cost: docs/budgets.md)", ["model"])
 RELOADS = Counter("erde_reloads_total", "Store reloads by result (ok, unchanged, failed)", ["result"])
 
 
@@ -120,6 +123,11 @@ def observe_image(model: str, exit_index: int, macs: int, full_macs: int, reques
     _series(STAGE_DURATION, model, "decode").observe(decode_s)
     _series(STAGE_DURATION, model, "queue").observe(queue_s)
     _series(STAGE_DURATION, model, "inference").observe(inference_s)
+
+
+@never_raises
+def observe_shadow(model: str, macs: int) -> None:
+    _series(SHADOW_MACS, model).inc(macs)
 
 
 @never_raises

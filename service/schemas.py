@@ -124,11 +124,12 @@ class ClassifyReply:
                                                           "says")]
     expected_accuracy_offline: Annotated[float, Field(description="calibrated (validation split) accuracy of the "
                                                                   "point")]
-    expected_accuracy_live: Annotated[float | None, Field(description="label-free estimate on today's images (ATC, "
-                                                                      "docs/budgets.md); null until the point has "
-                                                                      "enough replies")]
+    expected_accuracy_live: Annotated[float | None, Field(description="label-free estimate on today's images (shadow "
+                                                                      "passes, docs/budgets.md); null until there is "
+                                                                      "a window of evidence")]
     accuracy_source: Annotated[str, Field(description="'live' when the live estimate differs from the calibrated "
-                                                      "one by more than ERDE_DRIFT_MARGIN, else 'offline'")]
+                                                      "one by more than ERDE_DRIFT_MARGIN plus its noise, else "
+                                                      "'offline'")]
     macs: Annotated[int, Field(description="multiply-accumulates spent on this image")]
     macs_fraction: Annotated[float, Field(description="macs / full-depth MACs")]
     latency_ms: Latency

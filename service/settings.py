@@ -116,10 +116,17 @@ class Settings(BaseSettings):
         "θ holds while the realized cost under a budget is between (1 - band) and (1 + tolerance) times the budget"))
     drift_tolerance: float = Field(0.04, ge=0, le=0.05, description=(
         "how far above the budget the realized cost may be before θ rises (within the 5% a budget allows)"))
-    drift_window: int = Field(400, ge=1, le=1_000_000, description=(
-        "replies in the live accuracy EWMA, and the replies a point needs before its live figure is quoted"))
+    drift_window: int = Field(400, ge=1, le=100_000, description=(
+        "shadow rows the live accuracy estimate is taken over (the latest ones), and needs before it is quoted"))
+    drift_shadow_fraction: float = Field(0.15, ge=0, le=1, description=(
+        "share of the rows asking for a budget that run on to the last exit after their answer (shadow passes, "
+        "for the accuracy estimate), taken only from batches sent while nothing else is queued; 0: none"))
+    drift_shadow_cpu: float = Field(0.25, ge=0, le=1, description=(
+        "most of the time the inference process spends on batches that shadow passes may take; they run after "
+        "their batch is done and only while no other batch waits (else they are dropped)"))
     drift_margin: float = Field(0.03, ge=0, le=1, description=(
-        "a live accuracy estimate this far from the calibrated one replaces it in replies and floors"))
+        "a live accuracy estimate further from the calibrated one than this plus two standard errors (of a share "
+        "over the window) replaces it in replies and floors"))
     access_log: bool = Field(True, description="one JSON line per request on the erde.access logger")
 
     @model_validator(mode="after")

@@ -104,7 +104,7 @@ def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply
                           decision.budget, decision.degraded, result.decode_s, result.queue_s, result.inference_s)
     fraction = macs / served.full_macs
     metrics.observe_spent(served.name, decision.requested_budget, fraction)
-    estimate = served.drift.observe(decision, result.exit, result.entropy, fraction)  # service/engine/drift.py
+    estimate = served.drift.observe(decision, fraction)  # service/engine/drift.py
     return ClassifyReply(
         model=art.name, version=art.version,
         label=classes[result.top_ids[0]], class_id=result.top_ids[0], confidence=result.top_probs[0],

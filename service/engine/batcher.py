@@ -22,6 +22,7 @@ class Job:
     future: asyncio.Future | None = field(default=None, repr=False)  # resolved with an ExitResult
     answer_by: float = math.inf  # answered after this it is late: never run then (service/engine/sojourn.py)
     used: Decision | None = None  # the rule it was sent with (cheaper than `asked` under overload)
+    shadow: bool = False  # runs on to the last exit after its answer: a shadow pass (docs/budgets.md)
 
     @property
     def rule(self) -> Decision:

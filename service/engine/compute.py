@@ -28,6 +28,7 @@ class Sample:
     cap: int  # last exit this image may reach (max_exit, or the model's last)
     top_k: int  # how many classes the reply lists
     enqueued: float  # monotonic seconds when it entered the server's queue
+    shadow: bool = False  # run on to the last exit after its answer is released (docs/budgets.md)
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,26 @@ class ExitResult:
     decode_s: float = 0.0  # this image's decode, in the inference process
 
 
+@dataclass(frozen=True)
+class Shadows:
+    """A batch's shadow rows, released at their exits: to run on to the last exit while the process is idle."""
+
+    rows: list[int]  # index in the batch
+    exits: list[int]  # the exit each one answered at
+    hidden: list[torch.Tensor]  # its features after that exit's stage
+    entropy: np.ndarray  # (rows, exits): known up to each row's exit, the rest filled by `finish_shadows`
+    prediction: np.ndarray
+
+
 @torch.inference_mode()
 def run_batch(model: EarlyExitResNet, jobs: list[Sample],
               release: Callable[[list[Sample], list[ExitResult]], None],
-              clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None) -> list[int]:
+              clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None,
+              witness: Callable[[Shadows], None] = lambda work: None) -> list[int]:
     """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took.
+
+    Shadow rows are released and leave the batch like the others; `witness` then gets them (if any) with
+    their features at their exits, for `finish_shadows` to run on when the process is idle.
 
     `mkldnn[i]` picks the convolution backend of stage i (see `choose_stage_backends`).
     """
@@ -55,12 +71,23 @@ def run_batch(model: EarlyExitResNet, jobs: list[Sample],
     cap = np.array([last_exit(j.cap, model.num_exits) for j in jobs])  # (B,)
     rows = np.arange(len(jobs))  # original index of each row still running
     exits = [0] * len(jobs)
+    shadow = np.array([j.shadow for j in jobs])
+    shadowing = bool(shadow.any())
+    if shadowing:
+        seen = np.zeros((len(jobs), model.num_exits)), np.zeros((len(jobs), model.num_exits), dtype=np.int64)
+        hidden: dict[int, torch.Tensor] = {}
     for i in range(model.num_exits):
         if mkldnn is not None:
             _set_mkldnn(mkldnn[i])
         h = model.stage(i, h)
         probs, ent = exit_scores(model.exit(i, h))
         done = stops(ent, theta, cap, i)
+        if shadowing:
+            watched = shadow[rows]
+            seen[0][rows[watched], i] = ent[watched]
+            seen[1][rows[watched], i] = probs[watched].argmax(axis=1)
+            for local in np.flatnonzero(done & watched).tolist():
+                hidden[int(rows[local])] = h[local]
         idx = np.flatnonzero(done)
         if idx.size:
             k = max(jobs[r].top_k for r in rows[idx])
@@ -79,4 +106,30 @@ def run_batch(model: EarlyExitResNet, jobs: list[Sample],
             break
         keep = np.flatnonzero(~done)  # index, not mask: a boolean mask costs torch a nonzero pass
         h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep)), theta[keep], cap[keep], rows[keep]
+    if shadowing:
+        watched = np.flatnonzero(shadow).tolist()
+        witness(Shadows(watched, [exits[r] for r in watched], [hidden[r] for r in watched], seen[0][watched],
+                        seen[1][watched]))
     return exits
+
+
+@torch.inference_mode()
+def finish_shadows(model: EarlyExitResNet, work: Shadows, mkldnn: list[bool] | None = None,
+                   idle: Callable[[], bool] = lambda: True) -> bool:
+    """Run the shadow rows on from their exits to the last one, a stage at a time while `idle()` says the
+    process has nothing else to do; fills `work.entropy` and `work.prediction`. False: given up for a
+    waiting batch (the rows are then dropped, never half-reported)."""
+    features = list(work.hidden)
+    for j in range(min(work.exits) + 1, model.num_exits):
+        if not idle():
+            return False
+        members = [k for k, e in enumerate(work.exits) if e < j]
+        if mkldnn is not None:
+            _set_mkldnn(mkldnn[j])
+        h = model.stage(j, torch.stack([features[k] for k in members]))
+        probs, ent = exit_scores(model.exit(j, h))
+        for n, k in enumerate(members):
+            features[k] = h[n]
+        work.entropy[members, j] = ent
+        work.prediction[members, j] = probs.argmax(axis=1)
+    return True

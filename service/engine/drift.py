@@ -1,8 +1,8 @@
 """Budgets that stay promises when the images drift (issue 19; the law and its parameters: docs/budgets.md).
 
-Two label-free measurements per reply, in the cell it ran under (its operating point and its budget):
-its MACs fraction, and whether its answering exit's entropy is below that exit's ATC threshold
-(erde/confidence.py).
+Two label-free measurements, per cell (an operating point and a budget): the MACs fraction of each reply
+that ran under it, and, from the model's latest shadow passes (rows run on to the last exit after their
+answer), the estimated accuracy of the answers at the cell's live θ (erde/confidence.py).
 
 **The compute law** is a pure function of (law, state, point, budget, measured cost), like the
 overload law (service/engine/overload.py): it counts in replies, not seconds, since every reply is a
@@ -21,21 +21,29 @@ no accuracy on validation), and stays within `max_offset` of it and below `ceili
 that cost what the calibration measured, θ is the calibrated one; when images cost more, θ rises
 until the budget holds; when they cost less again, θ returns.
 
-**The accuracy estimate** of a cell is an EWMA over `window` replies of the ATC indicators. It is
-the one a reply quotes once `window` replies have been seen and it differs from the offline
-accuracy by more than `margin`.
+**Shadow passes** are taken from the rows that ask for a budget and may reach the last exit, a
+`shadow_fraction` of them, only from batches sent when nothing else is queued (spare capacity): every
+k-th such row, by a running credit, so the sample is spread evenly. The last `window` shadow rows are
+the model's evidence, shared by all its cells (the images do not depend on the budget they ask for).
+
+**The accuracy estimate** of a cell is the estimator's figure at its live θ over that evidence, once
+`window` shadow rows are in. It is the one a reply quotes when it differs from the offline accuracy by
+more than `margin` plus two standard errors of a share over the window (so that sampling noise on clean
+images never turns into a quoted drop or a refused floor).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.confidence import AccuracyEstimator
 from service.engine.batcher import Job
 from service.engine.policy import Decision
 from service.settings import Settings
@@ -44,6 +52,9 @@ from service.settings import Settings
 # walks every cell; per reply it was 8% of the event loop's time (py-spy, c=16). The law's windows are
 # 100 replies long, so a report every 16 moves no decision by more than a sixth of a window.
 REPORT_EVERY = 16
+# Estimates kept between two shadow batches, one per live θ: the cells in use, times the few θ each moves
+# through between two pieces of evidence (a bound, not a size it needs).
+MAX_ESTIMATES = 256
 
 @dataclass(frozen=True)
 class DriftLaw:
@@ -53,30 +64,30 @@ class DriftLaw:
     smoothing: int = 100  # replies in the cost EWMA's time constant
     band: float = 0.04  # hold while the smoothed cost is within [(1 − band)·U, (1 + tolerance)·U]
     tolerance: float = 0.04
-    window: int = 400  # replies in the accuracy EWMA's time constant, and the evidence a live figure needs
-    margin: float = 0.03  # a live accuracy this far from the offline one is quoted instead of it
+    window: int = 400  # shadow rows the accuracy estimate is taken over (a sliding window), and needs
+    shadow_fraction: float = 0.15  # of the rows that may be shadowed, when the queue has room
+    margin: float = 0.03  # a live accuracy this far from the offline one (plus its noise) is quoted instead
     ceiling: float = math.log(10) + 1e-3  # θ above this stops everything at the first exit anyway
 
     @classmethod
     def from_settings(cls, settings: Settings, num_classes: int) -> DriftLaw:
         return cls(settings.drift_gain, settings.drift_max_step, settings.drift_max_offset, settings.drift_smoothing,
-                   settings.drift_band, settings.drift_tolerance, settings.drift_window, settings.drift_margin,
-                   math.log(num_classes) + 1e-3)
+                   settings.drift_band, settings.drift_tolerance, settings.drift_window,
+                   settings.drift_shadow_fraction, settings.drift_margin, math.log(num_classes) + 1e-3)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What one cell's live replies say: its θ offset, realized cost, estimated accuracy."""
+    """What one cell's live replies say: its θ offset and realized cost."""
 
     offset: float  # θ_live − θ_calibrated, ≥ 0
     cost: float  # EWMA of the replies' MACs fraction
-    accuracy: float  # EWMA of the replies' ATC indicators
     replies: int = 0
 
 
 def start(point: OperatingPoint) -> Cell:
     """A cell before any reply: as calibrated."""
-    return Cell(0.0, point.macs_fraction, point.accuracy)
+    return Cell(0.0, point.macs_fraction)
 
 
 def ceiling_of(rule: Decision) -> float:
@@ -86,10 +97,8 @@ def ceiling_of(rule: Decision) -> float:
     return max(math.floor(budget * 100 + 1e-9) / 100, rule.expected.macs_fraction)
 
 
-def step(law: DriftLaw, state: Cell, point: OperatingPoint, budget: float, cost: float,
-         right: float | None) -> Cell:
-    """The state after one reply at `point` under `budget` that cost `cost` (MACs fraction); `right` is its
-    ATC indicator (1.0 likely right, 0.0 likely wrong), None when the artifact has no ATC thresholds."""
+def step(law: DriftLaw, state: Cell, point: OperatingPoint, budget: float, cost: float) -> Cell:
+    """The state after one reply at `point` under `budget` that cost `cost` (MACs fraction)."""
     smoothed = state.cost + (cost - state.cost) / min(state.replies + 1, law.smoothing)
     low, high = (1.0 - law.band) * budget, (1.0 + law.tolerance) * budget
     error = smoothed - high if smoothed > high else smoothed - low if smoothed < low else 0.0
@@ -97,16 +106,32 @@ def step(law: DriftLaw, state: Cell, point: OperatingPoint, budget: float, cost:
         error = 0.0
     move = max(min(law.gain * error, law.max_step), -law.max_step)
     offset = min(max(state.offset + move, 0.0), law.max_offset, max(law.ceiling - point.threshold, 0.0))
-    accuracy = state.accuracy if right is None else \
-        state.accuracy + (right - state.accuracy) / min(state.replies + 1, law.window)
-    return Cell(offset, smoothed, accuracy, state.replies + 1)
+    return Cell(offset, smoothed, state.replies + 1)
+
+
+class Evidence:
+    """The latest `window` shadow rows of one model: every exit's entropy and prediction, a ring buffer."""
+
+    def __init__(self, window: int, exits: int) -> None:
+        self.entropy = np.zeros((window, exits))
+        self.prediction = np.zeros((window, exits), dtype=np.int64)
+        self.rows = 0  # ever added
+        self.full = False
+
+    def add(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
+        window = len(self.entropy)
+        for e, p in zip(entropy[-window:], prediction[-window:], strict=True):
+            at = self.rows % window
+            self.entropy[at], self.prediction[at] = e, p
+            self.rows += 1
+        self.full = self.rows >= window
 
 
 @dataclass(frozen=True)
 class Estimate:
     """What a reply says about its accuracy: both figures and which one it quotes."""
 
-    live: float | None  # None until the point has `window` replies (or the artifact has no ATC thresholds)
+    live: float | None  # None until `window` shadow rows are in (or the artifact has no estimator)
     offline: float
     source: str  # "live" or "offline"
 
@@ -118,19 +143,21 @@ class Estimate:
 class DriftGuard:
     """One model version's live view of its cells (operating point × budget): θ, cost, accuracy estimate.
 
-    On the event loop only (the worker's `adjust` hook and the reply encoder). Per server process:
-    with several workers each holds its own cells (docs/budgets.md says what that costs).
+    On the event loop only (the worker's steering and the reply encoder). Per server process: with several
+    workers each holds its own cells and evidence (docs/budgets.md says what that costs).
     """
 
-    def __init__(self, curve: CalibrationCurve, atc: dict[str, Any] | None, law: DriftLaw, enabled: bool,
+    def __init__(self, curve: CalibrationCurve, estimator: AccuracyEstimator | None, law: DriftLaw, enabled: bool,
                  on_change: Callable[[OperatingPoint, float, Cell], None] = lambda point, budget, cell: None) -> None:
         self.law = law
         self.enabled = enabled  # False (ERDE_DRIFT=off): measure and report, never move θ
         self.on_change = on_change
         self.cells: dict[tuple[float, float], tuple[OperatingPoint, Cell]] = {}  # by (calibrated θ, budget)
-        order = sorted(range(len(curve.points)), key=lambda i: curve.points[i].threshold)
-        self._grid = [curve.points[i].threshold for i in order]
-        self._atc = None if atc is None else [atc["thresholds"][i] for i in order]
+        self.estimator = estimator
+        self.evidence = Evidence(law.window, len(curve.macs_per_exit))
+        self._last_exit = len(curve.macs_per_exit) - 1
+        self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
+        self._estimates: dict[float, float] = {}  # live θ -> estimate, over the evidence as it is now
 
     def theta(self, rule: Decision) -> float:
         """The θ a row runs with: its cell's live θ (its own when it fixed θ or a cap)."""
@@ -139,14 +166,28 @@ class DriftGuard:
         entry = self.cells.get((rule.expected.threshold, ceiling_of(rule)))
         return rule.threshold if entry is None else rule.expected.threshold + entry[1].offset
 
-    def adjust(self, jobs: list[Job]) -> None:
-        """Give every row about to be sent its cell's live θ (after the overload controller chose the point)."""
+    def adjust(self, jobs: list[Job], spare: bool) -> None:
+        """Give every row about to be sent its cell's live θ (after the overload controller chose the point);
+        with `spare` capacity, mark the shadow passes."""
         for job in jobs:
             theta = self.theta(job.rule)
             if theta != job.rule.threshold:
                 job.used = dataclasses.replace(job.rule, threshold=theta)
+        if not spare or self.estimator is None:
+            return
+        for job in jobs:
+            if job.rule.adjustable and job.rule.cap >= self._last_exit:
+                self._credit += self.law.shadow_fraction
+                if self._credit >= 1.0:
+                    self._credit -= 1.0
+                    job.shadow = True
 
-    def observe(self, rule: Decision, exit_index: int, entropy: float, macs_fraction: float) -> Estimate:
+    def witness(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
+        """Shadow rows came back: they replace the oldest evidence."""
+        self.evidence.add(entropy, prediction)
+        self._estimates.clear()
+
+    def observe(self, rule: Decision, macs_fraction: float) -> Estimate:
         """Step the law of the cell the reply ran under; returns what the reply says about accuracy."""
         point = rule.expected
         if not rule.adjustable:  # θ or a cap fixed by the caller: not a budget's reply
@@ -154,37 +195,50 @@ class DriftGuard:
         budget = ceiling_of(rule)
         key = (point.threshold, budget)
         _, cell = self.cells.get(key, (point, start(point)))
-        cell = step(self.law, cell, point, budget, macs_fraction, self._right(rule.threshold, exit_index, entropy))
+        cell = step(self.law, cell, point, budget, macs_fraction)
         self.cells[key] = (point, cell)
         if cell.replies % REPORT_EVERY == 1:  # its first reply, then every REPORT_EVERY-th
             self.on_change(point, budget, cell)
         return self.estimate(point, cell)
 
     def estimate(self, point: OperatingPoint, cell: Cell) -> Estimate:
-        if self._atc is None or cell.replies < self.law.window:
+        live = self._live(point.threshold + cell.offset)
+        if live is None:
             return Estimate(None, point.accuracy, "offline")
-        live = cell.accuracy
-        return Estimate(live, point.accuracy, "live" if abs(live - point.accuracy) > self.law.margin else "offline")
+        return Estimate(live, point.accuracy, "live" if self._departs(live, point.accuracy) else "offline")
+
+    def _departs(self, live: float, offline: float) -> bool:
+        """Whether the evidence contradicts the calibration: the live figure is further from it than the margin
+        plus two standard errors of a share over the window (1.3 points at 93% over 400 rows)."""
+        return abs(live - offline) > self.law.margin + 2 * math.sqrt(live * (1 - live) / self.law.window)
+
+    def _live(self, theta: float) -> float | None:
+        """The estimated accuracy at θ over the evidence; None until there is a window of it."""
+        if self.estimator is None or not self.evidence.full:
+            return None
+        live = self._estimates.get(theta)
+        if live is None:
+            if len(self._estimates) >= MAX_ESTIMATES:  # θ moved on many replies with no new evidence (no shadows)
+                self._estimates.clear()
+            live = self._estimates[theta] = self.estimator.accuracy(self.evidence.entropy, self.evidence.prediction,
+                                                                    theta)
+        return live
 
     def _evidence(self) -> list[tuple[int, float, float]]:
-        """(replies, live, calibrated accuracy) of the cells with enough replies for a live figure."""
-        if self._atc is None:
-            return []
-        return [(c.replies, c.accuracy, p.accuracy) for p, c in self.cells.values() if c.replies >= self.law.window]
+        """(replies, live, calibrated accuracy) of the cells that have replies, once there is a live figure."""
+        return [(c.replies, live, p.accuracy) for p, c in self.cells.values()
+                if c.replies and (live := self._live(p.threshold + c.offset)) is not None]
 
     def shift(self) -> float:
-        """The accuracy drift the live evidence shows, pooled over the cells with enough of it (live −
-        calibrated, weighted by replies); 0 while none has enough or within the margin. Floors use it."""
-        evidence = self._evidence()
-        if not evidence:
-            return 0.0
-        drift = sum(n * (live - offline) for n, live, offline in evidence) / sum(n for n, _, _ in evidence)
-        return drift if abs(drift) > self.law.margin else 0.0
+        """The accuracy drift the live evidence shows, pooled over the cells in use (live − calibrated,
+        weighted by replies); 0 until there is a window of evidence, or while it does not contradict the
+        calibration (the same test as for quoting). Floors use it."""
+        live, offline = self.summary()
+        return 0.0 if live is None or not self._departs(live, offline) else live - offline
 
     def summary(self) -> tuple[float | None, float]:
         """Accuracy of the replies in the cells in use, (live, calibrated), weighted by their replies; live is
-        None until a cell has `window` replies (and then both cover those cells). What the drift alert
-        compares (docs/budgets.md)."""
+        None until there is a window of evidence. What the drift alert compares (docs/budgets.md)."""
         evidence = self._evidence()
         if not evidence:
             used = [(c.replies, p.accuracy) for p, c in self.cells.values()]
@@ -203,10 +257,3 @@ class DriftGuard:
                         "expected_accuracy": point.accuracy, "live_accuracy": est.live,
                         "accuracy_source": est.source, "replies": cell.replies})
         return out
-
-    def _right(self, theta: float, exit_index: int, entropy: float) -> float | None:
-        """The ATC indicator of one answer, with the thresholds of the grid point at or below its θ."""
-        if self._atc is None:
-            return None
-        row = self._atc[max(bisect.bisect_right(self._grid, theta) - 1, 0)]
-        return 1.0 if entropy < row[exit_index] else 0.0

@@ -18,6 +18,9 @@ Wire format (over two one-way pipes; the encoded images go through shared memory
                      P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
                         slow but admissible images is progress, not a hang, to the watchdog)
                      E: rows that left at one exit, with entropy, queue and decode time and top-k
+                     W: a batch's shadow rows, run on to the last exit once the batch was done and while
+                        no other batch waited: the exit each answered at, every exit's entropy and
+                        prediction (docs/budgets.md)
                      D: the batch is finished and its slot is free, with the seconds it took here
                      F: the batch failed (its unreleased rows get an error), with the same
 """
@@ -40,7 +43,7 @@ from safetensors.torch import save as save_tensors
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
-from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
+from service.engine.compute import ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
 from service.engine.decode import DecodeTooSlow, ImageLimits, decode_budget, decode_image, too_slow
 from service.errors import ServiceError
 
@@ -51,6 +54,8 @@ EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference second
 REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
 ID = struct.Struct("<cI")  # kind, batch id (P)
 DONE = struct.Struct("<cId")  # kind, batch id, seconds the process spent on it (D and F)
+WITNESSED = struct.Struct("<cII")  # kind, rows, exits
+SHADOW_CREDIT_MAX_S = 1.0  # most shadow work an idle spell may save up (seconds)
 READY, STOP = b"R", b"S"
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
@@ -82,19 +87,20 @@ class Row:
     top_k: int
     offset: int  # in the slot's arena
     size: int
+    shadow: int = 0  # 1: run on to the last exit after its answer (a shadow pass)
 
 
 def encode_batch(batch_id: int, slot: int, rows: list[Row]) -> bytes:
     floats = np.array([[r.threshold for r in rows], [r.enqueued for r in rows]], dtype=np.float64)
     ints = np.array([[r.cap for r in rows], [r.top_k for r in rows], [r.offset for r in rows],
-                     [r.size for r in rows]], dtype=np.int64)
+                     [r.size for r in rows], [r.shadow for r in rows]], dtype=np.int64)
     return BATCH.pack(b"B", batch_id, slot, len(rows)) + floats.tobytes() + ints.tobytes()
 
 
 def decode_batch(message: bytes) -> tuple[int, int, list[Row]]:
     _, batch_id, slot, n = BATCH.unpack_from(message)
     floats = np.frombuffer(message, dtype=np.float64, count=2 * n, offset=BATCH.size).reshape(2, n).tolist()
-    ints = np.frombuffer(message, dtype=np.int64, count=4 * n, offset=BATCH.size + 16 * n).reshape(4, n).tolist()
+    ints = np.frombuffer(message, dtype=np.int64, count=5 * n, offset=BATCH.size + 16 * n).reshape(5, n).tolist()
     return batch_id, slot, [Row(*r) for r in zip(*floats, *ints, strict=True)]
 
 
@@ -140,6 +146,31 @@ def decode_exited(message: bytes, top_k: list[int]) -> tuple[int, list[tuple[int
     return batch_id, out
 
 
+def encode_witnessed(answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> bytes:
+    return b"".join([WITNESSED.pack(b"W", *entropy.shape), np.array(answered, dtype=np.int64).tobytes(),
+                     entropy.astype(np.float64).tobytes(), prediction.astype(np.int64).tobytes()])
+
+
+def decode_witnessed(message: bytes) -> Witnessed:
+    _, n, exits = WITNESSED.unpack_from(message)
+    if len(message) != WITNESSED.size + 8 * n * (1 + 2 * exits):
+        raise ProtocolError(f"a shadow message of {len(message)} bytes for {n} rows and {exits} exits")
+    answered = np.frombuffer(message, dtype=np.int64, count=n, offset=WITNESSED.size).tolist()
+    at = WITNESSED.size + 8 * n
+    entropy = np.frombuffer(message, dtype=np.float64, count=n * exits, offset=at).reshape(n, exits)
+    prediction = np.frombuffer(message, dtype=np.int64, count=n * exits, offset=at + 8 * n * exits).reshape(n, exits)
+    return Witnessed(answered, entropy, prediction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Witnessed:
+    """Shadow rows run to the last exit: the exit each answered at, every exit's entropy and prediction."""
+
+    answered: list[int]
+    entropy: np.ndarray  # (rows, exits)
+    prediction: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class Exited:
     """Rows of a batch that left at one exit."""
@@ -177,7 +208,8 @@ class ProtocolError(Exception):
     """A message from the process that the server does not understand: the process is not trusted further."""
 
 
-def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished | Progress:
+def decode_reply(message: bytes,
+                 top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished | Progress | Witnessed:
     """One message from the process, typed; `top_k(batch_id)` gives each row's k for that batch."""
     kind = message[:1]
     if kind == b"E":
@@ -185,6 +217,8 @@ def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | 
         return Exited(*decode_exited(message, top_k(batch_id)))
     if kind == b"X":
         return Refused(*decode_refused(message))
+    if kind == b"W":
+        return decode_witnessed(message)
     if kind in (b"D", b"F") and len(message) == DONE.size:
         _, batch_id, busy_s = DONE.unpack(message)
         return Finished(batch_id, kind == b"F", busy_s)
@@ -194,8 +228,11 @@ def decode_reply(message: bytes, top_k: Callable[[int], list[int]]) -> Exited | 
 
 
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
-          arena_path: str, arena_bytes: int, threads: int, max_rows: int) -> None:
-    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop."""
+          arena_path: str, arena_bytes: int, threads: int, max_rows: int, shadow_cpu: float = 0.0) -> None:
+    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop.
+
+    After a batch is done, its shadow rows run on while no other batch waits, within `shadow_cpu` of the
+    time the process spent on batches (docs/budgets.md)."""
     # The server drains on SIGTERM and then stops this process; a signal to the whole process
     # group must not kill it first. It also ends when the server's end of the pipe closes.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -208,6 +245,7 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
     with open(arena_path, "r+b") as f:
         arena = memoryview(mmap.mmap(f.fileno(), 0))
     replies.send_bytes(READY)
+    credit = 0.0  # seconds of shadow work the process may still spend
     while True:
         try:
             message = requests.recv_bytes()
@@ -221,8 +259,12 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
         batch_id, slot, rows = decode_batch(message)
         started = time.perf_counter()
         try:
-            run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
-            replies.send_bytes(DONE.pack(b"D", batch_id, time.perf_counter() - started))
+            shadows = run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
+            busy_s = time.perf_counter() - started
+            replies.send_bytes(DONE.pack(b"D", batch_id, busy_s))
+            credit = min(credit + shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
+            if shadows is not None:
+                credit -= witness_while_idle(model, backends, shadows, requests, replies, credit)
         except (EOFError, OSError):
             return  # the server is gone
         except Exception:  # a bug must not kill the process or strand the clients
@@ -230,10 +272,20 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             replies.send_bytes(DONE.pack(b"F", batch_id, time.perf_counter() - started))
 
 
+def witness_while_idle(model: EarlyExitResNet, backends: list[bool], work: Shadows, requests: Connection,
+                       replies: Connection, credit: float) -> float:
+    """Run a done batch's shadow rows on to the last exit while no batch waits and `credit` seconds last,
+    and report them if they got there (else they are dropped); returns the seconds spent."""
+    started = time.perf_counter()
+    if finish_shadows(model, work, backends, lambda: time.perf_counter() - started < credit and not requests.poll()):
+        replies.send_bytes(encode_witnessed(work.exits, work.entropy, work.prediction))
+    return time.perf_counter() - started
+
+
 def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limits: ImageLimits, batch_id: int,
-             rows: list[Row], arena: memoryview, replies: Connection) -> None:
+             rows: list[Row], arena: memoryview, replies: Connection) -> Shadows | None:
     """Decode each row within the decode budget (a refused image is answered at once), then run the
-    rest stage by stage.
+    rest stage by stage; returns the batch's shadow rows, if any, to be run on once it is done.
 
     An image's queue time runs until the network starts, so it includes the batch's decoding.
     """
@@ -256,7 +308,7 @@ def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limi
             replies.send_bytes(encode_refused(batch_id, i, exc))
             said = time.perf_counter()
             continue
-        sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued)
+        sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued, bool(row.shadow))
         where[id(sample)] = (i, time.perf_counter() - started)
         samples.append(sample)
 
@@ -264,5 +316,7 @@ def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limi
         placed = [where[id(s)] for s in done]
         replies.send_bytes(encode_exited(batch_id, [r for r, _ in placed], results, [d for _, d in placed]))
 
+    shadows: list[Shadows] = []
     if samples:
-        run_batch(model, samples, release, mkldnn=backends)
+        run_batch(model, samples, release, mkldnn=backends, witness=shadows.append)
+    return shadows[0] if shadows else None

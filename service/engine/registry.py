@@ -12,15 +12,19 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
+from erde.confidence import AccuracyEstimator
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.engine.adaptive import AdaptiveBudgets
+from service.engine.batcher import Job
 from service.engine.decode import ImageLimits
 from service.engine.drift import Cell, DriftGuard, DriftLaw
 from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.sojourn import WaitLaw
-from service.engine.worker import LoopLag, ModelWorker
+from service.engine.worker import LoopLag, ModelWorker, Steering
 from service.errors import UnknownModel
 from service.schemas import ModelInfo, OperatingPointOut
 from service.settings import Settings
@@ -66,6 +70,37 @@ def report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: flo
     metrics.set_accuracy(name, *drift.summary())
 
 
+class ModelSteering(Steering):
+    """One model's steering: the overload controller picks each row's point, the drift guard its θ and
+    the shadow passes; the metrics see the queue."""
+
+    def __init__(self, name: str, adaptive: AdaptiveBudgets, drift: DriftGuard, macs_per_exit: list[int]) -> None:
+        self.name = name
+        self.adaptive = adaptive
+        self.drift = drift
+        self.macs_per_exit = macs_per_exit
+
+    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+        self.adaptive.adjust(jobs, now)
+        self.drift.adjust(jobs, spare)
+
+    def on_full(self, now: float) -> None:
+        self.adaptive.saturate(now)
+
+    def absorb(self, wait_s: float, now: float) -> bool:
+        return self.adaptive.absorb(wait_s, now)
+
+    def on_batch(self, size: int) -> None:
+        metrics.observe_batch(self.name, size)
+
+    def on_depth(self, depth: int) -> None:
+        metrics.set_queue_depth(self.name, depth)
+
+    def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
+        self.drift.witness(entropy, prediction)
+        metrics.observe_shadow(self.name, sum(self.macs_per_exit[-1] - self.macs_per_exit[e] for e in answered))
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -105,22 +140,17 @@ class ModelRegistry:
                               s.default_budget, s.max_top_k, s.min_accuracy)
         adaptive = AdaptiveBudgets(policy, OverloadLaw.from_settings(s), degrade=s.overload == "degrade",
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
-        drift = DriftGuard(artifact.calibration, artifact.manifest.get("atc"),
-                           DriftLaw.from_settings(s, len(artifact.classes)), enabled=s.drift == "on")
+        estimator = AccuracyEstimator.from_manifest(artifact.manifest.get("estimator"), artifact.calibration)
+        drift = DriftGuard(artifact.calibration, estimator, DriftLaw.from_settings(s, len(artifact.classes)),
+                           enabled=s.drift == "on")
         drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
-
-        def adjust(jobs: list, now: float) -> None:  # the overload controller picks the point, drift its θ
-            adaptive.adjust(jobs, now)
-            drift.adjust(jobs)
-
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
-                             law=WaitLaw.from_settings(s), lag=self.lag, adjust=adjust, on_full=adaptive.saturate,
-                             absorb=adaptive.absorb,
-                             on_batch=lambda size: metrics.observe_batch(name, size),
-                             on_depth=lambda depth: metrics.set_queue_depth(name, depth))
+                             law=WaitLaw.from_settings(s), lag=self.lag,
+                             steer=ModelSteering(name, adaptive, drift, artifact.macs_per_exit),
+                             shadow_cpu=s.drift_shadow_cpu if estimator is not None else 0.0)
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions, drift)
 

@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import numpy as np
+
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet
 from service.engine import process
@@ -90,16 +92,37 @@ class LoopLag:
         self._loop.call_later(self.PERIOD_S, self._tick)
 
 
+class Steering:
+    """What the worker tells the rest of the service, and asks it, about one model: the one object through
+    which the load-adaptive budgets, the drift guard and the metrics see the queue (the registry builds
+    it: service/engine/registry.py). This base steers nothing: the worker then serves the rules as asked."""
+
+    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+        """Set each job's `used` rule (and `shadow`) just before it is sent; `spare`: nothing else is queued."""
+
+    def on_full(self, now: float) -> None:
+        """The queue refused rows for lack of room."""
+
+    def absorb(self, wait_s: float, now: float) -> bool:
+        """Whether degrading takes rows predicted `wait_s` late (True: admit them)."""
+        return False
+
+    def on_batch(self, size: int) -> None:
+        """A batch of `size` rows was sent."""
+
+    def on_depth(self, depth: int) -> None:
+        """The queue holds `depth` rows now."""
+
+    def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
+        """Shadow rows came back: the exit each answered at, every exit's entropy and prediction ((rows, exits))."""
+
+
 class ModelWorker:
     def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
-                 law: WaitLaw | None = None, lag: LoopLag | None = None,
-                 adjust: Callable[[list[Job], float], None] = lambda jobs, now: None,
-                 on_full: Callable[[float], None] = lambda now: None,
-                 absorb: Callable[[float, float], bool] = lambda wait_s, now: False,
-                 on_batch: Callable[[int], None] = lambda size: None,
-                 on_depth: Callable[[int], None] = lambda depth: None) -> None:
+                 law: WaitLaw | None = None, lag: LoopLag | None = None, steer: Steering | None = None,
+                 shadow_cpu: float = 0.0) -> None:
         self.blob = process.ModelBlob.of(model)
         self.spec = spec
         self.limits = limits
@@ -113,11 +136,8 @@ class ModelWorker:
         self.hang_timeout_s = hang_timeout_s
         self.law = law  # admission by expected waiting time (None: refused only when the queue is full)
         self.lag = lag
-        self.adjust = adjust  # sets each job's `used` rule just before it is sent (load-adaptive budgets)
-        self.on_full = on_full  # told when the queue refuses rows for lack of room
-        self.absorb = absorb  # asked whether degrading takes rows that would be late (wait, now) -> taken
-        self.on_batch = on_batch  # metrics hooks: rows per batch, queue depth after each change
-        self.on_depth = on_depth
+        self.steer = steer or Steering()
+        self.shadow_cpu = shadow_cpu  # of the process's batch time, at most, for shadow passes (docs/budgets.md)
         self._pending: deque[Job] = deque()
         self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
@@ -191,7 +211,7 @@ class ModelWorker:
             replies_r, replies_w = _context.Pipe(duplex=False)
             proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
                                     args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
-                                          self.arena_bytes, self.threads, self.max_batch_size))
+                                          self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu))
             proc.start()
             requests_r.close()
             replies_w.close()
@@ -246,11 +266,11 @@ class ModelWorker:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
         if len(self._pending) + rows > self.queue_size:
-            self.on_full(time.monotonic())
+            self.steer.on_full(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
         wait = self.wait(rows, time_s)
-        if wait is None or (wait.answer_s <= wait.time_s and self.absorb(wait.answer_s, time.monotonic())):
+        if wait is None or (wait.answer_s <= wait.time_s and self.steer.absorb(wait.answer_s, time.monotonic())):
             return None  # in time, or late by the headroom only: degrading the rows ahead absorbs it
         return Unavailable(wait_message(wait), code="overloaded", retry_after=retry_after(wait, self.retry_after),
                            reason="queue_wait")
@@ -270,7 +290,7 @@ class ModelWorker:
         for job in jobs:
             with contextlib.suppress(ValueError):
                 self._pending.remove(job)
-        self.on_depth(len(self._pending))
+        self.steer.on_depth(len(self._pending))
         self._check_drained()
 
     def _dispatch(self) -> None:
@@ -291,7 +311,7 @@ class ModelWorker:
             self._send(ready)
         if self.law is not None:
             self._low = seen(self.law, self._low, len(self._pending), time.monotonic())
-        self.on_depth(len(self._pending))
+        self.steer.on_depth(len(self._pending))
 
     def _newest_first(self) -> bool:
         """A standing queue is served newest first (adaptive LIFO: service/engine/sojourn.py)."""
@@ -308,7 +328,7 @@ class ModelWorker:
         jobs = [j for j in jobs if j.future is None or not j.future.done()]
         if not jobs:
             return
-        self.adjust(jobs, now)
+        self.steer.adjust(jobs, now, spare=not self._pending)
         slot = self._free_slots.pop()
         base, at, rows = slot * self.arena_bytes, 0, []
         for i, job in enumerate(jobs):
@@ -319,7 +339,7 @@ class ModelWorker:
                 break
             self._arena[base + at:base + at + size] = job.image
             rule = job.rule
-            rows.append(process.Row(rule.threshold, job.enqueued, rule.cap, rule.top_k, at, size))
+            rows.append(process.Row(rule.threshold, job.enqueued, rule.cap, rule.top_k, at, size, int(job.shadow)))
             at += size
         if not self._inflight:
             self._progress_at = now  # the watchdog's clock starts when an idle process gets work
@@ -327,7 +347,7 @@ class ModelWorker:
         self._inflight[batch_id] = (slot, jobs)
         self._running += len(jobs)
         self._requests.send_bytes(process.encode_batch(batch_id, slot, rows))
-        self.on_batch(len(jobs))
+        self.steer.on_batch(len(jobs))
 
     def _on_replies(self) -> None:
         replies = self._replies
@@ -356,6 +376,8 @@ class ModelWorker:
                 future.set_exception(reply.error)
         elif isinstance(reply, process.Progress):
             pass  # its arrival is the progress the watchdog looks for
+        elif isinstance(reply, process.Witnessed):  # after its batch's Finished: not a sign of work either
+            self.steer.witness(reply.answered, reply.entropy, reply.prediction)
         else:
             slot, jobs = self._inflight.pop(reply.batch_id)
             self._running -= len(jobs)
@@ -446,7 +468,7 @@ class ModelWorker:
                                                code="model_unavailable", retry_after=self.retry_after,
                                                reason="worker_down"))
         self._pending.clear()
-        self.on_depth(0)
+        self.steer.on_depth(0)
         self._check_drained()
 
     def _begin_close(self) -> None:

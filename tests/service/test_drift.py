@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import math
 
+import numpy as np
 import pytest
 
 from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.confidence import AccuracyEstimator
+from service.engine.batcher import Job
 from service.engine.drift import Cell, DriftGuard, DriftLaw, ceiling_of, start, step
 from service.engine.policy import BudgetPolicy
 from service.errors import Unsatisfiable
@@ -18,9 +20,9 @@ POINT = OperatingPoint(0.7, 0.25, 0.92, [0.8, 0.1, 0.1])
 BUDGET = 0.3
 
 
-def replies(state: Cell, cost: float, n: int, right: float | None = None, budget: float = BUDGET) -> Cell:
+def replies(state: Cell, cost: float, n: int, budget: float = BUDGET) -> Cell:
     for _ in range(n):
-        state = step(LAW, state, POINT, budget, cost, right)
+        state = step(LAW, state, POINT, budget, cost)
     return state
 
 
@@ -32,7 +34,7 @@ def test_a_cost_within_the_budget_keeps_theta_where_calibration_put_it() -> None
 def test_spending_too_much_raises_theta_by_bounded_steps() -> None:
     state, offsets = start(POINT), []
     for _ in range(200):
-        state = step(LAW, state, POINT, BUDGET, 1.0, None)
+        state = step(LAW, state, POINT, BUDGET, 1.0)
         offsets.append(state.offset)
     assert offsets[LAW.smoothing - 3] == 0.0  # no move before the smoothed cost means anything
     assert all(0 <= b - a <= LAW.max_step + 1e-12 for a, b in itertools.pairwise(offsets))
@@ -44,7 +46,7 @@ def test_theta_stays_within_its_range() -> None:
     near_top = OperatingPoint(2.2, 0.1, 0.8, [1.0, 0.0, 0.0])
     state = start(near_top)
     for _ in range(5000):
-        state = step(LAW, state, near_top, 0.1, 1.0, None)
+        state = step(LAW, state, near_top, 0.1, 1.0)
     assert near_top.threshold + state.offset == pytest.approx(LAW.ceiling)
 
 
@@ -57,26 +59,28 @@ def test_shift_and_return() -> None:
     state, spent = start(POINT), []
     for _ in range(1500):
         spent.append(cost(POINT.threshold + state.offset, True))
-        state = step(LAW, state, POINT, BUDGET, spent[-1], None)
+        state = step(LAW, state, POINT, BUDGET, spent[-1])
     assert spent[0] > 2 * BUDGET
     assert (1 - LAW.band) * BUDGET - 0.01 <= sum(spent[-400:]) / 400 <= (1 + LAW.tolerance) * BUDGET
     for _ in range(600):
-        state = step(LAW, state, POINT, BUDGET, cost(POINT.threshold + state.offset, False), None)
+        state = step(LAW, state, POINT, BUDGET, cost(POINT.threshold + state.offset, False))
     assert state.offset == 0.0
-
-
-def test_the_accuracy_estimate_is_an_ewma_of_the_atc_indicators() -> None:
-    state = replies(start(POINT), POINT.macs_fraction, 3 * LAW.window, right=0.0)
-    assert state.accuracy < POINT.accuracy * math.exp(-2)
-    assert replies(state, POINT.macs_fraction, 10 * LAW.window, right=1.0).accuracy > 0.99
 
 
 def guard_and_policy() -> tuple[DriftGuard, BudgetPolicy]:
     points = [OperatingPoint(0.0, 1.0, 0.93, [0, 0, 1]), OperatingPoint(0.3, 0.5, 0.925, [0.5, 0.2, 0.3]),
               OperatingPoint(0.7, 0.25, 0.92, [0.8, 0.1, 0.1]), OperatingPoint(3.0, 0.1, 0.85, [1, 0, 0])]
     curve = CalibrationCurve(points, [10, 50, 100])
-    atc = {"thresholds": [[0.5, 0.5, 0.5]] * len(points)}
-    return DriftGuard(curve, atc, LAW, enabled=True), BudgetPolicy(curve, 3, 10, 0.5, 10)
+    estimator = AccuracyEstimator(0.5, tuple(p.threshold for p in points), (0.2, 0.2, 0.25, 0.3))
+    return DriftGuard(curve, estimator, LAW, enabled=True), BudgetPolicy(curve, 3, 10, 0.5, 10)
+
+
+def shadow_rows(n: int, *, sure: bool, agree: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """n shadow rows whose first exit is sure (entropy 0.1, below every θ of the grid but 0); the last exit
+    sure or not (below or above the estimator's 0.5), agreeing with the first or not."""
+    entropy = np.tile([0.1, 0.1, 0.2 if sure else 0.9], (n, 1))
+    prediction = np.tile([3, 3, 3 if agree else 4], (n, 1))
+    return entropy, prediction
 
 
 def test_each_budget_has_its_own_cell() -> None:
@@ -85,34 +89,69 @@ def test_each_budget_has_its_own_cell() -> None:
     assert low.expected == high.expected and (ceiling_of(low), ceiling_of(high)) == (0.25, 0.45)
     assert ceiling_of(policy.decide(ClassifyOptions(budget=0.05))) == 0.1  # clamped: the point's own cost
     for _ in range(200):
-        guard.observe(low, 2, 0.1, 0.4)  # 0.4 is too much for 0.25, within 0.45
-        guard.observe(high, 2, 0.1, 0.4)
+        guard.observe(low, 0.4)  # 0.4 is too much for 0.25, within 0.45
+        guard.observe(high, 0.4)
     assert guard.theta(low) > low.threshold and guard.theta(high) == high.threshold
 
 
-def test_replies_quote_the_live_estimate_once_it_has_evidence_and_departs() -> None:
+def test_replies_quote_the_live_estimate_once_a_window_of_shadow_rows_departs() -> None:
     guard, policy = guard_and_policy()
     rule = policy.decide(ClassifyOptions(budget=0.25))
-    first = guard.observe(rule, 0, 0.9, 0.1)  # entropy above the ATC threshold: likely wrong
+    first = guard.observe(rule, 0.1)
     assert first.source == "offline" and first.live is None and first.used == 0.92
-    for _ in range(LAW.window):
-        estimate = guard.observe(rule, 0, 0.9, 0.1)
-    assert estimate.source == "live" and estimate.used == estimate.live < 0.92 - LAW.margin
-    assert guard.summary() == (pytest.approx(estimate.live), 0.92)
+    guard.witness(*shadow_rows(LAW.window - 1, sure=False))  # the last exit unsure: likely wrong
+    assert guard.observe(rule, 0.1).live is None  # one row short of a window
+    guard.witness(*shadow_rows(1, sure=False))
+    estimate = guard.observe(rule, 0.1)
+    assert estimate.source == "live" and estimate.used == estimate.live == 0.0
+    assert guard.summary() == (0.0, 0.92)
     (live,) = guard.live_curve()
-    assert live["replies"] == LAW.window + 1 and live["live_accuracy"] == estimate.live and live["budget"] == 0.25
+    assert live["replies"] == 3 and live["live_accuracy"] == 0.0 and live["budget"] == 0.25
+    guard.witness(*shadow_rows(LAW.window, sure=True))  # the window slides: the old evidence is gone
+    assert guard.observe(rule, 0.1).live == 1.0
+
+
+def test_the_estimate_counts_disagreeing_answers_at_the_validation_rate() -> None:
+    """Answers that differ from the last exit's are right at q(θ), whatever the last exit's confidence."""
+    guard, policy = guard_and_policy()
+    rule = policy.decide(ClassifyOptions(budget=0.25))  # θ 0.7: the answer is the first exit's
+    guard.witness(*shadow_rows(LAW.window // 2, sure=True, agree=False))
+    guard.witness(*shadow_rows(LAW.window // 2, sure=True))
+    assert guard.observe(rule, 0.1).live == pytest.approx(0.5 * 0.25 + 0.5 * 1.0)
+    full = policy.decide(ClassifyOptions(budget=1.0))  # θ 0: the last exit answers, so it always agrees
+    assert guard.observe(full, 1.0).live == 1.0
+
+
+def test_shadow_passes_take_every_kth_row_that_may_reach_the_last_exit_and_only_with_room() -> None:
+    guard, policy = guard_and_policy()
+    budget = policy.decide(ClassifyOptions(budget=0.25))
+    capped = policy.decide(ClassifyOptions(budget=0.25, max_exit=1))
+    fixed = policy.decide(ClassifyOptions(threshold=0.7))
+    jobs = [Job(b"", rule, 0.0) for _ in range(100) for rule in (budget, capped, fixed)]
+    guard.adjust(jobs, spare=False)
+    assert not any(j.shadow for j in jobs)  # a queue: no spare capacity to spend
+    guard.adjust(jobs, spare=True)
+    marked = [i for i, j in enumerate(jobs) if j.shadow]
+    assert all(jobs[i].asked is budget for i in marked)  # never a capped row, nor one that fixed θ
+    assert len(marked) == round(100 * LAW.shadow_fraction)
+    gaps = {b - a for a, b in itertools.pairwise(marked)}
+    assert max(gaps) - min(gaps) <= 3  # spread out, every ~1/fraction-th eligible row
+    bare = DriftGuard(policy.curve, None, LAW, enabled=True)  # no estimator: nothing to shadow for
+    others = [Job(b"", budget, 0.0) for _ in range(100)]
+    bare.adjust(others, spare=True)
+    assert not any(j.shadow for j in others)
 
 
 def test_rows_that_fix_theta_or_a_cap_are_left_alone() -> None:
     guard, policy = guard_and_policy()
     budget = policy.decide(ClassifyOptions(budget=0.25))
     for _ in range(200):
-        guard.observe(budget, 2, 0.1, 1.0)
+        guard.observe(budget, 1.0)
     assert guard.theta(budget) > budget.threshold  # these replies cost too much: their rows exit earlier
     fixed = policy.decide(ClassifyOptions(threshold=0.7))
     capped = policy.decide(ClassifyOptions(budget=0.25, max_exit=1))
     assert guard.theta(fixed) == 0.7 and guard.theta(capped) == capped.threshold
-    assert guard.observe(fixed, 2, 0.1, 1.0).source == "offline" and len(guard.cells) == 1
+    assert guard.observe(fixed, 1.0).source == "offline" and len(guard.cells) == 1
 
 
 def test_off_measures_but_never_moves_theta() -> None:
@@ -120,7 +159,7 @@ def test_off_measures_but_never_moves_theta() -> None:
     guard.enabled = False
     rule = policy.decide(ClassifyOptions(budget=0.25))
     for _ in range(200):
-        guard.observe(rule, 2, 0.1, 1.0)
+        guard.observe(rule, 1.0)
     assert guard.theta(rule) == rule.threshold and guard.live_curve()[0]["live_threshold"] > rule.threshold
 
 
@@ -128,8 +167,8 @@ def test_floors_use_the_live_shift() -> None:
     """A floor the calibrated curve meets but the live evidence contradicts is unsatisfiable, with live numbers."""
     guard, policy = guard_and_policy()
     rule = policy.decide(ClassifyOptions(budget=0.25))
-    for _ in range(LAW.window + 1):
-        guard.observe(rule, 0, 0.9, 0.25)  # every answer likely wrong
+    guard.witness(*shadow_rows(LAW.window, sure=False))  # every answer likely wrong
+    guard.observe(rule, 0.25)
     policy.live_shift = guard.shift()
     assert policy.live_shift < -0.5
     with pytest.raises(Unsatisfiable, match="live estimate"):

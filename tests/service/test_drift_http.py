@@ -5,6 +5,7 @@ The shift is one of the issue's five (bench/shifts.py SEEN); `make bench-drift` 
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ from tests.service.conftest import ROOT, Server, eventually, start_server
 SHIPPED = ROOT / "model_store" / "fashion-mnist" / "2"
 BUDGET = 0.25
 ROWS = 32  # images per /classify/batch request
+# Half the rows shadowed, with all the process time they need, and a window of 150 (the defaults: 0.15 of the
+# rows, a quarter of the batch time and 400, for streams 5x as long): 300 shadow passes in a 600-image
+# segment, more than a window of evidence.
+EVIDENCE = {"drift_shadow_fraction": 0.5, "drift_shadow_cpu": 1.0, "drift_window": 150}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory, **settings: object) -> Serve
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = serve(tmp_path_factory)
+    srv = serve(tmp_path_factory, **EVIDENCE)
     yield srv
     srv.stop()
 
@@ -57,10 +62,23 @@ def spent(replies: list[dict]) -> float:
     return float(np.mean([r["macs_fraction"] for r in replies]))
 
 
+def drift_alert_gap(server: Server) -> float:
+    """What ErdeAccuracyDrift compares (docker/prometheus/rules.yml), from this server's own gauges: the
+    calibrated accuracy minus the live estimate; it pages above 0.05."""
+    with server.client() as c:
+        text = c.get("/metrics").text
+    value = {source: float(re.search(rf'^erde_accuracy_estimate{{model="fashion-mnist",source="{source}"}} (\S+)$',
+                                     text, re.M)[1]) for source in ("offline", "live")}
+    return value["offline"] - value["live"]
+
+
 def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shipped: Server,
                                                                           test_images: np.ndarray) -> None:
     clean = stream(shipped, test_images[:400])
+    assert clean[-1]["expected_accuracy_live"] is not None  # a window of evidence
+    assert abs(drift_alert_gap(shipped)) < 0.05  # clean images: the alert stays quiet
     noisy = stream(shipped, shifts.noise(test_images[400:1000], 3))
+    assert drift_alert_gap(shipped) > 0.05  # drifted images: the alert's condition holds
     assert spent(noisy[:64]) > 1.5 * BUDGET  # the shift, before the controller has seen it
     assert spent(noisy[300:]) <= 1.05 * BUDGET  # within the stated adaptation length (docs/budgets.md)
     assert noisy[-1]["threshold"] > clean[0]["threshold"] + 0.3
@@ -77,5 +95,26 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
     back = stream(shipped, test_images[1000:1600])
     assert 0.9 * BUDGET <= spent(back[300:]) <= 1.05 * BUDGET  # returned, not stuck at the shifted θ
     assert back[-1]["threshold"] - clean[0]["threshold"] < (noisy[-1]["threshold"] - clean[0]["threshold"]) / 2
-    # The estimate recovers too: an EWMA over 400 replies keeps e^-1.5 of the dip after 600.
+    # The estimate recovers too: the window holds only the latest shadow rows, all of them clean by now.
     assert back[-1]["expected_accuracy_live"] > noisy[-1]["expected_accuracy_live"] + 0.15
+
+
+def test_clean_traffic_is_quoted_its_calibrated_accuracy_and_keeps_its_floors(tmp_path_factory: pytest.TempPathFactory,
+                                                                              test_images: np.ndarray) -> None:
+    """On images like the validation split the live estimate agrees with the calibration at every budget,
+    so replies quote the calibrated figure and a floor the calibration meets is never refused."""
+    server = serve(tmp_path_factory, **EVIDENCE)
+    try:
+        for budget in (1.0, 0.5, 0.25):
+            replies = stream(server, test_images[:800], budget)
+            assert replies[-1]["expected_accuracy_live"] is not None
+            assert replies[-1]["accuracy_source"] == "offline", (budget, replies[-1])
+        assert abs(drift_alert_gap(server)) < 0.05  # the alert stays quiet
+        with server.client() as c:
+            for floor in ("0.91", "0.93"):
+                r = c.post("/classify", data={"min_accuracy": floor},
+                           files={"image": ("x.png", images.encode(images.Image.fromarray(test_images[0], "L")),
+                                            "image/png")})
+                assert r.status_code == 200, r.text
+    finally:
+        server.stop()

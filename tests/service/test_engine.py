@@ -7,6 +7,7 @@ import math
 from collections import deque
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,10 +16,10 @@ from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
 from service.engine import process
 from service.engine.batcher import Job, take_batch
-from service.engine.compute import ExitResult, Sample, run_batch
+from service.engine.compute import ExitResult, Sample, finish_shadows, run_batch
 from service.engine.decode import ImageLimits, decode_image
 from service.engine.policy import Decision
-from service.engine.worker import ModelWorker
+from service.engine.worker import ModelWorker, Steering
 from service.errors import PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
 from tests.service import images
 
@@ -34,8 +35,9 @@ def job(enqueued: float, data: bytes = b"", threshold: float = 0.0, future: asyn
     return Job(data, rule(threshold), enqueued, future=future)
 
 
-def sample(threshold: float = 0.0, cap: int = 2, top_k: int = 1, x: torch.Tensor | None = None) -> Sample:
-    return Sample(torch.zeros(1, 16, 16) if x is None else x, threshold, cap, top_k, 0.0)
+def sample(threshold: float = 0.0, cap: int = 2, top_k: int = 1, x: torch.Tensor | None = None,
+           shadow: bool = False) -> Sample:
+    return Sample(torch.zeros(1, 16, 16) if x is None else x, threshold, cap, top_k, 0.0, shadow)
 
 
 def test_empty_queue_waits_forever() -> None:
@@ -95,6 +97,34 @@ def test_batched_rows_answer_like_single_rows(model) -> None:
         assert r.top_probs == pytest.approx(single.top_probs, abs=1e-5)
 
 
+def test_a_shadow_row_is_answered_at_its_exit_and_run_on_to_the_last_exit_after(model) -> None:
+    """A shadow pass changes no answer and no release; finished, it holds what full depth would have shown."""
+    torch.manual_seed(2)
+    xs = [torch.randn(1, 16, 16) for _ in range(5)]
+    thresholds = [1e9, 0.0, 1e9, 0.8, 1e9]
+    shadows = [True, False, False, True, True]
+    plain, shadowed, witnessed = [], [], []
+    exits = run_batch(model, [sample(t, top_k=2, x=x) for x, t in zip(xs, thresholds, strict=True)],
+                      lambda js, rs: plain.append([r.exit for r in rs]))
+    batch = [sample(t, top_k=2, x=x, shadow=s) for x, t, s in zip(xs, thresholds, shadows, strict=True)]
+    where = {id(j): i for i, j in enumerate(batch)}
+    assert run_batch(model, batch, lambda js, rs: shadowed.append([(where[id(j)], r.exit) for j, r in
+                                                                   zip(js, rs, strict=True)]),
+                     witness=witnessed.append) == exits
+    assert [[e for _, e in group] for group in shadowed] == plain  # the same releases, in the same order
+    (work,) = witnessed
+    assert work.rows == [0, 3, 4] and work.exits == [exits[i] for i in work.rows]
+    assert not finish_shadows(model, work, idle=lambda: False)  # a batch waits: given up
+    assert finish_shadows(model, work)
+    with torch.inference_mode():
+        for k, i in enumerate(work.rows):
+            logits = model.forward_all(xs[i][None])
+            assert list(work.prediction[k]) == [int(lg.argmax()) for lg in logits]
+    last: list = []
+    run_batch(model, [sample(0.0, x=xs[i]) for i in work.rows], lambda js, rs: last.extend(rs))  # θ = 0: full depth
+    assert work.entropy[:, -1] == pytest.approx([r.entropy for r in last], abs=1e-5)
+
+
 SPEC = InputSpec("L", 16, (0.5,), (0.25,))
 LIMITS = ImageLimits(max_pixels=10_000, min_side=8, formats=("PNG",))
 
@@ -138,7 +168,7 @@ def test_worker_answers_and_drains_on_close(model) -> None:
 
 
 def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
-    sent_rows = [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7),
+    sent_rows = [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7, 1),
                  process.Row(1e9, 3.75, 1, 2, 12, 9)]
     batch_id, slot, rows = process.decode_batch(process.encode_batch(7, 1, sent_rows))
     assert (batch_id, slot, rows) == (7, 1, sent_rows)
@@ -152,6 +182,12 @@ def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
                                  lambda batch: [r.top_k for r in sent_rows])
     assert reply == process.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
     assert process.decode_reply(process.DONE.pack(b"F", 7, 0.25), list) == process.Finished(7, True, 0.25)
+    entropy, prediction = np.array([[1.5, 0.5, 0.25], [2.0, 1.0, 0.125]]), np.array([[3, 1, 1], [0, 2, 9]])
+    witnessed = process.decode_reply(process.encode_witnessed([2, 0], entropy, prediction), list)
+    assert isinstance(witnessed, process.Witnessed) and witnessed.answered == [2, 0]
+    assert (witnessed.entropy == entropy).all() and (witnessed.prediction == prediction).all()
+    with pytest.raises(process.ProtocolError, match="shadow message"):  # a truncated one is refused
+        process.decode_reply(process.encode_witnessed([2, 0], entropy, prediction)[:-8], list)
     with pytest.raises(process.ProtocolError):  # an unknown message is an error, never a silent "done"
         process.decode_reply(process.ID.pack(b"Z", 7), list)
 
@@ -187,3 +223,48 @@ def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None
         assert r.top_probs == pytest.approx(want.top_probs, abs=1e-5)
         assert r.decode_s > 0
     assert {0, 2} <= {r.exit for r in got}  # θ=0 runs to the last exit, θ=1e9 leaves at the first
+
+
+class Shadowing(Steering):
+    """Every row a shadow pass; keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.witnessed: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+
+    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+        for j in jobs:
+            j.shadow = True
+
+    def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
+        self.witnessed.append((answered, entropy, prediction))
+
+
+@pytest.mark.parametrize("shadow_cpu", [1.0, 0.0])
+def test_the_inference_process_runs_shadow_rows_on_after_answering_them(model, shadow_cpu: float) -> None:
+    """Through the real process and pipes: answers as without shadows, then every exit's outputs come back,
+    within the process's shadow time (none: nothing comes back)."""
+    steer = Shadowing()
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        worker = make_worker(model, steer=steer, shadow_cpu=shadow_cpu)
+        await loop.run_in_executor(None, worker.start, loop)
+        try:
+            jobs = [Job(upload(i), rule(t), 0.0, future=loop.create_future()) for i, t in enumerate((1e9, 0.0, 1e9))]
+            worker.submit(jobs)
+            results = await asyncio.gather(*(j.future for j in jobs))
+            await asyncio.sleep(0.5)  # the shadow rows run after the batch
+            return results
+        finally:
+            assert await loop.run_in_executor(None, worker.close, 10.0)
+
+    results = asyncio.run(main())
+    assert [r.exit for r in results] == [0, 2, 0]
+    if not shadow_cpu:
+        assert steer.witnessed == []
+        return
+    ((answered, entropy, prediction),) = steer.witnessed
+    assert answered == [0, 2, 0] and entropy.shape == prediction.shape == (3, 3)
+    for k, result in enumerate(results):
+        assert entropy[k, result.exit] == pytest.approx(result.entropy, abs=1e-6)  # the exit it answered at
+        assert prediction[k, result.exit] == result.top_ids[0]
