@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reports" / "shadow-cost.md")
     args = parser.parse_args()
     require_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="erde-shadow-cost-"))
@@ -74,10 +75,17 @@ def main() -> None:
     finally:
         for _, proc in servers.values():
             stop(proc)
-    print(f"\n`python -m bench.shadow_cost` ({args.rounds} interleaved rounds of {args.seconds:g} s, medians; wrk one "
-          "thread on the same two cores as the server):\n")
-    print(table(["model", "budget", "concurrency", "requests/s, shadows on", "off", "on ÷ off",
-                 "shadow MACs ÷ answers' MACs"], rows))
+    report = "\n".join([
+        "# What shadow passes cost (issue 19)", "",
+        f"`python -m bench.shadow_cost --rounds {args.rounds} --seconds {args.seconds:g}`: two servers on the shipped "
+        "store, shadow passes on (the defaults: ERDE_DRIFT_SHADOW_FRACTION 0.15, ERDE_DRIFT_SHADOW_CPU 0.25) and off "
+        "(ERDE_DRIFT_SHADOW_FRACTION=0), wrk one thread on the same two cores, interleaved rounds, medians. The last "
+        "column is what the server with shadows spent on them, as a share of its answers' MACs over the same runs "
+        "(docs/budgets.md).", "",
+        table(["model", "budget", "concurrency", "requests/s, shadows on", "off", "on ÷ off",
+               "shadow MACs ÷ answers' MACs"], rows), ""])
+    args.out.write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":
