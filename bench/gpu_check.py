@@ -77,13 +77,13 @@ def exits_section(device: torch.device, data_dir: Path | None) -> str:
 
 
 def images_per_second(model, xs: torch.Tensor, theta: float, batch: int, backends: list[bool] | None,
-                      seconds: float) -> float:
+                      seconds: float, device: torch.device) -> float:
     cap = model.num_exits - 1
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         at = done % (len(xs) - batch + 1)
         run_batch(model, [Sample(x, theta, cap, 1, 0.0) for x in xs[at:at + batch]], lambda *_: None,
-                  mkldnn=backends)
+                  mkldnn=backends, device=device)
         done += batch
     return done / (time.perf_counter() - started)
 
@@ -99,7 +99,7 @@ def engine_section(device: torch.device, data_dir: Path | None, seconds: float) 
             backends = choose_stage_backends(model, 32) if where.type == "cpu" else None
             for budget in (1.0, 0.25):
                 theta = 0.0 if budget == 1.0 else art.calibration.choose(budget)[0].threshold
-                rates = [images_per_second(model, xs, theta, b, backends, seconds) for b in BATCHES]
+                rates = [images_per_second(model, xs, theta, b, backends, seconds, where) for b in BATCHES]
                 best[(name, where.type, budget)] = rates[-1]
                 rows.append([name, describe(where), "full depth" if budget == 1.0 else budget,
                              *(f"{r:,.0f}" for r in rates)])
@@ -172,11 +172,16 @@ def http_section(device_name: str, engine: dict, data_dir: Path | None, seconds:
     finally:
         proc.terminate()
         proc.wait(30)
+    worst = min(float(r[-1]) for r in rows)
+    bottleneck = ("the server's event loop (one process: HTTP, multipart, JSON), not the network: the engine "
+                  "alone runs the same images several times faster" if worst < 0.5 else
+                  "the network: HTTP reaches most of what the engine does alone")
     return "\n".join(["## HTTP: the service on the device", "",
                       f"A closed loop of keep-alive connections (the standard library), {seconds:g} s per cell, one "
                       "server process; against the engine's images/s at batch 256 on the same device.", "",
                       table(["model", "budget", "concurrency", "requests/s", "non-200", "engine images/s",
-                             "HTTP ÷ engine"], rows), ""])
+                             "HTTP ÷ engine"], rows), "",
+                      f"The bottleneck, where HTTP reaches {worst:.2f} of the engine at worst: {bottleneck}.", ""])
 
 
 def main() -> None:

@@ -41,11 +41,12 @@ class OperatingPoint:
 @torch.inference_mode()
 def exit_outputs(model: EarlyExitResNet, data: TensorData, batch_size: int = 512) -> ExitOutputs:
     model.eval()
+    device = next(model.parameters()).device
     ents, preds = [], []
     for x, _ in iterate_batches(data, batch_size, shuffle=False):
-        logits = model.forward_all(x)
+        logits = model.forward_all(x.to(device))
         ents.append(np.stack([exit_scores(lg)[1] for lg in logits], 1))  # float64, as served
-        preds.append(torch.stack([lg.argmax(-1) for lg in logits], 1))
+        preds.append(torch.stack([lg.argmax(-1) for lg in logits], 1).cpu())
     return ExitOutputs(np.concatenate(ents), torch.cat(preds).numpy(), data.labels.numpy())
 
 

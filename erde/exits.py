@@ -18,9 +18,10 @@ def exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (B, K) and entropies (B,), float64, from logits (B, K).
 
     In numpy: serving runs this once per stage on a few small rows, where numpy's ops cost less
-    than torch's per-op dispatch.
+    than torch's per-op dispatch. Logits on a device are copied to the host here, the one sync a stage
+    needs, so the rule is the same float64 arithmetic wherever the network ran.
     """
-    z = logits.double().numpy()  # (B, K)
+    z = logits.detach().to("cpu", torch.float64).numpy()  # (B, K)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     probs = np.exp(logp)

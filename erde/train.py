@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from erde.data import InputSpec, TensorData, iterate_batches
+from erde.device import pick_device
 from erde.losses import distillation_loss
 from erde.nets import EarlyExitResNet, NetConfig, build_model, model_config
 from erde.runs import TrainConfig, load_run_data
@@ -36,12 +37,6 @@ POSTFIX_EVERY = 50  # steps between progress-bar updates (each one reads the dev
 def net_config_for(arch: str, data: TensorData) -> NetConfig:
     return model_config(arch, in_channels=data.spec.channels, input_size=data.spec.size,
                         num_classes=len(data.classes))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:

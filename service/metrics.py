@@ -53,7 +53,8 @@ INFLIGHT = Gauge("erde_inflight_requests", "Requests being handled now", multipr
 REJECTED = Counter("erde_rejected_total", "Requests refused, by reason", ["model", "reason"])
 # Several workers: the max over live processes, so a version is 1 while any worker serves it, and 0 once
 # all have moved on (a retired series cannot be removed from the other processes' files).
-MODEL_INFO = Gauge("erde_model_info", "1 for every model version being served (0: retired)", ["model", "version"],
+MODEL_INFO = Gauge("erde_model_info", "1 for every model version being served (0: retired), and the device its "
+                   "inference process runs on", ["model", "version", "device"],
                    multiprocess_mode="livemax")
 # overload (issue 12). Several workers: each runs its own controller, the dashboard shows the highest.
 LOAD_PRESSURE = Gauge("erde_load_pressure", "Overload controller pressure: 0 answers rows as asked, 1 at their floors",
@@ -76,6 +77,11 @@ BUDGET_SPENT = Counter("erde_budget_spent_total", "Sum of the MACs fractions spe
                        "edge of its erde_budget bucket)", ["model", "budget"])
 BUDGET_REPLIES = Counter("erde_budget_replies_total", "Replies, by the budget asked for (upper edge of its "
                          "erde_budget bucket)", ["model", "budget"])
+NETWORK_STAGE = Histogram("erde_network_stage_duration_seconds", "Per micro-batch: the time each stage of the "
+                          "network took where it runs, its logits read (one sync on a device)", ["model", "stage"],
+                          buckets=LATENCY_BUCKETS)
+DEVICE_MEMORY = Gauge("erde_device_memory_bytes", "Device memory torch holds for a model's inference process "
+                      "(0 on the CPU)", ["model"], multiprocess_mode="livemax")
 SHADOW_MACS = Counter("erde_shadow_macs_total", "Multiply-accumulates spent on shadow passes beyond the answers' own "
                       "(the label-free accuracy estimate's cost: docs/budgets.md)", ["model"])
 RELOADS = Counter("erde_reloads_total", "Store reloads by result (ok, unchanged, failed)", ["result"])
@@ -123,6 +129,13 @@ def observe_image(model: str, exit_index: int, macs: int, full_macs: int, reques
     _series(STAGE_DURATION, model, "decode").observe(decode_s)
     _series(STAGE_DURATION, model, "queue").observe(queue_s)
     _series(STAGE_DURATION, model, "inference").observe(inference_s)
+
+
+@never_raises
+def observe_network(model: str, stage_s: list[float], device_bytes: int) -> None:
+    for stage, seconds in enumerate(stage_s):
+        _series(NETWORK_STAGE, model, str(stage)).observe(seconds)
+    _series(DEVICE_MEMORY, model).set(device_bytes)
 
 
 @never_raises
@@ -181,15 +194,15 @@ def set_inflight(delta: int) -> None:
 
 
 @never_raises
-def set_model_info(model: str, version: str, serving: bool) -> None:
+def set_model_info(model: str, version: str, serving: bool, device: str = "cpu") -> None:
     if serving:
-        MODEL_INFO.labels(model, version).set(1)
+        MODEL_INFO.labels(model, version, device).set(1)
         for metric in (LOAD_PRESSURE, DEGRADED, UNSATISFIABLE):  # at 0 from the start: rates and panels
             _series(metric, model)  # have data before the first overload or unsatisfiable floor
     elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MODEL_INFO.labels(model, version).set(0)
+        MODEL_INFO.labels(model, version, device).set(0)
     else:
-        MODEL_INFO.remove(model, version)
+        MODEL_INFO.remove(model, version, device)
 
 
 @never_raises

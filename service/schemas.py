@@ -160,6 +160,7 @@ class ModelInfo(BaseModel):
     live_calibration: list[dict] = Field([], description="the operating points in use, as today's replies measure "
                                          "them: live θ, realized MACs fraction and live accuracy beside the "
                                          "calibrated figures (docs/budgets.md)")
+    device: str = Field("cpu", description="where the model's inference process runs the network (ERDE_DEVICE)")
     exit_latency: dict | None = Field(None, description="latency per exit measured at export: `ms` maps a batch "
                                       "size to one median time per exit; where, how and when (null before it existed)")
 

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         "so batches form under load without waiting)"))
     queue_size: int = Field(512, ge=1, description="queued images per model; a full queue answers 503 at once")
     torch_threads: int = Field(1, ge=1, le=256, description="intra-op threads of each inference process")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$", description=(
+        "where each model's inference process runs the network: auto (CUDA when this torch sees it, else the "
+        "CPU), cpu, cuda or cuda:N; a device that is not there is refused at start"))
     drain_timeout_s: float = Field(10.0, ge=0,
                                    description="SIGTERM: longest wait for queued and in-flight requests")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503, in seconds")
@@ -141,6 +144,9 @@ class Settings(BaseSettings):
         if self.decode_timeout_ms >= self.hang_timeout_s * 1000:
             raise ValueError("decode_timeout_ms must be below hang_timeout_s: a slow image is refused, "
                              "never taken for a hang")
+        from erde.device import pick_device  # torch, only once the cheap checks passed
+
+        pick_device(self.device)  # refuses a device this machine does not have, saying what is missing
         self.image_formats = tuple(f.upper() for f in self.image_formats)
         return self
 

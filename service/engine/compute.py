@@ -18,6 +18,8 @@ from erde.latency import choose_stage_backends  # noqa: F401  (one backend choic
 from erde.latency import set_mkldnn as _set_mkldnn
 from erde.nets import EarlyExitResNet
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -57,30 +59,41 @@ class Shadows:
 def run_batch(model: EarlyExitResNet, jobs: list[Sample],
               release: Callable[[list[Sample], list[ExitResult]], None],
               clock: Callable[[], float] = time.monotonic, mkldnn: list[bool] | None = None,
-              witness: Callable[[Shadows], None] = lambda work: None) -> list[int]:
+              witness: Callable[[Shadows], None] = lambda work: None,
+              stage_s: list[float] | None = None, device: torch.device = CPU) -> list[int]:
     """Run `jobs` stage by stage with per-row θ and caps; returns the exit each row took.
 
     Shadow rows are released and leave the batch like the others; `witness` then gets them (if any) with
     their features at their exits, for `finish_shadows` to run on when the process is idle.
 
-    `mkldnn[i]` picks the convolution backend of stage i (see `choose_stage_backends`).
+    On a `device` (the model's: the caller knows it, asking the model costs 8 µs a batch), the batch is
+    assembled in pinned host memory and copied once; the stages
+    and the gathering of the rows that go on run there, and the host reads each stage's logits once
+    (`exit_scores`): one sync per stage, and the exit rule's own float64 arithmetic.
+    `mkldnn[i]` picks the convolution backend of stage i (see `choose_stage_backends`; CPU only); `stage_s`
+    gets the seconds each stage that ran took, its logits read (so on a device, its device time).
     """
     started = clock()
     h = torch.stack([j.x for j in jobs])  # (B, C, H, W)
+    if device.type != "cpu":
+        h = h.pin_memory().to(device, non_blocking=True)
     theta = np.array([j.threshold for j in jobs])  # (B,)
     cap = np.array([last_exit(j.cap, model.num_exits) for j in jobs])  # (B,)
     rows = np.arange(len(jobs))  # original index of each row still running
     exits = [0] * len(jobs)
-    shadow = np.array([j.shadow for j in jobs])
-    shadowing = bool(shadow.any())
+    shadowing = any(j.shadow for j in jobs)
     if shadowing:
+        shadow = np.array([j.shadow for j in jobs])
         seen = np.zeros((len(jobs), model.num_exits)), np.zeros((len(jobs), model.num_exits), dtype=np.int64)
         hidden: dict[int, torch.Tensor] = {}
     for i in range(model.num_exits):
         if mkldnn is not None:
             _set_mkldnn(mkldnn[i])
+        stage_started = time.perf_counter()
         h = model.stage(i, h)
         probs, ent = exit_scores(model.exit(i, h))
+        if stage_s is not None:
+            stage_s.append(time.perf_counter() - stage_started)
         done = stops(ent, theta, cap, i)
         if shadowing:
             watched = shadow[rows]
@@ -105,7 +118,7 @@ def run_batch(model: EarlyExitResNet, jobs: list[Sample],
         if idx.size == len(rows):
             break
         keep = np.flatnonzero(~done)  # index, not mask: a boolean mask costs torch a nonzero pass
-        h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep)), theta[keep], cap[keep], rows[keep]
+        h, theta, cap, rows = h.index_select(0, torch.from_numpy(keep).to(device)), theta[keep], cap[keep], rows[keep]
     if shadowing:
         watched = np.flatnonzero(shadow).tolist()
         witness(Shadows(watched, [exits[r] for r in watched], [hidden[r] for r in watched], seen[0][watched],

@@ -21,7 +21,8 @@ Wire format (over two one-way pipes; the encoded images go through shared memory
                      W: a batch's shadow rows, run on to the last exit once the batch was done and while
                         no other batch waited: the exit each answered at, every exit's entropy and
                         prediction (docs/budgets.md)
-                     D: the batch is finished and its slot is free, with the seconds it took here
+                     D: the batch is finished and its slot is free, with the seconds it took here, the
+                        device memory in use and the seconds each stage that ran took
                      F: the batch failed (its unreleased rows get an error), with the same
 """
 
@@ -43,7 +44,7 @@ from safetensors.torch import save as save_tensors
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
-from service.engine.compute import ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
+from service.engine.compute import CPU, ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
 from service.engine.decode import DecodeTooSlow, ImageLimits, decode_budget, decode_image, too_slow
 from service.errors import ServiceError
 
@@ -53,7 +54,7 @@ BATCH = struct.Struct("<cIII")  # kind, batch id, slot, rows
 EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference seconds
 REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
 ID = struct.Struct("<cI")  # kind, batch id (P)
-DONE = struct.Struct("<cId")  # kind, batch id, seconds the process spent on it (D and F)
+DONE = struct.Struct("<cIdQB")  # kind, batch id, seconds spent on it, device bytes in use, stages; then per stage s
 WITNESSED = struct.Struct("<cII")  # kind, rows, exits
 SHADOW_CREDIT_MAX_S = 1.0  # most shadow work an idle spell may save up (seconds)
 READY, STOP = b"R", b"S"
@@ -195,6 +196,14 @@ class Finished:
     batch_id: int
     failed: bool
     busy_s: float = 0.0  # what the batch cost this process, not counting the server's wait to read the reply
+    device_bytes: int = 0  # the device memory torch holds for this process (0 on the CPU)
+    stage_s: list[float] = dataclasses.field(default_factory=list)  # each stage that ran, on the device
+
+
+def encode_finished(kind: bytes, batch_id: int, busy_s: float, device_bytes: int = 0,
+                    stage_s: list[float] | None = None) -> bytes:
+    stage_s = stage_s or []
+    return DONE.pack(kind, batch_id, busy_s, device_bytes, len(stage_s)) + np.array(stage_s, np.float64).tobytes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,16 +228,20 @@ def decode_reply(message: bytes,
         return Refused(*decode_refused(message))
     if kind == b"W":
         return decode_witnessed(message)
-    if kind in (b"D", b"F") and len(message) == DONE.size:
-        _, batch_id, busy_s = DONE.unpack(message)
-        return Finished(batch_id, kind == b"F", busy_s)
+    if kind in (b"D", b"F") and len(message) >= DONE.size:
+        _, batch_id, busy_s, device_bytes, stages = DONE.unpack_from(message)
+        if len(message) != DONE.size + 8 * stages:
+            raise ProtocolError(f"a finished message of {len(message)} bytes for {stages} stages")
+        stage_s = np.frombuffer(message, dtype=np.float64, count=stages, offset=DONE.size).tolist()
+        return Finished(batch_id, kind == b"F", busy_s, device_bytes, stage_s)
     if kind == b"P" and len(message) == ID.size:
         return Progress(ID.unpack(message)[1])
     raise ProtocolError(f"unknown reply kind {kind!r}")
 
 
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
-          arena_path: str, arena_bytes: int, threads: int, max_rows: int, shadow_cpu: float = 0.0) -> None:
+          arena_path: str, arena_bytes: int, threads: int, max_rows: int, shadow_cpu: float = 0.0,
+          device: str = "cpu") -> None:
     """The process's main: load, choose backends, warm up, then decode and run batches until told to stop.
 
     After a batch is done, its shadow rows run on while no other batch waits, within `shadow_cpu` of the
@@ -238,10 +251,12 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    model = fuse_for_inference(blob.build())
-    backends = choose_stage_backends(model, max_rows)
+    where = torch.device(device)
+    model = fuse_for_inference(blob.build()).to(where)
+    backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
     warm = torch.zeros(spec.channels, spec.size, spec.size)
-    run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends)
+    run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends,
+              device=where)
     with open(arena_path, "r+b") as f:
         arena = memoryview(mmap.mmap(f.fileno(), 0))
     replies.send_bytes(READY)
@@ -258,10 +273,12 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             return
         batch_id, slot, rows = decode_batch(message)
         started = time.perf_counter()
+        stage_s: list[float] = []
         try:
-            shadows = run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies)
+            shadows = run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies,
+                               stage_s, where)
             busy_s = time.perf_counter() - started
-            replies.send_bytes(DONE.pack(b"D", batch_id, busy_s))
+            replies.send_bytes(encode_finished(b"D", batch_id, busy_s, device_memory(where), stage_s))
             credit = min(credit + shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
             if shadows is not None:
                 credit -= witness_while_idle(model, backends, shadows, requests, replies, credit)
@@ -269,10 +286,15 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             return  # the server is gone
         except Exception:  # a bug must not kill the process or strand the clients
             log.exception("inference failed for a batch of %d", len(rows))
-            replies.send_bytes(DONE.pack(b"F", batch_id, time.perf_counter() - started))
+            replies.send_bytes(encode_finished(b"F", batch_id, time.perf_counter() - started, device_memory(where)))
 
 
-def witness_while_idle(model: EarlyExitResNet, backends: list[bool], work: Shadows, requests: Connection,
+def device_memory(device: torch.device) -> int:
+    """Bytes torch holds on `device` for this process; 0 on the CPU (its memory is the process's RSS)."""
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
+def witness_while_idle(model: EarlyExitResNet, backends: list[bool] | None, work: Shadows, requests: Connection,
                        replies: Connection, credit: float) -> float:
     """Run a done batch's shadow rows on to the last exit while no batch waits and `credit` seconds last,
     and report them if they got there (else they are dropped); returns the seconds spent."""
@@ -282,8 +304,9 @@ def witness_while_idle(model: EarlyExitResNet, backends: list[bool], work: Shado
     return time.perf_counter() - started
 
 
-def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limits: ImageLimits, batch_id: int,
-             rows: list[Row], arena: memoryview, replies: Connection) -> Shadows | None:
+def run_rows(model: EarlyExitResNet, backends: list[bool] | None, spec: InputSpec, limits: ImageLimits,
+             batch_id: int, rows: list[Row], arena: memoryview, replies: Connection,
+             stage_s: list[float] | None = None, device: torch.device = CPU) -> Shadows | None:
     """Decode each row within the decode budget (a refused image is answered at once), then run the
     rest stage by stage; returns the batch's shadow rows, if any, to be run on once it is done.
 
@@ -318,5 +341,6 @@ def run_rows(model: EarlyExitResNet, backends: list[bool], spec: InputSpec, limi
 
     shadows: list[Shadows] = []
     if samples:
-        run_batch(model, samples, release, mkldnn=backends, witness=shadows.append)
+        run_batch(model, samples, release, mkldnn=backends, witness=shadows.append, stage_s=stage_s,
+                  device=device)
     return shadows[0] if shadows else None

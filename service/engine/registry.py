@@ -13,8 +13,10 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from erde.confidence import AccuracyEstimator
+from erde.device import describe, pick_device
 from erde.store import Artifact, list_versions, read_artifact
 from service import metrics
 from service.engine.adaptive import AdaptiveBudgets
@@ -60,6 +62,7 @@ class ServedModel:
                          input=art.spec.to_dict(), arch=art.manifest.get("arch", ""), exits=art.model.num_exits,
                          macs_per_exit=art.macs_per_exit, test_metrics=art.manifest.get("test_metrics"),
                          calibration=curve, live_calibration=self.drift.live_curve(),
+                         device=describe(torch.device(self.worker.device)),
                          exit_latency=art.manifest.get("exit_latency"))
 
 
@@ -95,6 +98,9 @@ class ModelSteering(Steering):
 
     def on_depth(self, depth: int) -> None:
         metrics.set_queue_depth(self.name, depth)
+
+    def on_finished(self, stage_s: list[float], device_bytes: int) -> None:
+        metrics.observe_network(self.name, stage_s, device_bytes)
 
     def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
         self.drift.witness(entropy, prediction)
@@ -150,7 +156,8 @@ class ModelRegistry:
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
                              law=WaitLaw.from_settings(s), lag=self.lag,
                              steer=ModelSteering(name, adaptive, drift, artifact.macs_per_exit),
-                             shadow_cpu=s.drift_shadow_cpu if estimator is not None else 0.0)
+                             shadow_cpu=s.drift_shadow_cpu if estimator is not None else 0.0,
+                             device=str(pick_device(s.device)))
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions, drift)
 
@@ -181,12 +188,12 @@ class ModelRegistry:
                 if served is None:
                     continue
                 self._models[name] = served  # atomic swap: new requests go to the new version
-                metrics.set_model_info(name, served.artifact.version, True)
+                metrics.set_model_info(name, served.artifact.version, True, served.worker.device)
                 metrics.observe_reload("ok")
                 outcome[name] = f"loaded {served.artifact.version}"
                 log.info("serving %s/%s", name, served.artifact.version)
                 if current is not None:
-                    metrics.set_model_info(name, current.artifact.version, False)
+                    metrics.set_model_info(name, current.artifact.version, False, current.worker.device)
                     threading.Thread(target=current.worker.close, args=(self.settings.drain_timeout_s,),
                                      daemon=True).start()
         return outcome

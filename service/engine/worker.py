@@ -113,6 +113,9 @@ class Steering:
     def on_depth(self, depth: int) -> None:
         """The queue holds `depth` rows now."""
 
+    def on_finished(self, stage_s: list[float], device_bytes: int) -> None:
+        """A batch is done: the seconds each stage that ran took, the device memory in use (0 on the CPU)."""
+
     def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
         """Shadow rows came back: the exit each answered at, every exit's entropy and prediction ((rows, exits))."""
 
@@ -122,7 +125,7 @@ class ModelWorker:
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  law: WaitLaw | None = None, lag: LoopLag | None = None, steer: Steering | None = None,
-                 shadow_cpu: float = 0.0) -> None:
+                 shadow_cpu: float = 0.0, device: str = "cpu") -> None:
         self.blob = process.ModelBlob.of(model)
         self.spec = spec
         self.limits = limits
@@ -138,6 +141,7 @@ class ModelWorker:
         self.lag = lag
         self.steer = steer or Steering()
         self.shadow_cpu = shadow_cpu  # of the process's batch time, at most, for shadow passes (docs/budgets.md)
+        self.device = device  # where the process runs the network (erde/device.py), e.g. "cpu" or "cuda:0"
         self._pending: deque[Job] = deque()
         self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
@@ -211,7 +215,8 @@ class ModelWorker:
             replies_r, replies_w = _context.Pipe(duplex=False)
             proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
                                     args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
-                                          self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu))
+                                          self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu,
+                                          self.device))
             proc.start()
             requests_r.close()
             replies_w.close()
@@ -384,6 +389,7 @@ class ModelWorker:
             if 2 * len(jobs) >= self.max_batch_size or 2 * self._cost.rows < self.max_batch_size:  # see RowCost
                 self._cost = measured(self._cost, len(jobs), reply.busy_s)  # the process's own clock: no loop lag
             self._free_slots.append(slot)
+            self.steer.on_finished(reply.stage_s, reply.device_bytes)
             if reply.failed:
                 _fail(jobs, RuntimeError("inference failed"))
             self._dispatch()

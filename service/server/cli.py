@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from service.server.multiproc import prepare_metrics_dir
 from service.settings import Settings
 
-FLAGS = ("host", "port", "workers", "store", "default_model")  # the settings uvicorn users expect as flags
+FLAGS = ("host", "port", "workers", "store", "default_model", "device")  # the settings users expect as flags
 
 
 def variable(name: str) -> str:

@@ -181,7 +181,10 @@ def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
     reply = process.decode_reply(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
                                  lambda batch: [r.top_k for r in sent_rows])
     assert reply == process.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
-    assert process.decode_reply(process.DONE.pack(b"F", 7, 0.25), list) == process.Finished(7, True, 0.25)
+    finished = process.encode_finished(b"F", 7, 0.25, 4096, [0.001, 0.0025])
+    assert process.decode_reply(finished, list) == process.Finished(7, True, 0.25, 4096, [0.001, 0.0025])
+    with pytest.raises(process.ProtocolError, match="finished message"):  # its stage times cut short
+        process.decode_reply(finished[:-8], list)
     entropy, prediction = np.array([[1.5, 0.5, 0.25], [2.0, 1.0, 0.125]]), np.array([[3, 1, 1], [0, 2, 9]])
     witnessed = process.decode_reply(process.encode_witnessed([2, 0], entropy, prediction), list)
     assert isinstance(witnessed, process.Witnessed) and witnessed.answered == [2, 0]
