@@ -24,11 +24,14 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   connection closes. When a multipart form may name another model, the body decides. Counted
   and logged like every request (`middleware.account`). The Host check does not run first: a 503
   carries nothing a rebinding page could want.
-- **No pause after a refusal**: a kept-alive connection that was just answered 503 is read again
-  at once. Pausing it (as this protocol did, to slow clients retrying in a tight loop) makes the
-  next request on it late when that request is a new one, as it is from any pooled client under an
-  open loop; the client then opens more connections, and past capacity they piled up to the
-  generator's limit (issue 23). A refusal is cheap instead, and says when to come back.
+- **A backoff for a connection refused again and again** (`refusal_backoff`): a kept-alive
+  connection answered 503 is read again at once after its first refusal, then, while its requests
+  keep being refused, after a pause that doubles from 1 ms to at most 0.1 s (and its Retry-After); any
+  other reply ends the run. Every 503 itself goes out at once. A pause after every refusal made a
+  pooled client's next, new request late under an open loop (issue 23); none let 512 clients
+  retrying in a tight loop fill every turn of the event loop with refusals, so that the requests it
+  admitted waited behind them and it admitted almost none (bench/collapse.py). Runs of refusals are
+  short for a client whose requests are independent, and long only for one that retries regardless.
 - **Requests parsed before a refusal are answered first** (issue 20): a malformed request
   pipelined behind good ones is refused only once their replies are sent, then the connection
   is closed (RFC 9112 section 9.3.2).
@@ -79,6 +82,16 @@ class HttpLimits:
 
 # nginx lingers 30 s at most (lingering_time); a refused body on the same network arrives in milliseconds.
 LINGER_S = 2.0
+BACKOFF_FIRST_S = 0.001  # the pause after a connection's second refusal in a row, doubling after each next one
+BACKOFF_MAX_S = 0.1
+
+
+def refusal_backoff(in_a_row: int, retry_after_s: float) -> float:
+    """Seconds before a kept-alive connection is read again after its `in_a_row`-th refusal in a row: none
+    after the first, then 1 ms doubling, at most BACKOFF_MAX_S and the refusal's Retry-After."""
+    if in_a_row < 2:
+        return 0.0
+    return min(BACKOFF_FIRST_S * 2 ** min(in_a_row - 2, 16), BACKOFF_MAX_S, retry_after_s)
 
 
 class LingeringTransport:
@@ -155,6 +168,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # bytes read for the current head (whole reads while it is incomplete)
         self.reading = 0  # length of the read being parsed
         self.messages_done = 0
+        self.refused_in_a_row = 0  # 503s this connection got in a row: its backoff (refusal_backoff)
         # One timer per connection, not per request: it fires at the deadline it was set for, and
         # checks (and re-arms for) the request being read then, if any. Keep-alive requests that
         # arrive in time never touch it.
@@ -293,7 +307,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def on_response_complete(self) -> None:
+        refused = self.cycle is not None and record_of(self.cycle.scope).sent == 503
+        self.refused_in_a_row = self.refused_in_a_row + 1 if refused else 0
         super().on_response_complete()
+        pause = refusal_backoff(self.refused_in_a_row, self.limits.retry_after_s)
+        if pause and not self.transport.is_closing():
+            self.flow.pause_reading()
+            self.loop.call_later(pause, self._resume_after_refusal)
         if self.pipeline or not self.cycle.response_complete or self.transport.is_closing():
             return  # a pipelined request still to answer (or none at all)
         if self.refusal_owed is not None:  # every reply owed before the refusal is sent: now the refusal
@@ -301,6 +321,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.share.idle(self)
+
+    def _resume_after_refusal(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     # refusals
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,9 +50,14 @@ class Shadows:
 
     rows: list[int]  # index in the batch
     exits: list[int]  # the exit each one answered at
-    hidden: list[torch.Tensor]  # its features after that exit's stage
+    hidden: list[torch.Tensor]  # its features after the last stage run for it (at first: its exit's)
     entropy: np.ndarray  # (rows, exits): known up to each row's exit, the rest filled by `finish_shadows`
     prediction: np.ndarray
+    reached: list[int] = field(default_factory=list)  # the last stage run for each row (at first: its exit)
+
+    def __post_init__(self) -> None:
+        if not self.reached:
+            self.reached.extend(self.exits)
 
 
 @torch.inference_mode()
@@ -128,21 +133,21 @@ def run_batch(model: EarlyExitResNet, jobs: list[Sample],
 
 @torch.inference_mode()
 def finish_shadows(model: EarlyExitResNet, work: Shadows, mkldnn: list[bool] | None = None,
-                   idle: Callable[[], bool] = lambda: True) -> bool:
-    """Run the shadow rows on from their exits to the last one, a stage at a time while `idle()` says the
-    process has nothing else to do; fills `work.entropy` and `work.prediction`. False: given up for a
-    waiting batch (the rows are then dropped, never half-reported)."""
-    features = list(work.hidden)
-    for j in range(min(work.exits) + 1, model.num_exits):
+                   idle: Callable[[], bool] = lambda: True, device: torch.device = CPU) -> bool:
+    """Run the shadow rows on towards the last exit, a stage at a time while `idle()` says the process has
+    nothing else to do; fills `work.entropy` and `work.prediction`. False: paused for a waiting batch, with
+    the progress kept in `work` for the next call. Pausing, never dropping, keeps the evidence unbiased: a
+    row that answered early needs more stages than one that went deep, and would be dropped more often."""
+    for j in range(min(work.reached) + 1, model.num_exits):
         if not idle():
             return False
-        members = [k for k, e in enumerate(work.exits) if e < j]
+        members = [k for k, r in enumerate(work.reached) if r < j]  # in order, every one of them is at j - 1
         if mkldnn is not None:
             _set_mkldnn(mkldnn[j])
-        h = model.stage(j, torch.stack([features[k] for k in members]))
+        h = model.stage(j, torch.stack([work.hidden[k] for k in members]).to(device))
         probs, ent = exit_scores(model.exit(j, h))
         for n, k in enumerate(members):
-            features[k] = h[n]
+            work.hidden[k], work.reached[k] = h[n], j
         work.entropy[members, j] = ent
         work.prediction[members, j] = probs.argmax(axis=1)
     return True

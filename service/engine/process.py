@@ -34,6 +34,7 @@ import mmap
 import signal
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -57,6 +58,7 @@ ID = struct.Struct("<cI")  # kind, batch id (P)
 DONE = struct.Struct("<cIdQB")  # kind, batch id, seconds spent on it, device bytes in use, stages; then per stage s
 WITNESSED = struct.Struct("<cII")  # kind, rows, exits
 SHADOW_CREDIT_MAX_S = 1.0  # most shadow work an idle spell may save up (seconds)
+SHADOWS_KEPT = 64  # batches of shadow rows waiting for idle time; past it the oldest go, whatever their exits
 READY, STOP = b"R", b"S"
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
@@ -261,6 +263,7 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
         arena = memoryview(mmap.mmap(f.fileno(), 0))
     replies.send_bytes(READY)
     credit = 0.0  # seconds of shadow work the process may still spend
+    waiting: deque[Shadows] = deque(maxlen=SHADOWS_KEPT)  # shadow rows to run on, oldest first
     while True:
         try:
             message = requests.recv_bytes()
@@ -281,7 +284,9 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
             replies.send_bytes(encode_finished(b"D", batch_id, busy_s, device_memory(where), stage_s))
             credit = min(credit + shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
             if shadows is not None:
-                credit -= witness_while_idle(model, backends, shadows, requests, replies, credit)
+                waiting.append(shadows)
+            if waiting:
+                credit -= witness_while_idle(model, backends, waiting, requests, replies, credit, where)
         except (EOFError, OSError):
             return  # the server is gone
         except Exception:  # a bug must not kill the process or strand the clients
@@ -294,12 +299,17 @@ def device_memory(device: torch.device) -> int:
     return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
 
 
-def witness_while_idle(model: EarlyExitResNet, backends: list[bool] | None, work: Shadows, requests: Connection,
-                       replies: Connection, credit: float) -> float:
-    """Run a done batch's shadow rows on to the last exit while no batch waits and `credit` seconds last,
-    and report them if they got there (else they are dropped); returns the seconds spent."""
+def witness_while_idle(model: EarlyExitResNet, backends: list[bool] | None, waiting: deque[Shadows],
+                       requests: Connection, replies: Connection, credit: float, device: torch.device) -> float:
+    """Run the waiting shadow rows on to the last exit, oldest first, while no batch waits and `credit`
+    seconds last, and report each batch's once all of them got there; returns the seconds spent."""
     started = time.perf_counter()
-    if finish_shadows(model, work, backends, lambda: time.perf_counter() - started < credit and not requests.poll()):
+
+    def idle() -> bool:
+        return time.perf_counter() - started < credit and not requests.poll()
+
+    while waiting and finish_shadows(model, waiting[0], backends, idle, device):
+        work = waiting.popleft()
         replies.send_bytes(encode_witnessed(work.exits, work.entropy, work.prediction))
     return time.perf_counter() - started
 

@@ -48,6 +48,9 @@ from service.errors import PayloadTooLarge, Unavailable
 log = logging.getLogger("erde.service")
 
 SLOTS = 2  # batches in the process at once: the one running and the next (full) one
+# An event loop later than this on its 5 ms timer (LoopLag) is busy enough that the CPU a shadow pass takes
+# would delay it: no shadow passes then (docs/budgets.md).
+SPARE_LAG_S = 0.002
 START_TIMEOUT_S = 300.0
 RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
 MAX_BACKOFF_S = 30.0
@@ -318,6 +321,11 @@ class ModelWorker:
             self._low = seen(self.law, self._low, len(self._pending), time.monotonic())
         self.steer.on_depth(len(self._pending))
 
+    def _spare(self) -> bool:
+        """Whether the machine has room for shadow passes: nothing else queued for this model, and an event
+        loop that keeps up (on shared cores, a shadow pass takes CPU the loop would need)."""
+        return not self._pending and (self.lag is None or self.lag.lag_s < SPARE_LAG_S)
+
     def _newest_first(self) -> bool:
         """A standing queue is served newest first (adaptive LIFO: service/engine/sojourn.py)."""
         return self.law is not None and self.law.adaptive_lifo and standing(self._low) > 0
@@ -333,7 +341,7 @@ class ModelWorker:
         jobs = [j for j in jobs if j.future is None or not j.future.done()]
         if not jobs:
             return
-        self.steer.adjust(jobs, now, spare=not self._pending)
+        self.steer.adjust(jobs, now, spare=self._spare())
         slot = self._free_slots.pop()
         base, at, rows = slot * self.arena_bytes, 0, []
         for i, job in enumerate(jobs):

@@ -113,9 +113,14 @@ def test_a_shadow_row_is_answered_at_its_exit_and_run_on_to_the_last_exit_after(
                      witness=witnessed.append) == exits
     assert [[e for _, e in group] for group in shadowed] == plain  # the same releases, in the same order
     (work,) = witnessed
-    assert work.rows == [0, 3, 4] and work.exits == [exits[i] for i in work.rows]
-    assert not finish_shadows(model, work, idle=lambda: False)  # a batch waits: given up
-    assert finish_shadows(model, work)
+    assert work.rows == [0, 3, 4] and work.exits == [exits[i] for i in work.rows] and work.exits[0] == 0
+    assert not finish_shadows(model, work, idle=lambda: False)  # a batch waits: nothing run yet
+    once = iter([True, False])
+    assert not finish_shadows(model, work, idle=lambda: next(once))  # one stage, then a batch waits: paused
+    assert work.reached == [1 if e == 0 else e for e in work.exits]  # the rows that left at exit 0 ran stage 1
+    assert work.entropy[0, 2] == 0  # and not yet stage 2
+    assert finish_shadows(model, work)  # resumed where it paused
+    assert work.reached == [2, 2, 2]
     with torch.inference_mode():
         for k, i in enumerate(work.rows):
             logits = model.forward_all(xs[i][None])

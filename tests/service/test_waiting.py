@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from service.edge.protocol import refusal_backoff
 from tests.service import images
 from tests.service.conftest import eventually
 
@@ -106,14 +107,14 @@ FULL = {"max_batch_size": 1, "queue_size": 4, "slow_batch_ms": 600, "hang_timeou
         "slo_ms": 60_000}
 
 
-def refused_retries(server) -> list[float]:
+def refused_retries(server, tries: int = 5) -> list[float]:
     """Gaps between the replies to a client that retries a 503 at once on its one kept-alive connection,
     while the model's queue is held full."""
     with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=server.url, timeout=30) as impatient:
         flood = [pool.submit(post, server.url) for _ in range(6)]  # 2 in the process, 4 queued
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == 4)
         answered = []
-        for _ in range(5):
+        for _ in range(tries):
             reply = impatient.post("/classify", files={"image": ("a.png", PNG, "image/png")})
             answered.append(time.monotonic())
             assert reply.status_code == 503 and reply.headers["retry-after"] and "connection" not in reply.headers
@@ -121,9 +122,20 @@ def refused_retries(server) -> list[float]:
     return [b - a for a, b in itertools.pairwise(answered)]
 
 
-def test_a_refused_kept_alive_connection_is_read_again_at_once(make_server) -> None:
-    gaps = refused_retries(make_server(**FULL))
-    assert max(gaps) < 0.05, gaps  # an open-loop client's next request is a new one: it is not made late
+def test_backoff_grows_only_with_refusals_in_a_row() -> None:
+    assert [refusal_backoff(k, 1.0) for k in range(11)] == \
+        [0.0, 0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1]
+    assert refusal_backoff(30, 0.05) == 0.05  # never past the refusal's own Retry-After
+
+
+def test_a_connection_refused_again_and_again_is_read_later_and_later(make_server) -> None:
+    """A client's next request after one 503 is read at once (under an open loop it is a new request);
+    a client that keeps being refused is read after a pause that doubles, so that a tight retry loop
+    cannot fill every turn of the event loop (bench/collapse.py)."""
+    gaps = refused_retries(make_server(**FULL), tries=10)
+    assert gaps[0] < 0.05, gaps
+    assert all(gap >= refusal_backoff(k + 1, 1.0) for k, gap in enumerate(gaps)), gaps
+    assert gaps[-1] >= 0.1, gaps
 
 
 def test_a_loop_that_runs_late_counts_against_every_request(make_server) -> None:
