@@ -123,7 +123,7 @@ def test_sighup_swaps_versions_and_survives_a_corrupt_one(make_server, tiny_pipe
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert "refused toy/3" in server.log.read_text()
     info = httpx.get(f"{server.url}/metrics").text
-    assert 'erde_model_info{model="toy",version="2"} 1.0' in info and 'version="1"' not in info
+    assert 'erde_model_info{device="cpu",model="toy",version="2"} 1.0' in info and 'version="1"' not in info
 
 
 def wait_for_version(url: str, version: str) -> None:

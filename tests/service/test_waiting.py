@@ -134,7 +134,8 @@ def test_a_connection_refused_again_and_again_is_read_later_and_later(make_serve
     cannot fill every turn of the event loop (bench/collapse.py)."""
     gaps = refused_retries(make_server(**FULL), tries=10)
     assert gaps[0] < 0.05, gaps
-    assert all(gap >= refusal_backoff(k + 1, 1.0) for k, gap in enumerate(gaps)), gaps
+    # uvloop's timers have a resolution of 1 ms: a pause may end up to that much early
+    assert all(gap >= refusal_backoff(k + 1, 1.0) - 0.001 for k, gap in enumerate(gaps)), gaps
     assert gaps[-1] >= 0.1, gaps
 
 
