@@ -35,10 +35,11 @@ system-deps:
 	fi
 
 # Debian packages of `make image-test`: podman with runc (crun fails on this machine's cgroups),
-# podman-compose, and debootstrap for the base image. Installed only when missing.
+# catatonit (the init `podman run --init` starts, as compose's `init: true` asks; only a Recommends of
+# podman), podman-compose, and debootstrap for the base image. Installed only when missing.
 image-deps:
 	@missing=""; \
-	for tool in podman runc podman-compose debootstrap; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for tool in podman runc podman-compose debootstrap catatonit; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
