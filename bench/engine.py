@@ -21,22 +21,22 @@ import torch
 from bench.common import default_artifact, sample_images, table
 from erde.data import normalize
 from erde.nets import fuse_for_inference
-from service.engine.compute import Sample, choose_stage_backends, run_batch
+from service.engine.compute import CPU, Sample, choose_stage_backends, run_batch
 
 BUDGETS = (1.0, 0.5, 0.25)
 SPEED_BAR = {1: 0.5, 32: 0.7}
 TIME_SAVED_BAR = 0.7  # of the MACs saved, at batch 32
 
 
-def run_for(model, xs: torch.Tensor, theta: float, batch: int, macs: list[int], backends: list[bool],
-            seconds: float) -> tuple[float, int, int]:
+def run_for(model, xs: torch.Tensor, theta: float, batch: int, macs: list[int], backends: list[bool] | None,
+            seconds: float, device: torch.device = CPU) -> tuple[float, int, int]:
     """Run `xs` in batches of `batch` at θ for `seconds`: (images/s, MACs spent, images run)."""
     cap = model.num_exits - 1
     done, spent, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         start = done % (len(xs) - batch + 1)
         exits = run_batch(model, [Sample(x, theta, cap, 1, 0.0) for x in xs[start:start + batch]],
-                          lambda *_: None, mkldnn=backends)
+                          lambda *_: None, mkldnn=backends, device=device)
         spent += sum(macs[e] for e in exits)
         done += batch
     return done / (time.perf_counter() - started), spent, done

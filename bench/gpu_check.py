@@ -12,7 +12,8 @@
    and 256, full depth and budget 0.25: requests/s against the engine's images/s at batch 256.
 
 Writes a markdown report (`--out`). Runs on the pinned torch and on torch 2.11 (a GPU machine's own);
-needs numpy and safetensors besides, and the test split's idx files (`--data-dir`).
+needs numpy, safetensors and Pillow besides (a GPU image with matplotlib has it), and the test split's
+idx files (`--data-dir`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import table
+from bench.engine import run_for
 from erde.calibrate import exit_outputs
 from erde.data import load_fashion_mnist
 from erde.device import describe, pick_device
 from erde.exits import exit_taken
 from erde.nets import fuse_for_inference
 from erde.store import list_versions, read_artifact
-from service.engine.compute import Sample, choose_stage_backends, run_batch
+from service.engine.compute import choose_stage_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "model_store"
@@ -44,11 +47,6 @@ MODELS = ("fashion-mnist", "fashion-mnist-teacher")
 BUDGETS = (1.0, 0.5, 0.25)
 TOLERANCE = 1e-4  # nats: float32 logits from two kernels differ by about 1e-6; this is 100 times that
 BATCHES = (1, 32, 256)
-
-
-def table(header: list[str], rows: list[list[object]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
 
 
 def exits_section(device: torch.device, data_dir: Path | None) -> str:
@@ -76,18 +74,6 @@ def exits_section(device: torch.device, data_dir: Path | None) -> str:
                              "beyond it", "same answer", "max |Δ entropy|"], rows), ""])
 
 
-def images_per_second(model, xs: torch.Tensor, theta: float, batch: int, backends: list[bool] | None,
-                      seconds: float, device: torch.device) -> float:
-    cap = model.num_exits - 1
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        at = done % (len(xs) - batch + 1)
-        run_batch(model, [Sample(x, theta, cap, 1, 0.0) for x in xs[at:at + batch]], lambda *_: None,
-                  mkldnn=backends, device=device)
-        done += batch
-    return done / (time.perf_counter() - started)
-
-
 def engine_section(device: torch.device, data_dir: Path | None, seconds: float) -> tuple[str, dict]:
     test = load_fashion_mnist("test", data_dir)
     rows, best = [], {}
@@ -99,7 +85,8 @@ def engine_section(device: torch.device, data_dir: Path | None, seconds: float) 
             backends = choose_stage_backends(model, 32) if where.type == "cpu" else None
             for budget in (1.0, 0.25):
                 theta = 0.0 if budget == 1.0 else art.calibration.choose(budget)[0].threshold
-                rates = [images_per_second(model, xs, theta, b, backends, seconds, where) for b in BATCHES]
+                rates = [run_for(model, xs, theta, b, art.macs_per_exit, backends, seconds, where)[0]
+                         for b in BATCHES]
                 best[(name, where.type, budget)] = rates[-1]
                 rows.append([name, describe(where), "full depth" if budget == 1.0 else budget,
                              *(f"{r:,.0f}" for r in rates)])

@@ -8,8 +8,8 @@
 # The device tool:  run(command="bash scripts/gpu_serve_check.sh", carry=[".gpu-carry"], timeout_s=540)
 # Here, after:   cp <files_at>/gpu.md reports/gpu.md
 #
-# On the device: python3 with its own torch (2.11), numpy and safetensors; the exits and engine parts
-# need nothing else. The HTTP part runs only where the service's dependencies (fastapi, uvicorn, Pillow)
+# On the device: python3 with its own torch (2.11), numpy, safetensors and Pillow (matplotlib's); the exits
+# and engine parts need nothing else. The HTTP part runs only where the service's dependencies (fastapi, uvicorn, Pillow)
 # import, and the report says why when it does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,6 @@ mkdir -p "$out"
 python="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
 args=(--out "$out/gpu.md" --device "${ERDE_DEVICE:-cuda}")
 [[ ! -d $CARRY/fashion-mnist ]] || args+=(--data-dir "$CARRY/fashion-mnist")
-"$python" -c "import numpy, safetensors, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+"$python" -c "import numpy, safetensors, PIL, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
   | tee "$out/environment.txt"
 timeout 480 "$python" -m bench.gpu_check "${args[@]}" 2>&1 | tee "$out/gpu_check.log"
