@@ -121,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of wrk load per run")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--spy", choices=["full", "0.25"], default="full",
+                        help="the load py-spy profiles: full depth or budget 0.25")
     parser.add_argument("--revision", default=".", help="git revision of the service to profile (bench/ab.py "
                                                         "checks it out); '.' is the working tree")
     args = parser.parse_args()
@@ -153,7 +155,8 @@ def main() -> None:
         inference = [p for p, r in service_processes(service.pid).items() if r == "inference process"]
         spied = [("event loop (server process)", service.pid, EVENT_LOOP_PARTS),  # (what, pid, its parts)
                  *(("inference process", pid, INFERENCE_PARTS) for pid in inference[:1])]
-        script = lua(tmp, write_bodies(tmp, {"threshold": "0"}, art.spec.size), "spy", 10_000_000)
+        spied_fields = {"threshold": "0"} if args.spy == "full" else {"budget": args.spy}
+        script = lua(tmp, write_bodies(tmp, spied_fields, art.spec.size), "spy", 10_000_000)
         spies = [spy(pid, args.seconds, tmp / f"spy-{pid}.txt") for _, pid, _ in spied]
         wrk(ports["service"], script, args.concurrency, args.seconds + 1)
         for s in spies:
@@ -166,7 +169,8 @@ def main() -> None:
           f"c={args.concurrency}, {args.seconds:g} s per run, on {os.cpu_count()} cores shared with wrk\n")
     print(table(["load", "requests/s", "process", "CPU µs per request", "share of a core"], rows))
     for name, part_rows in profiles:
-        print(f"\npy-spy, {name}, full depth (share of its main thread's busy samples):\n")
+        load = "full depth" if args.spy == "full" else f"budget {args.spy}"
+        print(f"\npy-spy, {name}, {load} (share of its main thread's busy samples):\n")
         print(table(["part", "share"], part_rows))
 
 

@@ -56,6 +56,13 @@ class AccuracyEstimator:
         q = self.disagree_right[max(bisect.bisect_right(self.thetas, theta) - 1, 0)]
         return float(np.mean(np.where(agree, entropy[:, -1] < self.last_threshold, q)))
 
+    def step_of(self, sorted_entropy: np.ndarray, theta: float) -> tuple[int, int]:
+        """Which step of `accuracy` θ falls on, for the evidence whose early exits' entropies are
+        `sorted_entropy` (sorted, flat): the estimate is a step function of θ that moves only where θ
+        passes one of those entropies (the exit rule's `entropy < θ`) or a calibrated θ (q's grid), so
+        two θ with the same step have the same estimate."""
+        return int(np.searchsorted(sorted_entropy, theta, side="left")), bisect.bisect_right(self.thetas, theta)
+
     @classmethod
     def from_manifest(cls, fitted: dict[str, Any] | None, curve: CalibrationCurve) -> AccuracyEstimator | None:
         """The manifest's `estimator`, or None for an artifact without one (its replies quote offline figures)."""

@@ -157,7 +157,8 @@ class DriftGuard:
         self.evidence = Evidence(law.window, len(curve.macs_per_exit))
         self._last_exit = len(curve.macs_per_exit) - 1
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
-        self._estimates: dict[float, float] = {}  # live θ -> estimate, over the evidence as it is now
+        self._estimates: dict[tuple[int, int], float] = {}  # θ's step -> estimate, over the evidence as it is now
+        self._sorted: np.ndarray | None = None  # the evidence's early-exit entropies, sorted: θ's steps
 
     def theta(self, rule: Decision) -> float:
         """The θ a row runs with: its cell's live θ (its own when it fixed θ or a cap)."""
@@ -186,6 +187,7 @@ class DriftGuard:
         """Shadow rows came back: they replace the oldest evidence."""
         self.evidence.add(entropy, prediction)
         self._estimates.clear()
+        self._sorted = None
 
     def observe(self, rule: Decision, macs_fraction: float) -> Estimate:
         """Step the law of the cell the reply ran under; returns what the reply says about accuracy."""
@@ -216,12 +218,16 @@ class DriftGuard:
         """The estimated accuracy at θ over the evidence; None until there is a window of it."""
         if self.estimator is None or not self.evidence.full:
             return None
-        live = self._estimates.get(theta)
+        if self._sorted is None:
+            self._sorted = np.sort(self.evidence.entropy[:, :-1], axis=None)
+        # θ moves a little on every reply; the estimate only where θ passes a step (AccuracyEstimator.step_of).
+        step = self.estimator.step_of(self._sorted, theta)
+        live = self._estimates.get(step)
         if live is None:
-            if len(self._estimates) >= MAX_ESTIMATES:  # θ moved on many replies with no new evidence (no shadows)
+            if len(self._estimates) >= MAX_ESTIMATES:  # θ crossed many steps with no new evidence (no shadows)
                 self._estimates.clear()
-            live = self._estimates[theta] = self.estimator.accuracy(self.evidence.entropy, self.evidence.prediction,
-                                                                    theta)
+            live = self._estimates[step] = self.estimator.accuracy(self.evidence.entropy, self.evidence.prediction,
+                                                                   theta)
         return live
 
     def _evidence(self) -> list[tuple[int, float, float]]:

@@ -122,6 +122,20 @@ def test_the_estimate_counts_disagreeing_answers_at_the_validation_rate() -> Non
     assert guard.observe(full, 1.0).live == 1.0
 
 
+def test_the_cached_estimate_is_the_estimate_at_every_theta() -> None:
+    """The guard computes the estimate once per step of θ (AccuracyEstimator.step_of), not once per reply:
+    at any θ, on evidence with ties and θ exactly on an entropy or a grid point, it is the direct figure."""
+    guard, _ = guard_and_policy()
+    rng = np.random.default_rng(1)
+    entropy = np.round(rng.random((LAW.window, 3)) * 1.2, 2)  # rounded: ties, and θ that equal an entropy
+    prediction = rng.integers(0, 3, (LAW.window, 3))
+    guard.witness(entropy, prediction)
+    thetas = [*rng.random(300) * 1.3, *entropy[:50, 0], *guard.estimator.thetas, 0.0, 5.0]
+    for theta in thetas * 2:  # the second pass reads the cache
+        assert guard._live(theta) == guard.estimator.accuracy(entropy, prediction, theta), theta
+    assert len(guard._estimates) < len(set(thetas))  # and it did share steps
+
+
 def test_shadow_passes_take_every_kth_row_that_may_reach_the_last_exit_and_only_with_room() -> None:
     guard, policy = guard_and_policy()
     budget = policy.decide(ClassifyOptions(budget=0.25))
