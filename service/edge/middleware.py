@@ -18,13 +18,13 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.edge.accesslog import access_log
 from service.endpoints import match
 from service.errors import PayloadTooLarge, error_body
 from service.numbers import parse_int
 from service.record import RequestRecord, record_of, request_id
 
 log = logging.getLogger("erde.service")
-access_log = logging.getLogger("erde.access")
 
 MAX_LOGGED_PATH = 256  # characters of the path in an access-log line
 

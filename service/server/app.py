@@ -15,6 +15,7 @@ from fastapi_offline import FastAPIOffline
 from service.api.oip import router as oip_router
 from service.api.routes import classify_router, router
 from service.api.ui import ui_router
+from service.edge import accesslog
 from service.edge.admission import AdmissionControl
 from service.edge.head import HeadAsGet
 from service.edge.middleware import AllowedHosts, RequestAccounting
@@ -48,7 +49,7 @@ def _watch_sighup(runtime: Runtime) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Here, not in `erde serve`: each uvicorn worker process builds its own app (a no-op if configured).
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    accesslog.configure()
     runtime = Runtime(settings)
 
     @asynccontextmanager
