@@ -1,7 +1,7 @@
 """The access log: one JSON line per request on the `erde.access` logger, written once per event-loop turn.
 
 A line written and flushed per request was a write(2) per request, the largest single cost of the
-event loop after the framework (reports/service-profile.md, section 8). `LineBatcher` keeps the logger
+event loop after the framework (`python -m bench.profile --spy 0.25`). `LineBatcher` keeps the logger
 (its level, filters and handlers stay the user's to configure) and gathers the lines one loop turn
 formats into one write; a process killed with SIGKILL loses at most that turn's lines. Each write
 holds whole lines and at most PIPE_BUF bytes, so lines from several worker processes sharing one
