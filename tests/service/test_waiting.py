@@ -136,7 +136,7 @@ def test_a_connection_refused_again_and_again_is_read_later_and_later(make_serve
     assert gaps[0] < 0.05, gaps
     # uvloop's timers have a resolution of 1 ms: a pause may end up to that much early
     assert all(gap >= refusal_backoff(k + 1, 1.0) - 0.001 for k, gap in enumerate(gaps)), gaps
-    assert gaps[-1] >= 0.1, gaps
+    assert gaps[-1] >= 0.1 - 0.001, gaps  # the cap reached, within the same timer resolution
 
 
 def test_a_loop_that_runs_late_counts_against_every_request(make_server) -> None:
