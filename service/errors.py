@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -102,33 +104,54 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    record_of(request.scope).reason = exc.reason
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    body = error_body(exc.code, exc.text, record_of(request.scope).request_id)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    record_of(request.scope).reason = "invalid_option"
+    return JSONResponse(error_body("invalid_option", _validation_message(exc),
+                                   record_of(request.scope).request_id), status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    record_of(request.scope).reason = code
+    message = exc.detail if isinstance(exc.detail, str) else "bad request"
+    body = error_body(code, message, record_of(request.scope).request_id)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def client_disconnect(request: Request, _: ClientDisconnect) -> JSONResponse:
+    """The client left before its request was read: its fault, no traceback, not a 500. The reply
+    is counted and never sent; a read timeout (the HTTP protocol's 408) keeps its own reason."""
+    record = record_of(request.scope)
+    record.reason = record.reason or "client_disconnect"
+    return JSONResponse(error_body("client_disconnect", "the client closed the connection", record.request_id),
+                        status_code=CLIENT_CLOSED)
+
+
+# Exception -> its reply; the framework's exception middleware and the work endpoints' direct
+# dispatch (service/api/routes.py) both answer from this one table.
+HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
+    ServiceError: service_error, RequestValidationError: validation_error,
+    StarletteHTTPException: http_error, ClientDisconnect: client_disconnect,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        record_of(request.scope).reason = exc.reason
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        body = error_body(exc.code, exc.text, record_of(request.scope).request_id)
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+    for kind, handler in HANDLERS.items():
+        app.add_exception_handler(kind, handler)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        record_of(request.scope).reason = "invalid_option"
-        return JSONResponse(error_body("invalid_option", _validation_message(exc),
-                                       record_of(request.scope).request_id), status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        record_of(request.scope).reason = code
-        message = exc.detail if isinstance(exc.detail, str) else "bad request"
-        body = error_body(code, message, record_of(request.scope).request_id)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_disconnect(request: Request, _: ClientDisconnect) -> JSONResponse:
-        """The client left before its request was read: its fault, no traceback, not a 500. The reply
-        is counted and never sent; a read timeout (the HTTP protocol's 408) keeps its own reason."""
-        record = record_of(request.scope)
-        record.reason = record.reason or "client_disconnect"
-        return JSONResponse(error_body("client_disconnect", "the client closed the connection", record.request_id),
-                            status_code=CLIENT_CLOSED)
+async def error_response(request: Request, exc: Exception) -> Response:
+    """The reply to `exc` from HANDLERS (the nearest class in its MRO, as Starlette looks it up);
+    an exception no handler takes is raised again, for the accounting's last-resort 500."""
+    for kind in type(exc).__mro__:
+        handler = HANDLERS.get(kind)
+        if handler is not None:
+            return await handler(request, exc)
+    raise exc

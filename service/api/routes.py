@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
 from service.api.deps import RuntimeDep, runtime_of
 from service.api.pipeline import classify
-from service.endpoints import CLASSIFY, CLASSIFY_BATCH, HEALTHZ, METRICS, MODELS, READYZ
+from service.endpoints import CLASSIFY, CLASSIFY_BATCH, ENDPOINTS, HEALTHZ, METRICS, MODELS, READYZ
+from service.errors import error_response
+from service.record import record_of
 from service.schemas import BatchReply, ClassifyOptions, ClassifyReply, ErrorReply, ModelInfo
 
 
@@ -29,6 +33,42 @@ class RequestOnlyRoute(APIRoute):
             return await endpoint(request)
 
         return handler
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class WorkDispatch:
+    """The innermost middleware: a POST to a work endpoint goes straight to its `RequestOnlyRoute`'s
+    handler, past Starlette's exception middleware, FastAPI's exit stack and the router, which took
+    about an eighth of the event loop's CPU per request (docs/architecture.md, "Work past the
+    framework"). The endpoint comes from the table the accounting matched (service/endpoints.py), the
+    handler and its errors' replies from the route and the app's own handlers (`errors.HANDLERS`).
+    Every other request takes the framework's way."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.handlers: dict[str, Handler] = {}
+        for route in routes:
+            if isinstance(route, RequestOnlyRoute) and "POST" in (route.methods or ()):
+                endpoint = next(e for e in ENDPOINTS if route.path in e.paths)
+                if endpoint.work:  # one handler per endpoint: its paths differ only in their parameters
+                    self.handlers.setdefault(endpoint.label, route.get_route_handler())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            record = record_of(scope)
+            handler = self.handlers.get(record.endpoint.label)
+            if handler is not None:
+                scope["path_params"] = record.path_params
+                request = Request(scope, receive, send)
+                try:
+                    response = await handler(request)
+                except Exception as exc:
+                    response = await error_response(request, exc)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 router = APIRouter()

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.api.oip import router as oip_router
-from service.api.routes import classify_router, router
+from service.api.routes import WorkDispatch, classify_router, router
 from service.api.ui import ui_router
 from service.edge import accesslog
 from service.edge.admission import AdmissionControl
@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(oip_router)  # the Open Inference Protocol (v2 REST) under /v2
     app.include_router(ui_router())  # the demo page at / and /ui, and /stats
-    app.add_middleware(HeadAsGet)  # innermost: HEAD is routed as GET, and counted as what it asked
+    app.add_middleware(WorkDispatch, routes=app.routes)  # innermost: work endpoints past the framework
+    app.add_middleware(HeadAsGet)  # HEAD is routed as GET, and counted as what it asked
     app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
     app.add_middleware(AllowedHosts, names=(*settings.allowed_hosts, settings.host))  # counted too
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
