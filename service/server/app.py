@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(oip_router)  # the Open Inference Protocol (v2 REST) under /v2
     app.include_router(ui_router())  # the demo page at / and /ui, and /stats
-    app.add_middleware(WorkDispatch, routes=app.routes)  # innermost: work endpoints past the framework
+    # innermost: the work endpoints' routes are called past the framework's routing
+    app.add_middleware(WorkDispatch, routes=[*classify_router.routes, *oip_router.routes])
     app.add_middleware(HeadAsGet)  # HEAD is routed as GET, and counted as what it asked
     app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
     app.add_middleware(AllowedHosts, names=(*settings.allowed_hosts, settings.host))  # counted too
