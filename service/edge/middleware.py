@@ -18,7 +18,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.edge.accesslog import access_log
+from service.edge import accesslog
 from service.endpoints import match
 from service.errors import PayloadTooLarge, error_body
 from service.numbers import parse_int
@@ -112,7 +112,7 @@ def account(record: RequestRecord, scope: Scope, status: int, seconds: float, lo
     if status >= 400:
         metrics.observe_rejected(record.model, record.reason or "error")
     if log_requests:
-        access_log.info(orjson.dumps({
+        accesslog.write(orjson.dumps({
             "method": scope.get("method"), "path": scope["path"][:MAX_LOGGED_PATH], "endpoint": endpoint,
             "code": status, "model": record.model, "exit": record.exits, "budget": record.budget,
             "threshold": record.threshold, "latency_ms": round(seconds * 1000, 3), "error": record.reason,

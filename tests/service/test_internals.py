@@ -16,7 +16,7 @@ from uvicorn import config as uvicorn_config
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.supervisors import multiprocess
 
-PINNED = {"uvicorn": "0.54.0", "httptools": "0.9.0", "uvloop": "0.23.0"}
+PINNED = {"uvicorn": "0.54.0", "httptools": "0.9.0", "uvloop": "0.23.0", "fastapi": "0.165.0"}
 
 # (owner, attribute): methods and module constants, checked on the class or module.
 DEFINED = [
@@ -27,6 +27,8 @@ DEFINED = [
     (httptools_impl.HttpToolsProtocol, "on_message_complete"),
     (httptools_impl.HttpToolsProtocol, "_unset_keepalive_if_required"),
     (httptools_impl.HttpToolsProtocol, "on_response_complete"), (httptools_impl, "FlowControl"),
+    (httptools_impl.HttpToolsProtocol, "_start_asgi_task"),  # a request's cycle, before its task runs
+    (httptools_impl.RequestResponseCycle, "send"), (httptools_impl.RequestResponseCycle, "run_asgi"),
     (uvicorn_config, "STARTUP_FAILURE"), (uvicorn.Config, "bind_socket"),
     (uvicorn.Server, "handle_exit"), (uvicorn.Server, "on_tick"),
     (multiprocess, "Process"), (multiprocess.Process, "target"), (multiprocess.Process, "is_ready"),
