@@ -53,15 +53,39 @@ class AccuracyEstimator:
         rows = np.arange(len(entropy))
         answer = prediction[rows, exit_taken(entropy, theta)]
         agree = answer == prediction[:, -1]
-        q = self.disagree_right[max(bisect.bisect_right(self.thetas, theta) - 1, 0)]
-        return float(np.mean(np.where(agree, entropy[:, -1] < self.last_threshold, q)))
+        return float(np.mean(np.where(agree, entropy[:, -1] < self.last_threshold, self.q(theta))))
 
-    def step_of(self, sorted_entropy: np.ndarray, theta: float) -> tuple[int, int]:
-        """Which step of `accuracy` θ falls on, for the evidence whose early exits' entropies are
-        `sorted_entropy` (sorted, flat): the estimate is a step function of θ that moves only where θ
-        passes one of those entropies (the exit rule's `entropy < θ`) or a calibrated θ (q's grid), so
-        two θ with the same step have the same estimate."""
-        return int(np.searchsorted(sorted_entropy, theta, side="left")), bisect.bisect_right(self.thetas, theta)
+    def q(self, theta: float) -> float:
+        """q(θ): the validation share of right answers at θ among those that differ from the last exit's."""
+        return self.disagree_right[max(bisect.bisect_right(self.thetas, theta) - 1, 0)]
+
+    def table(self, entropy: np.ndarray, prediction: np.ndarray) -> AccuracyTable:
+        """`accuracy` at every θ over these rows at once, as a step function (see AccuracyTable)."""
+        n, exits = entropy.shape
+        agrees = prediction == prediction[:, -1:]  # (N, exits): the answer at each exit is the last exit's
+        right = entropy[:, -1] < self.last_threshold
+        early = entropy[:, :-1]
+        # θ > H_k makes exit k answer when no earlier exit does: it changes a row's answer only where H_k is
+        # below every earlier exit's entropy. From the lowest θ up, the answering exit moves from the last
+        # one to each such k, the latest k first (its H is the lowest).
+        earlier = np.minimum.accumulate(np.concatenate([np.full((n, 1), np.inf), early[:, :-1]], axis=1), axis=1)
+        changes = early < earlier
+        rows = np.arange(n)
+        answering = np.full(n, exits - 1)  # below every edge
+        edges, gains, whose = [], [], []
+        for k in range(exits - 2, -1, -1):
+            at = changes[:, k]
+            edges.append(early[at, k])
+            gains.append((agrees[:, k].astype(np.int64) - agrees[rows, answering])[at])
+            whose.append(rows[at])
+            answering = np.where(at, k, answering)
+        edge = np.concatenate(edges)
+        order = np.argsort(edge, kind="stable")
+        gain = np.concatenate(gains)[order]
+        gain_right = gain * right[np.concatenate(whose)[order]]
+        return AccuracyTable(self, edge[order].tolist(), n,
+                             agree=(n + np.concatenate([[0], np.cumsum(gain)])).tolist(),
+                             agree_right=(int(right.sum()) + np.concatenate([[0], np.cumsum(gain_right)])).tolist())
 
     @classmethod
     def from_manifest(cls, fitted: dict[str, Any] | None, curve: CalibrationCurve) -> AccuracyEstimator | None:
@@ -71,6 +95,25 @@ class AccuracyEstimator:
         order = sorted(range(len(curve.points)), key=lambda i: curve.points[i].threshold)
         return cls(float(fitted["last_threshold"]), tuple(curve.points[i].threshold for i in order),
                    tuple(float(fitted["disagree_right"][i]) for i in order))
+
+
+@dataclass(frozen=True)
+class AccuracyTable:
+    """`AccuracyEstimator.accuracy` over one set of rows, at every θ: with A(θ) the rows whose answer at θ
+    agrees with the last exit and is deemed right (H_L < t), and B(θ) those that agree,
+    accuracy(θ) = (A(θ) + q(θ)·(N − B(θ))) / N. A and B change only where θ passes an edge (the exit
+    rule is `entropy < θ`, erde/exits.py), so a lookup is a bisection; tests/service/test_drift.py holds it
+    to `accuracy` at every θ, ties included."""
+
+    estimator: AccuracyEstimator
+    edges: list[float]  # ascending
+    rows: int
+    agree: list[float]  # B after the first k edges, k = 0..len(edges)
+    agree_right: list[float]  # A likewise
+
+    def at(self, theta: float) -> float:
+        k = bisect.bisect_left(self.edges, theta)  # the edges below θ
+        return (self.agree_right[k] + self.estimator.q(theta) * (self.rows - self.agree[k])) / self.rows
 
 
 def fit_estimator(outputs: ExitOutputs, curve: CalibrationCurve) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from erde.calibrate import CalibrationCurve, OperatingPoint
-from erde.confidence import AccuracyEstimator
+from erde.confidence import AccuracyEstimator, AccuracyTable
 from service.engine.batcher import Job
 from service.engine.policy import Decision
 from service.settings import Settings
@@ -52,9 +52,6 @@ from service.settings import Settings
 # walks every cell; per reply it was 8% of the event loop's time (py-spy, c=16). The law's windows are
 # 100 replies long, so a report every 16 moves no decision by more than a sixth of a window.
 REPORT_EVERY = 16
-# Estimates kept between two shadow batches, one per live θ: the cells in use, times the few θ each moves
-# through between two pieces of evidence (a bound, not a size it needs).
-MAX_ESTIMATES = 256
 
 @dataclass(frozen=True)
 class DriftLaw:
@@ -157,8 +154,7 @@ class DriftGuard:
         self.evidence = Evidence(law.window, len(curve.macs_per_exit))
         self._last_exit = len(curve.macs_per_exit) - 1
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
-        self._estimates: dict[tuple[int, int], float] = {}  # θ's step -> estimate, over the evidence as it is now
-        self._sorted: np.ndarray | None = None  # the evidence's early-exit entropies, sorted: θ's steps
+        self._table: AccuracyTable | None = None  # the estimate at every θ over the evidence as it is now
 
     def theta(self, rule: Decision) -> float:
         """The θ a row runs with: its cell's live θ (its own when it fixed θ or a cap)."""
@@ -186,8 +182,7 @@ class DriftGuard:
     def witness(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
         """Shadow rows came back: they replace the oldest evidence."""
         self.evidence.add(entropy, prediction)
-        self._estimates.clear()
-        self._sorted = None
+        self._table = None
 
     def observe(self, rule: Decision, macs_fraction: float) -> Estimate:
         """Step the law of the cell the reply ran under; returns what the reply says about accuracy."""
@@ -218,17 +213,9 @@ class DriftGuard:
         """The estimated accuracy at θ over the evidence; None until there is a window of it."""
         if self.estimator is None or not self.evidence.full:
             return None
-        if self._sorted is None:
-            self._sorted = np.sort(self.evidence.entropy[:, :-1], axis=None)
-        # θ moves a little on every reply; the estimate only where θ passes a step (AccuracyEstimator.step_of).
-        step = self.estimator.step_of(self._sorted, theta)
-        live = self._estimates.get(step)
-        if live is None:
-            if len(self._estimates) >= MAX_ESTIMATES:  # θ crossed many steps with no new evidence (no shadows)
-                self._estimates.clear()
-            live = self._estimates[step] = self.estimator.accuracy(self.evidence.entropy, self.evidence.prediction,
-                                                                   theta)
-        return live
+        if self._table is None:  # once per new evidence; then a bisection per reply
+            self._table = self.estimator.table(self.evidence.entropy, self.evidence.prediction)
+        return self._table.at(theta)
 
     def _evidence(self) -> list[tuple[int, float, float]]:
         """(replies, live, calibrated accuracy) of the cells that have replies, once there is a live figure."""

@@ -122,18 +122,27 @@ def test_the_estimate_counts_disagreeing_answers_at_the_validation_rate() -> Non
     assert guard.observe(full, 1.0).live == 1.0
 
 
-def test_the_cached_estimate_is_the_estimate_at_every_theta() -> None:
-    """The guard computes the estimate once per step of θ (AccuracyEstimator.step_of), not once per reply:
-    at any θ, on evidence with ties and θ exactly on an entropy or a grid point, it is the direct figure."""
-    guard, _ = guard_and_policy()
+def test_the_table_is_the_estimate_at_every_theta() -> None:
+    """The guard looks the estimate up in a table built once per new evidence (AccuracyTable), not once per
+    reply: at any θ, on evidence with ties and θ exactly on an entropy or a grid point, it is the direct
+    figure, with 2 to 5 exits and rows whose entropies rise, fall or repeat."""
     rng = np.random.default_rng(1)
-    entropy = np.round(rng.random((LAW.window, 3)) * 1.2, 2)  # rounded: ties, and θ that equal an entropy
-    prediction = rng.integers(0, 3, (LAW.window, 3))
-    guard.witness(entropy, prediction)
-    thetas = [*rng.random(300) * 1.3, *entropy[:50, 0], *guard.estimator.thetas, 0.0, 5.0]
-    for theta in thetas * 2:  # the second pass reads the cache
-        assert guard._live(theta) == guard.estimator.accuracy(entropy, prediction, theta), theta
-    assert len(guard._estimates) < len(set(thetas))  # and it did share steps
+    for exits in (2, 3, 5):
+        guard, _ = guard_and_policy()  # a guard of 3 exits
+        entropy = np.round(rng.random((LAW.window, exits)) * 1.2, 2)  # rounded: ties, and θ that equal an entropy
+        entropy[:20] = np.sort(entropy[:20], axis=1)  # rising along the exits
+        entropy[20:40, 1:] = entropy[20:40, :1]  # equal at every exit
+        prediction = rng.integers(0, 3, (LAW.window, exits))
+        estimator = guard.estimator
+        table = estimator.table(entropy, prediction)
+        if exits == 3:
+            guard.witness(entropy, prediction)
+        thetas = [*rng.random(300) * 1.3, *entropy[:50].ravel(), *estimator.thetas, 0.0, 5.0]
+        for theta in thetas:
+            direct = estimator.accuracy(entropy, prediction, theta)
+            assert table.at(theta) == pytest.approx(direct, abs=1e-12), (exits, theta)
+            if exits == 3:
+                assert guard._live(theta) == pytest.approx(direct, abs=1e-12), theta
 
 
 def test_shadow_passes_take_every_kth_row_that_may_reach_the_last_exit_and_only_with_room() -> None:
