@@ -313,8 +313,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _joined(self, send: Send) -> Send:
         """`send` with a reply's head held until its first body message, so that both leave in one write:
         one send(2) less per reply, which on loopback also spares the kernel a segment's receive path
-        (docs/architecture.md, "One write per reply"). Nothing waits: the body follows the head in the
-        same task step, and a close writes what is held first."""
+        (docs/architecture.md, "One write per reply"). A JSON reply's body follows its head in the same task
+        step; a streamed one's head leaves with its first chunk; a close writes what is held first."""
         transport = self.lingering
 
         async def send_joined(message: Any) -> None:
