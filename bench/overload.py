@@ -424,16 +424,20 @@ def main() -> None:
     parser.add_argument("--capacity", action="append", default=[], metavar="MODEL=C_FULL:C_FLOOR",
                         help="a model's capacities from an earlier run, instead of searching them")
     parser.add_argument("--out", type=Path, help="report path (default reports/overload.md; quick: a temp folder)")
+    parser.add_argument("--model", action="append", default=[], help="measure only this model (repeatable)")
+    parser.add_argument("--multiples", help="offered loads in units of C_full, comma-separated "
+                        "(default 0.5,0.8,1,1.5,2,3)")
     args = parser.parse_args()
     served = list_versions(ROOT / "model_store")
     notes = []
-    models = [m for m in (STUDENT, TEACHER) if m in served]
+    models = [m for m in (args.model or [STUDENT, TEACHER]) if m in served]
     if TEACHER not in served:
         notes.append(f"{TEACHER} is not in model_store/: the student alone was measured.")
     if args.quick:
         plan = Plan([STUDENT], args.phase_s or 1.5, 1.0, (0.5, 2.0), 300, 0, 400.0, 0.5)
     else:
-        plan = Plan(models, args.phase_s or 10.0, 5.0, (0.5, 0.8, 1.0, 1.5, 2.0, 3.0), 3000, 3, 200.0, 3.0)
+        multiples = tuple(map(float, args.multiples.split(","))) if args.multiples else (0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
+        plan = Plan(models, args.phase_s or 10.0, 5.0, multiples, 3000, 3, 200.0, 3.0)
     out = args.out or (Path(tempfile.mkdtemp(prefix="erde-overload-")) / "overload.md" if args.quick
                        else ROOT / "reports" / "overload.md")
     server_floor = Settings().min_accuracy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Scope
 
@@ -32,6 +33,7 @@ class RequestRecord:
     status: int | None = None  # the status the client got, when not the one the app sent (408 read timeout)
     sent: int | None = None  # the status the app sent, once it has
     admitted: bool = False  # admission already passed it (in the HTTP protocol, from its head)
+    reserved: Any = None  # the model worker holding a row for it until its rows are queued (engine/worker.py)
     request_id: str = ""  # echoed in X-Request-ID, the access-log line and every error body
     endpoint: Endpoint = OTHER  # what the path is (service/endpoints.py), matched once by the accounting
     path_params: dict[str, str] = field(default_factory=dict)  # its parameters: the OIP path's model `name`

@@ -21,6 +21,7 @@ from service.engine.decode import check_request_pixels
 from service.engine.policy import Decision
 from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime, time_allowed
+from service.engine.worker import release
 from service.errors import DeadlineExceeded, ServiceError
 from service.record import record_of
 from service.schemas import ClassifyOptions, ClassifyReply, Latency, TopClass, parse_options
@@ -59,6 +60,7 @@ def resolve(runtime: Runtime, request: Request, fields: dict[str, str], started:
     served = runtime.registry.get(options.model)
     record = record_of(request.scope)
     record.model = served.name
+    release(record)  # its rows are queued next (`infer`), and then count as themselves
     decision = served.policy.decide(options)
     record.budget, record.threshold = decision.budget, decision.threshold
     timeout_s, window_s = time_allowed(runtime.settings, options.timeout_ms)

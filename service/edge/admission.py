@@ -78,8 +78,12 @@ class Admission:
             served = runtime.registry.get(name)
         except UnknownModel:  # not served (or not yet loaded): the pipeline answers it with its own error
             return None
-        record_of(scope).model = served.name
-        return served.worker.refusal(1, time_allowed(runtime.settings, timeout)[1])
+        record = record_of(scope)
+        record.model = served.name
+        refusal = served.worker.refusal(1, time_allowed(runtime.settings, timeout)[1])
+        if refusal is None:
+            served.worker.reserve(record)
+        return refusal
 
     def after_body(self, scope: Scope, body: bytes, refusal: Unavailable) -> Unavailable | None:
         """The refusal for the model and the time the form names (the head's `refusal` when it names

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.edge import accesslog
 from service.endpoints import match
+from service.engine.worker import release
 from service.errors import PayloadTooLarge, error_body
 from service.numbers import parse_int
 from service.record import RequestRecord, record_of, request_id
@@ -74,6 +75,7 @@ class RequestAccounting:
             if work:
                 self.runtime.inflight -= 1
                 metrics.set_inflight(-1)
+                release(record)  # admitted, but it ended before its rows were queued
             account(record, scope, record.status or status or 500, time.perf_counter() - started,
                     self.log_requests)
 

@@ -44,6 +44,7 @@ from service.engine.sojourn import Queue, QueueLow, RowCost, Wait, WaitLaw, meas
 from service.engine.sojourn import late as is_late
 from service.engine.sojourn import refusal as wait_refusal
 from service.errors import PayloadTooLarge, Unavailable
+from service.record import RequestRecord
 
 log = logging.getLogger("erde.service")
 
@@ -148,6 +149,7 @@ class ModelWorker:
         self._pending: deque[Job] = deque()
         self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
+        self._reserved = 0  # requests admitted from their head whose rows are not queued yet (`reserve`)
         self._cost = RowCost()  # what a row costs the inference process (service/engine/sojourn.py)
         self._low = QueueLow()  # the fewest rows queued over the last interval: the standing queue
         self._free_slots = list(range(SLOTS))
@@ -273,7 +275,7 @@ class ModelWorker:
         if self._down:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
-        if len(self._pending) + rows > self.queue_size:
+        if len(self._pending) + self._reserved + rows > self.queue_size:
             self.steer.on_full(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
@@ -289,8 +291,17 @@ class ModelWorker:
         if law is None:
             return None
         lag = self.lag.lag_s if self.lag else 0.0
-        return wait_refusal(law, self._cost, Queue(len(self._pending), self._running), rows, lag,
+        return wait_refusal(law, self._cost, Queue(len(self._pending) + self._reserved, self._running), rows, lag,
                             law.slo_s if math.isinf(time_s) else time_s, standing(self._low))
+
+    def reserve(self, record: RequestRecord) -> None:
+        """Hold a row for a request admitted from its head until its rows are queued (`release`). Admission
+        counts these as rows ahead: the requests one read of the sockets admits all start after it, and
+        without them each would be admitted against the same queue and most refused later, at `submit`,
+        after the app had read and parsed them (docs/architecture.md, "Admission holds a row")."""
+        release(record)
+        record.reserved = self
+        self._reserved += 1
 
     def withdraw(self, jobs: list[Job]) -> None:
         """Forget jobs nobody waits for any more (their deadline passed): out of the queue if still
@@ -511,6 +522,15 @@ def wait_message(wait: Wait) -> str:
                 f"would be answered in about {wait.answer_s * 1e3:.0f} ms; retry shortly")
     return (f"this request would be answered in about {wait.answer_s * 1e3:.0f} ms, past the "
             f"{wait.allowed_s * 1e3:.0f} ms it may take; retry shortly or allow more with timeout_ms")
+
+
+def release(record: RequestRecord) -> None:
+    """Give back the row `ModelWorker.reserve` held for a request: its rows are about to be queued, or it
+    ended without any. Idempotent."""
+    worker = record.reserved
+    if worker is not None:
+        record.reserved = None
+        worker._reserved -= 1
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

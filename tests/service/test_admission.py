@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -67,3 +68,50 @@ def test_a_full_model_named_in_a_form_field_is_refused_under_its_own_name(make_s
     assert refused.json()["error"]["code"] == "overloaded"
     eventually(lambda: server.metric("erde_rejected_total", model="other", reason="queue_full") == 1)
     assert server.metric("erde_rejected_total", model="toy") == 0
+
+
+def head_and_body(png: bytes) -> tuple[bytes, bytes]:
+    """A multipart /classify request as its head and its body, to send in two writes as a slow client does."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\n")
+    head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    return head, body
+
+
+def status_of_reply(sock: socket.socket) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        chunk = sock.recv(65536)
+        assert chunk, "closed without a reply"
+        head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_request_admitted_from_its_head_keeps_its_place_until_its_body_comes(make_server) -> None:
+    # 1 s a batch, two batches in the process and one row queued leave room for one more row.
+    server = make_server(max_batch_size=1, queue_size=2, slow_batch_ms=1000, hang_timeout_s=10, overload="reject",
+                         slo_ms=60_000)
+    with ThreadPoolExecutor(3) as pool:
+        fill = [pool.submit(post, server.url) for _ in range(3)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == 1)
+        head, body = head_and_body(PNG)
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as slow:
+            slow.sendall(head)  # admitted from its head: its body is on the way
+            eventually(lambda: server.metric("erde_inflight_requests") == 4)
+            newcomer = post(server.url)  # the last row's room is the slow client's
+            slow.sendall(body)
+            status = status_of_reply(slow)
+        assert all(f.result().status_code == 200 for f in fill)
+    assert newcomer.status_code == 503 and newcomer.json()["error"]["code"] == "overloaded", newcomer.text
+    assert status == 200
+
+
+def test_a_request_that_ends_before_its_rows_are_queued_gives_its_place_back(make_server) -> None:
+    server = make_server(max_batch_size=1, queue_size=1, slow_batch_ms=200, hang_timeout_s=10, overload="reject",
+                         slo_ms=60_000)
+    for _ in range(3):  # admitted from the head, then refused by the pipeline: a form without an image
+        reply = httpx.post(f"{server.url}/classify", files={"other": ("a.txt", b"x", "text/plain")}, timeout=30)
+        assert reply.status_code == 422, reply.text
+    assert post(server.url).status_code == 200
+    eventually(lambda: server.metric("erde_inflight_requests") == 0)
