@@ -454,9 +454,9 @@ def main() -> None:
         for proc, _ in procs.values():
             stop(proc)
     plot = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     draw(results, plot)
     text = report(results, plan, notes, plot)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n" + text)
     print(f"wrote {out} and {plot}")

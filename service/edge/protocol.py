@@ -58,7 +58,7 @@ from typing import Any
 
 import httptools
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
@@ -282,23 +282,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 refusal = self.admission.after_body(held.cycle.scope, bytes(held.cycle.body), refusal)
             if refusal is None:  # the model its form names takes it: the app answers, its body already in
                 record_of(held.cycle.scope).admitted = True
-                super()._start_asgi_task(held.cycle, held.app)
+                self._run(held.cycle, held.app)
             else:
                 self._refuse_here(held.cycle, refusal, held.started, keep=True)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Start the app on a request, unless admission refuses it from its head: then it is answered here
         (see the module doc), at once when the connection closes after it, else once its body is in."""
-        cycle.send = self._joined(cycle.send)  # type: ignore[method-assign]
         if self.admission is None or app is not self.config.loaded_app:
-            super()._start_asgi_task(cycle, app)
+            self._run(cycle, app)
             return
         started = time.perf_counter()
         start_record(cycle.scope)
         verdict = self.admission.at_head(cycle.scope)
         if verdict is None:
             record_of(cycle.scope).admitted = True
-            super()._start_asgi_task(cycle, app)
+            self._run(cycle, app)
             return
         refusal, overturnable = verdict
         keep = keeps_alive(cycle.scope, self.admission.runtime.draining)
@@ -306,32 +305,43 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.held = Held(cycle, app, refusal, overturnable, started)
         elif overturnable:  # too large to read here: the pipeline refuses it if its own model's queue is full
             record_of(cycle.scope).admitted = True
-            super()._start_asgi_task(cycle, app)
+            self._run(cycle, app)
         else:
             self._refuse_here(cycle, refusal, started, keep=False)
 
-    def _joined(self, send: Send) -> Send:
-        """`send` with a reply's head held until its first body message, so that both leave in one write:
+    def _run(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
+        """Start the app's task on a request, its replies written whole (`_joined`)."""
+        super()._start_asgi_task(cycle, self._joined(app))
+
+    def _joined(self, app: ASGIApp) -> ASGIApp:
+        """`app` with each reply's head held until its first body message, so that both leave in one write:
         one send(2) less per reply, which on loopback also spares the kernel a segment's receive path
         (docs/architecture.md, "One write per reply"). A JSON reply's body follows its head in the same task
-        step; a streamed one's head leaves with its first chunk; a close writes what is held first."""
+        step; a streamed one's head leaves with its first chunk; a close writes what is held first.
+
+        The wrapped `send` lives in the app's call only. Kept on the cycle (`cycle.send = ...`), it made
+        every request's cycle, scope and record a reference cycle that only the garbage collector
+        freed: full collections every 0.6 s under load, 20-40 ms each, on the event loop."""
         transport = self.lingering
 
-        async def send_joined(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                transport.hold()
+        async def joined_app(scope: Scope, receive: Receive, send: Send) -> None:
+            async def send_joined(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    transport.hold()
+                    try:
+                        await send(message)
+                    except BaseException:
+                        transport.release()
+                        raise
+                    return
                 try:
                     await send(message)
-                except BaseException:
+                finally:
                     transport.release()
-                    raise
-                return
-            try:
-                await send(message)
-            finally:
-                transport.release()
 
-        return send_joined
+            await app(scope, receive, send_joined)
+
+        return joined_app
 
     def _refuse_here(self, cycle: RequestResponseCycle, refusal: Unavailable, started: float, keep: bool) -> None:
         record = record_of(cycle.scope)

@@ -67,8 +67,9 @@ class Recorder:
 
 
 def joined_send(recorder: Recorder) -> Any:
-    """`LimitedHttpProtocol._joined` around a send that writes as uvicorn's does: the head on start, each
-    body message as it comes, a close after the last one when the connection does not stay open."""
+    """The `send` an app wrapped by `LimitedHttpProtocol._joined` is given, around one that writes as
+    uvicorn's does: the head on start, each body message as it comes, a close after the last one when the
+    connection does not stay open."""
     loop = asyncio.new_event_loop()
     transport = LingeringTransport(recorder, loop, 1024)  # type: ignore[arg-type]
 
@@ -83,7 +84,13 @@ def joined_send(recorder: Recorder) -> Any:
             if message.get("close"):
                 transport.close()
 
-    return LimitedHttpProtocol._joined(Protocol(), uvicorn_send)  # type: ignore[arg-type]
+    given: list[Any] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        given.append(send)
+
+    asyncio.run(LimitedHttpProtocol._joined(Protocol(), app)({}, None, uvicorn_send))  # type: ignore[arg-type]
+    return given[0]
 
 
 def test_a_replys_head_and_body_leave_in_one_write() -> None:
@@ -113,3 +120,23 @@ def test_replies_read_whole_on_a_kept_alive_connection(server: Server) -> None:
             assert c.post("/classify", files={"image": ("x.png", png, "image/png")}).json()["exit"] >= 0
             page = c.get("/metrics")
             assert page.status_code == 200 and "erde_requests_total" in page.text
+
+
+def test_a_request_leaves_nothing_for_the_garbage_collector(server: Server) -> None:
+    """A request's objects are freed by reference counting as its reply goes. Held in a reference cycle
+    (its cycle kept a wrapped `send` that pointed back at it), every request's cycle, scope and record
+    waited for the cyclic collector, whose full passes stopped the event loop for 20-40 ms every 0.6 s
+    under load."""
+    png = images.png()
+
+    def collected() -> float:
+        return server.metric("python_gc_objects_collected_total")
+
+    with server.client() as c:
+        for _ in range(20):  # the first requests fill caches and import lazily
+            c.post("/classify", files={"image": ("x.png", png, "image/png")})
+        before = collected()
+        for _ in range(300):
+            assert c.post("/classify", files={"image": ("x.png", png, "image/png")}).status_code == 200
+        after = collected()
+    assert after - before < 300, f"{after - before:.0f} objects the collector freed over 300 requests"
