@@ -16,6 +16,7 @@ from service.engine.policy import BudgetPolicy, Decision
 from service.engine.runtime import time_allowed
 from service.engine.sojourn import (
     HEADROOM,
+    LOOP_HOPS,
     Queue,
     QueueLow,
     RowCost,
@@ -49,8 +50,9 @@ def test_a_request_is_refused_when_its_predicted_answer_passes_its_share_of_the_
 
 def test_the_event_loops_lag_counts_against_the_request() -> None:
     assert refusal(LAW, COST, Queue(10, 10), rows=1, lag_s=0.0, time_s=0.1, standing=0) is None
-    wait = refusal(LAW, COST, Queue(10, 10), rows=1, lag_s=0.065, time_s=0.1, standing=0)
-    assert wait is not None and wait.answer_s == pytest.approx(0.086)
+    assert refusal(LAW, COST, Queue(10, 10), rows=1, lag_s=0.019, time_s=0.1, standing=0) is None
+    wait = refusal(LAW, COST, Queue(10, 10), rows=1, lag_s=0.021, time_s=0.1, standing=0)  # once per hop
+    assert wait is not None and wait.answer_s == pytest.approx(LOOP_HOPS * 0.021 + 0.021)
 
 
 def test_more_time_admits_what_the_slo_would_refuse() -> None:
