@@ -4,7 +4,8 @@ settings have no such knob.
 
 Every batch the inference process runs first sleeps `SLOW_BATCH_MS` milliseconds (an environment
 variable of this entry point, not a setting). With `SLOW_LOOP_MS`, the server's event loop is stalled
-that long every `STALL_PERIOD_S`, as a loop saturated by more requests than it can read would be.
+that long every `STALL_PERIOD_MS` (10 ms; 0: at every turn of the loop, so that each turn takes that
+long, as a loop saturated by more requests than it can read would be).
 The inference processes are forked from a fork server that preloads the engine's process module;
 preloading this module there too puts the slow batches into every one of them. Spawned server
 workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
@@ -19,7 +20,7 @@ from service.engine import process, worker
 
 SLOW_S = float(os.environ.get("SLOW_BATCH_MS", "0")) / 1000
 STALL_S = float(os.environ.get("SLOW_LOOP_MS", "0")) / 1000
-STALL_PERIOD_S = 0.01
+STALL_PERIOD_S = float(os.environ.get("STALL_PERIOD_MS", "10")) / 1000
 _run_rows = process.run_rows
 _start_lag = worker.LoopLag.start
 

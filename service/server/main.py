@@ -16,7 +16,9 @@ on SIGHUP and stops them with its plain server, which does not drain.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -32,6 +34,7 @@ from uvicorn.supervisors.multiprocess import Process
 
 from service.edge.protocol import uvicorn_options
 from service.engine.runtime import Runtime
+from service.server.accept import AcceptQueued
 from service.server.multiproc import prepare_metrics_dir
 from service.settings import Settings, get_settings
 
@@ -71,6 +74,22 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.drain_deadline: float | None = None
         self.last_call_ends: float | None = None  # set once the listener stops taking connections
+        self.accepting: AcceptQueued | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or not self.started:
+            return
+        config = self.config
+        factory = functools.partial(config.http_protocol_class, config=config, server_state=self.server_state,
+                                    app_state=self.lifespan.state)  # the protocol uvicorn's own server makes
+        listeners = [sock for server in self.servers for sock in server.sockets]
+        self.accepting = AcceptQueued(asyncio.get_running_loop(), listeners, factory)  # type: ignore[arg-type]
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.accepting is not None:
+            self.accepting.close()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):

@@ -70,14 +70,14 @@ def eventually(check, timeout: float = 10.0) -> None:
 
 
 def start_server(store: Path, log_dir: Path, slow_batch_ms: float = 0, slow_loop_ms: float = 0,
-                 **settings: object) -> Server:
+                 stall_period_ms: float = 10, **settings: object) -> Server:
     """`python -m service` with ERDE_* `settings`; with `slow_batch_ms`, the same service whose every
-    batch takes that much longer, with `slow_loop_ms` one whose event loop stalls that long every 10 ms
-    (bench/slow_service.py)."""
+    batch takes that much longer, with `slow_loop_ms` one whose event loop stalls that long every
+    `stall_period_ms` (0: at every turn) (bench/slow_service.py)."""
     port = free_port()
     env = {**os.environ, "ERDE_STORE": str(store), "ERDE_HOST": "127.0.0.1", "ERDE_PORT": str(port),
            "ERDE_DEFAULT_MODEL": "toy", "PYTHONUNBUFFERED": "1", "SLOW_BATCH_MS": str(slow_batch_ms),
-           "SLOW_LOOP_MS": str(slow_loop_ms)}
+           "SLOW_LOOP_MS": str(slow_loop_ms), "STALL_PERIOD_MS": str(stall_period_ms)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update({f"ERDE_{k.upper()}": str(v) for k, v in settings.items()})
     module = "bench.slow_service" if slow_batch_ms or slow_loop_ms else "service"

@@ -30,7 +30,8 @@ DEFINED = [
     (httptools_impl.HttpToolsProtocol, "_start_asgi_task"),  # a request's cycle, before its task runs
     (httptools_impl.RequestResponseCycle, "send"), (httptools_impl.RequestResponseCycle, "run_asgi"),
     (uvicorn_config, "STARTUP_FAILURE"), (uvicorn.Config, "bind_socket"),
-    (uvicorn.Server, "handle_exit"), (uvicorn.Server, "on_tick"),
+    (uvicorn.Server, "handle_exit"), (uvicorn.Server, "on_tick"), (uvicorn.Server, "startup"),
+    (uvicorn.Server, "shutdown"),
     (multiprocess, "Process"), (multiprocess.Process, "target"), (multiprocess.Process, "is_ready"),
     (multiprocess.Process, "start"), (multiprocess.Process, "join"), (multiprocess.Process, "pid"),
     (multiprocess.Process, "exitcode"), (httptools, "HttpParserUpgrade"), (httptools, "HttpParserError"),
@@ -42,8 +43,8 @@ ASSIGNED = {
                                                 "limit_concurrency"],
     httptools_impl.RequestResponseCycle: ["message_event", "disconnected", "response_complete",
                                                    "response_started", "more_body", "scope"],
-    uvicorn.Server: ["servers", "should_exit"],
-    uvicorn.Config: ["loaded_app"],
+    uvicorn.Server: ["servers", "should_exit", "started", "server_state", "lifespan"],
+    uvicorn.Config: ["loaded_app", "http_protocol_class"],
     multiprocess.Process: ["process"],
 }
 
