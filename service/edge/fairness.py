@@ -8,8 +8,10 @@ on. So, per server process:
 - **Idle connections go first.** Once the open connections pass `HIGH_WATER` of the cap, the
   ones idle longest (kept alive between requests, or never used) are closed until `LOW_WATER`
   of the cap is open, making room for new clients. A connection with a request in progress is
-  never closed here. (A client may see its kept-alive connection closed, as it may at uvicorn's
-  keep-alive timeout: HTTP clients then reconnect.)
+  never closed here, nor one whose request the kernel holds and the loop has not read yet (it
+  looks idle: connections accepted in the same turn are all opened before any of them is read).
+  (A client may see its kept-alive connection closed, as it may at uvicorn's keep-alive timeout:
+  HTTP clients then reconnect.)
 - **A share per peer address.** A connection opened while its peer address already holds
   `per_client` connections is past the peer's share: it is the first to be closed when room is
   made, and while the cap is near its requests get the JSON 503 (`too_many_connections`). Below
@@ -93,5 +95,7 @@ class ConnectionShare:
             while order and self.open > LOW_WATER * self.cap:
                 protocol = next(iter(order))
                 del order[protocol]
+                if protocol.request_waiting():  # its request is in and unread: busy, not idle
+                    continue
                 self.closing.add(protocol)
                 protocol.transport.close()

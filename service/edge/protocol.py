@@ -51,7 +51,10 @@ request's record, and the accounting middleware counts it with the request.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import struct
+import termios
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +95,17 @@ def refusal_backoff(in_a_row: int, retry_after_s: float) -> float:
     if in_a_row < 2:
         return 0.0
     return min(BACKOFF_FIRST_S * 2 ** min(in_a_row - 2, 16), BACKOFF_MAX_S, retry_after_s)
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the client has sent that the kernel holds and the loop has not read yet (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:  # closed meanwhile
+        return 0
 
 
 class LingeringTransport:
@@ -199,6 +213,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.share.opened(self)
         # When the client closes its side while we linger, uvicorn's eof_received lets the transport close.
         self._start_read()  # a connection that never sends a byte is closed at this deadline
+
+    def request_waiting(self) -> bool:
+        """Whether the client has sent bytes the loop has not read yet: the connection looks idle, and is
+        not. Closed now, its request would be read and dropped by the lingering close, and never answered
+        (a connection accepted in the same turn as others, a pooled connection sent on as the server drains)."""
+        return unread_bytes(self.transport) > 0
+
+    def shutdown(self) -> None:
+        """uvicorn's, but a connection whose request has arrived unread is left to read it: while draining,
+        its reply (503 `draining`) says `Connection: close`, and uvicorn waits for the connection to end."""
+        if (self.cycle is None or self.cycle.response_complete) and self.request_waiting():
+            return
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.read_timer is not None:

@@ -50,3 +50,25 @@ def test_a_loaded_loop_accepts_every_queued_connection_at_each_turn(make_server)
     server = make_server(slow_loop_ms=10, stall_period_ms=0)
     took = seconds_until_all_answered(server, CONNECTIONS)
     assert took < 1.0, f"{CONNECTIONS} connections answered after {took:.2f} s"
+
+
+def test_connections_accepted_in_one_turn_are_all_answered_past_the_cap(make_server) -> None:
+    # Six clients each send a request at once to a loaded loop with a cap of 4: all six are accepted in
+    # one turn and opened before any is read, so the first ones looked idle, and opening the later ones
+    # closed them to make room, their requests unread and never answered. Each gets a reply now: 200,
+    # or the JSON 503 of the cap.
+    server = make_server(slow_loop_ms=10, stall_period_ms=0, max_connections=4)
+    socks = [socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) for _ in range(6)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        heads = []
+        for sock in socks:
+            reply = b""
+            while b"\r\n\r\n" not in reply and (chunk := sock.recv(65536)):
+                reply += chunk
+            heads.append(reply.split(b"\r\n", 1)[0])
+    finally:
+        for sock in socks:
+            sock.close()
+    assert all(head in (b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable") for head in heads), heads

@@ -123,10 +123,14 @@ def test_past_its_share_near_the_cap_a_peer_gets_the_json_503(capped: Server) ->
 
 
 class Fake:
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, waiting: bool = False) -> None:
         self.client = (peer, 1)
         self.closed = False
         self.transport = self
+        self.waiting = waiting
+
+    def request_waiting(self) -> bool:
+        return self.waiting
 
     def close(self) -> None:
         self.closed = True
@@ -150,3 +154,23 @@ def test_making_room_closes_past_the_share_first_then_the_longest_idle() -> None
     for protocol in [*flood, *others, *proxy]:
         share.closed(protocol)
     assert not share.peer_of and not share.per_peer and not share.closing and not share.idle_within
+
+
+def test_making_room_spares_a_connection_whose_request_has_arrived_unread() -> None:
+    """Connections accepted in one turn are all opened before any is read: the first ones look idle while
+    their requests wait in the kernel. Closed, those requests would never be answered (CI: a fifth
+    connection past a cap of 4 closed one of the four and was served)."""
+    share = ConnectionShare(cap=4, per_client=4)
+    sent = [Fake("10.0.0.1", waiting=True) for _ in range(4)]
+    for protocol in sent:
+        share.opened(protocol)
+    share.opened(Fake("10.0.0.2"))
+    assert not any(p.closed for p in sent)
+    assert share.open == 5 and not share.idle_within.keys() & set(sent)  # busy now, closable once idle again
+    share.idle(sent[0])
+    share.opened(Fake("10.0.0.3"))
+    assert sent[0].closed is False  # still waiting: spared again
+    sent[0].waiting = False
+    share.idle(sent[0])
+    share.opened(Fake("10.0.0.4"))
+    assert sent[0].closed
