@@ -10,7 +10,7 @@ import pytest
 from erde.calibrate import CalibrationCurve, OperatingPoint
 from erde.confidence import AccuracyEstimator
 from service.engine.batcher import Job
-from service.engine.drift import Cell, DriftGuard, DriftLaw, ceiling_of, start, step
+from service.engine.drift import Cell, DriftGuard, DriftLaw, ceiling_of, change_point, start, step
 from service.engine.policy import BudgetPolicy
 from service.errors import Unsatisfiable
 from service.schemas import ClassifyOptions
@@ -94,13 +94,13 @@ def test_each_budget_has_its_own_cell() -> None:
     assert guard.theta(low) > low.threshold and guard.theta(high) == high.threshold
 
 
-def test_replies_quote_the_live_estimate_once_a_window_of_shadow_rows_departs() -> None:
+def test_replies_quote_the_live_estimate_once_enough_shadow_rows_depart() -> None:
     guard, policy = guard_and_policy()
     rule = policy.decide(ClassifyOptions(budget=0.25))
     first = guard.observe(rule, 0.1)
     assert first.source == "offline" and first.live is None and first.used == 0.92
-    guard.witness(*shadow_rows(LAW.window - 1, sure=False))  # the last exit unsure: likely wrong
-    assert guard.observe(rule, 0.1).live is None  # one row short of a window
+    guard.witness(*shadow_rows(LAW.change_rows - 1, sure=False))  # the last exit unsure: likely wrong
+    assert guard.observe(rule, 0.1).live is None  # one row short of enough
     guard.witness(*shadow_rows(1, sure=False))
     estimate = guard.observe(rule, 0.1)
     assert estimate.source == "live" and estimate.used == estimate.live == 0.0
@@ -109,6 +109,30 @@ def test_replies_quote_the_live_estimate_once_a_window_of_shadow_rows_departs() 
     assert live["replies"] == 3 and live["live_accuracy"] == 0.0 and live["budget"] == 0.25
     guard.witness(*shadow_rows(LAW.window, sure=True))  # the window slides: the old evidence is gone
     assert guard.observe(rule, 0.1).live == 1.0
+
+
+def test_a_change_of_images_drops_the_evidence_from_before_it() -> None:
+    """After a shift ends, a sliding window alone quoted the shifted images' accuracy until it had slid past
+    them (2,700 replies at the default sampling); the evidence from before a change is dropped once it shows."""
+    guard, policy = guard_and_policy()
+    rule = policy.decide(ClassifyOptions(budget=0.25))
+    guard.witness(*shadow_rows(LAW.window, sure=False))  # shifted images: every answer likely wrong
+    assert guard.observe(rule, 0.1).live == 0.0
+    guard.witness(*shadow_rows(LAW.change_rows, sure=True))  # the shift ended
+    assert guard.changes == 1 and len(guard.evidence) <= LAW.change_rows
+    assert guard.observe(rule, 0.1).live == 1.0  # a sliding window: 50 / 400 = 0.125
+    assert guard.observe(rule, 0.1).source == "live"  # the calibration says 0.92; the evidence says more
+
+
+def test_a_change_point_is_found_only_where_the_shares_differ() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # identical images: one share throughout, no change
+        assert change_point(rng.random(400) < 0.9, 50, LAW.change_z) is None
+    shifted, clean = rng.random(320) < 0.6, rng.random(80) < 0.93
+    keep = change_point(np.concatenate([shifted, clean]), 50, LAW.change_z)
+    assert keep is not None and 60 <= keep <= 100  # about the 80 clean rows
+    assert change_point(np.concatenate([shifted, clean[:30]]), 50, LAW.change_z) is None  # too few to tell
+    assert change_point(np.ones(400, dtype=bool), 50, LAW.change_z) is None
 
 
 def test_the_estimate_counts_disagreeing_answers_at_the_validation_rate() -> None:
