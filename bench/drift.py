@@ -47,6 +47,7 @@ ADAPT = 200  # replies per budget after a change of images before a segment is m
 # The live estimate at a segment's end covers the last ERDE_DRIFT_WINDOW (400) shadow rows, 1/0.15 replies
 # apart over both budgets: about 1,330 replies per budget. Its truth: the last 1,000 replies at that budget.
 TRUE_OVER = 1000
+RETRIES = 30  # times a refused batch is sent again before the run gives up
 
 
 @dataclass
@@ -71,6 +72,18 @@ def shadow_share(url: str, model: str) -> float:
     return total("erde_shadow_macs_total") / total("erde_macs_total")
 
 
+def post_until_taken(client: httpx.Client, fields: dict[str, str], files: list) -> httpx.Response:
+    """One batch request, sent again after its Retry-After while the server refuses it (503): on a machine
+    whose cores the load generator shares, the overload law may refuse a batch; the stream's order stays."""
+    for _ in range(RETRIES):
+        r = client.post("/classify/batch", data=fields, files=files)
+        if r.status_code != 503:
+            break
+        time.sleep(float(r.headers.get("retry-after", "1")))
+    r.raise_for_status()
+    return r
+
+
 def run_stream(url: str, model: str, segments: list[Segment]) -> dict[tuple[str, float], list[dict]]:
     """Every segment's images at both budgets, interleaved batch by batch; replies per (segment, budget)."""
     out: dict[tuple[str, float], list[dict]] = {}
@@ -80,8 +93,7 @@ def run_stream(url: str, model: str, segments: list[Segment]) -> dict[tuple[str,
             for at in range(0, len(pngs), ROWS):
                 for budget in BUDGETS[model]:
                     files = [("image", (f"{i}.png", d, "image/png")) for i, d in enumerate(pngs[at:at + ROWS])]
-                    r = client.post("/classify/batch", data={"budget": str(budget), "model": model}, files=files)
-                    r.raise_for_status()
+                    r = post_until_taken(client, {"budget": str(budget), "model": model}, files)
                     for reply, label in zip(r.json()["results"], seg.labels[at:at + ROWS], strict=True):
                         reply["right"] = reply["class_id"] == int(label)
                         out.setdefault((seg.name, budget), []).append(reply)

@@ -124,15 +124,15 @@ def test_a_change_of_images_drops_the_evidence_from_before_it() -> None:
     assert guard.observe(rule, 0.1).source == "live"  # the calibration says 0.92; the evidence says more
 
 
-def test_a_change_point_is_found_only_where_the_shares_differ() -> None:
+def test_a_change_point_is_found_only_where_the_entropies_differ() -> None:
     rng = np.random.default_rng(0)
-    for _ in range(200):  # identical images: one share throughout, no change
-        assert change_point(rng.random(400) < 0.9, 50, LAW.change_z) is None
-    shifted, clean = rng.random(320) < 0.6, rng.random(80) < 0.93
+    for _ in range(200):  # identical images: one distribution throughout, no change
+        assert change_point(rng.exponential(0.2, 400), 50, LAW.change_z) is None
+    shifted, clean = rng.exponential(0.6, 320), rng.exponential(0.2, 80)  # the shift ends: surer again
     keep = change_point(np.concatenate([shifted, clean]), 50, LAW.change_z)
     assert keep is not None and 60 <= keep <= 100  # about the 80 clean rows
     assert change_point(np.concatenate([shifted, clean[:30]]), 50, LAW.change_z) is None  # too few to tell
-    assert change_point(np.ones(400, dtype=bool), 50, LAW.change_z) is None
+    assert change_point(np.full(400, 0.3), 50, LAW.change_z) is None
 
 
 def test_the_estimate_counts_disagreeing_answers_at_the_validation_rate() -> None:

@@ -7,12 +7,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from erde.export import export_run
+from service.server.main import stop_taking_connections
 from tests.service import images
 from tests.service.conftest import eventually
 from tests.service.pooled_load import PooledLoad
@@ -99,6 +101,30 @@ def test_a_pool_of_kept_alive_clients_reads_every_reply_through_a_drain(make_ser
         assert server.proc.wait(30) == 0
     assert not load.unanswered_or_dishonest(), load.summary()
     assert load.summary()[503] > 20, load.summary()  # refused all through the drain
+
+
+def test_a_listener_that_stops_taking_connections_keeps_those_it_queued() -> None:
+    """The drain's last call: a new client's SYN is dropped (it retries, and is refused once the socket
+    closes: it knows nothing was sent); a connection queued before is accepted and read as usual."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        address = listener.getsockname()
+        with socket.create_connection(address) as queued, socket.socket() as late:
+            queued.sendall(b"sent before")
+            assert stop_taking_connections(listener)
+            late.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                late.connect(address)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(2)
+                queued.sendall(b" and after")
+                received = b""
+                while len(received) < len(b"sent before and after"):
+                    received += conn.recv(64)
+                conn.sendall(b"answered")
+                assert received == b"sent before and after" and queued.recv(64) == b"answered"
 
 
 def test_sighup_swaps_versions_and_survives_a_corrupt_one(make_server, tiny_pipeline, tmp_path) -> None:
