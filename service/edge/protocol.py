@@ -85,6 +85,7 @@ class HttpLimits:
 
 # nginx lingers 30 s at most (lingering_time); a refused body on the same network arrives in milliseconds.
 LINGER_S = 2.0
+FIRST_REQUEST_S = 2.0  # at shutdown, how long a connection that has sent nothing yet may still send its request
 BACKOFF_FIRST_S = 0.001  # the pause after a connection's second refusal in a row, doubling after each next one
 BACKOFF_MAX_S = 0.1
 
@@ -221,9 +222,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return unread_bytes(self.transport) > 0
 
     def shutdown(self) -> None:
-        """uvicorn's, but a connection whose request has arrived unread is left to read it: while draining,
-        its reply (503 `draining`) says `Connection: close`, and uvicorn waits for the connection to end."""
+        """uvicorn's, but a connection whose request has arrived unread is left to read it, and one that has
+        sent nothing yet gets `FIRST_REQUEST_S` to send it: its client connected before the listener stopped
+        taking connections, and may be a thread slow to run (CI lost requests so). While draining, their
+        replies say `Connection: close`, and uvicorn waits for the connections to end."""
         if (self.cycle is None or self.cycle.response_complete) and self.request_waiting():
+            return
+        if self.cycle is None and not self.in_head and not self.transport.is_closing():
+            deadline = self.loop.time() + FIRST_REQUEST_S
+            if self.read_deadline is None or deadline < self.read_deadline:  # closed then if still silent
+                self.read_deadline = deadline
+                if self.read_timer is not None:
+                    self.read_timer.cancel()
+                self.read_timer = self.loop.call_at(deadline, self._check_read)
             return
         super().shutdown()
 

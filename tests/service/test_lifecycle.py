@@ -103,6 +103,23 @@ def test_a_pool_of_kept_alive_clients_reads_every_reply_through_a_drain(make_ser
     assert load.summary()[503] > 20, load.summary()  # refused all through the drain
 
 
+def test_a_client_that_connected_before_the_drain_ended_gets_a_reply_to_what_it_sends(make_server) -> None:
+    # A client connects, and is slow to send (a starved thread: CI lost 2 requests so, 6 under two CPU hogs):
+    # the server, shutting down, closed the connection as idle, and the request the client sent then got
+    # no reply ("server disconnected"). Now a connection that has sent nothing yet is given a moment.
+    server = make_server(drain_timeout_s=10)
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    with socket.create_connection(address, timeout=10) as slow:
+        server.signal(signal.SIGTERM)
+        eventually(lambda: "Shutting down" in server.log.read_text(), timeout=10)  # drained, last call over
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 ") and b"connection: close" in reply.lower(), reply[:200]
+    assert server.proc.wait(15) == 0
+
+
 def test_a_listener_that_stops_taking_connections_keeps_those_it_queued() -> None:
     """The drain's last call: a new client's SYN is dropped (it retries, and is refused once the socket
     closes: it knows nothing was sent); a connection queued before is accepted and read as usual."""
