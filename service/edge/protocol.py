@@ -229,12 +229,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if (self.cycle is None or self.cycle.response_complete) and self.request_waiting():
             return
         if self.cycle is None and not self.in_head and not self.transport.is_closing():
-            deadline = self.loop.time() + FIRST_REQUEST_S
-            if self.read_deadline is None or deadline < self.read_deadline:  # closed then if still silent
-                self.read_deadline = deadline
-                if self.read_timer is not None:
-                    self.read_timer.cancel()
-                self.read_timer = self.loop.call_at(deadline, self._check_read)
+            self._read_by(min(self.read_deadline or float("inf"), self.loop.time() + FIRST_REQUEST_S))
             return
         super().shutdown()
 
@@ -489,9 +484,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         await send_json(send, 503, body, retry_after=self.limits.retry_after_s)
 
     def _start_read(self) -> None:
-        self.read_deadline = self.loop.time() + self.limits.read_timeout_s
-        if self.read_timer is None:
-            self.read_timer = self.loop.call_at(self.read_deadline, self._check_read)
+        self._read_by(self.loop.time() + self.limits.read_timeout_s)
+
+    def _read_by(self, deadline: float) -> None:
+        """The request being read must be in by `deadline` (then `_check_read`). A timer due earlier is kept:
+        it re-arms itself for the deadline of the moment when it fires."""
+        self.read_deadline = deadline
+        if self.read_timer is not None and self.read_timer.when() <= deadline:
+            return
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        self.read_timer = self.loop.call_at(deadline, self._check_read)
 
 
 def uvicorn_options(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
