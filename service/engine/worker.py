@@ -268,14 +268,16 @@ class ModelWorker:
 
     def refusal(self, rows: int = 1, time_s: float = math.inf) -> Unavailable | None:
         """Why `rows` more rows cannot be queued now (closing, down, full) or answered within `time_s`
-        seconds, or None. Cheap: the server asks it from the request's headers, before reading the body."""
+        seconds, or None. Cheap: the server asks it from the request's headers, before reading the body.
+        Full counts the rows held for admitted heads (`reserve`) as queued, but for those the process's free
+        slots will take: heads read together by an idle model were refused "queue full" otherwise."""
         if self._closed:
             return Unavailable("the model is being replaced or the service is shutting down; retry",
                                retry_after=self.retry_after, reason="draining")
         if self._down:
             return Unavailable(f"model {self.name!r} has no live inference process; it is being restarted",
                                code="model_unavailable", retry_after=self.retry_after, reason="worker_down")
-        if len(self._pending) + self._reserved + rows > self.queue_size:
+        if len(self._pending) + self._held_waiting() + rows > self.queue_size:
             self.steer.on_full(time.monotonic())
             return Unavailable("the inference queue is full; retry shortly", code="overloaded",
                                retry_after=self.retry_after, reason="queue_full")
@@ -284,6 +286,11 @@ class ModelWorker:
             return None  # in time, or late by the headroom only: degrading the rows ahead absorbs it
         return Unavailable(wait_message(wait), code="overloaded", retry_after=retry_after(wait, self.retry_after),
                            reason="queue_wait")
+
+    def _held_waiting(self) -> int:
+        """Held rows (`reserve`) beyond what the free process slots take, next to the rows already queued."""
+        free = len(self._free_slots) * self.max_batch_size - len(self._pending) if self._requests is not None else 0
+        return max(self._reserved - max(free, 0), 0)
 
     def wait(self, rows: int, time_s: float) -> Wait | None:
         """Why `rows` more rows would be answered too late (service/engine/sojourn.py), or None."""

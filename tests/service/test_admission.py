@@ -107,6 +107,27 @@ def test_a_request_admitted_from_its_head_keeps_its_place_until_its_body_comes(m
     assert status == 200
 
 
+def test_heads_read_together_by_an_idle_model_are_all_admitted(make_server) -> None:
+    # Three heads before any body: the process's two free slots take two of the rows at once, the queue of
+    # one the third. Counted all as queued while held, the second and third were refused "queue full"
+    # against an idle model (a fresh clone's `make test` lost tests/service/test_faults.py's setup so).
+    server = make_server(max_batch_size=1, queue_size=1, slow_batch_ms=300, hang_timeout_s=10, overload="reject",
+                         slo_ms=60_000)
+    head, body = head_and_body(PNG)
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    socks = [socket.create_connection(address, timeout=10) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(head)
+        eventually(lambda: server.metric("erde_inflight_requests") == 3)  # all three admitted from their heads
+        for sock in socks:
+            sock.sendall(body)
+        assert [status_of_reply(sock) for sock in socks] == [200, 200, 200]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_a_request_that_ends_before_its_rows_are_queued_gives_its_place_back(make_server) -> None:
     server = make_server(max_batch_size=1, queue_size=1, slow_batch_ms=200, hang_timeout_s=10, overload="reject",
                          slo_ms=60_000)
