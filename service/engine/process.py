@@ -328,25 +328,26 @@ def run_rows(model: EarlyExitResNet, backends: list[bool] | None, spec: InputSpe
     samples: list[Sample] = []
     where: dict[int, tuple[int, float]] = {}  # id(sample) -> (its row in the batch, its decode seconds)
     said = time.perf_counter()  # when the server last heard from this batch
-    for i, row in enumerate(rows):
-        started = time.perf_counter()
-        if started - said > HEARTBEAT_S:
-            replies.send_bytes(ID.pack(b"P", batch_id))
-            said = started
-        try:
-            with decode_budget(limits.decode_timeout_s):
-                x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
-        except DecodeTooSlow:
-            replies.send_bytes(encode_refused(batch_id, i, too_slow(limits.decode_timeout_s)))
-            said = time.perf_counter()
-            continue
-        except ServiceError as exc:
-            replies.send_bytes(encode_refused(batch_id, i, exc))
-            said = time.perf_counter()
-            continue
-        sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued, bool(row.shadow))
-        where[id(sample)] = (i, time.perf_counter() - started)
-        samples.append(sample)
+    with decode_budget(limits.decode_timeout_s) as budget:
+        for i, row in enumerate(rows):
+            started = time.perf_counter()
+            if started - said > HEARTBEAT_S:
+                replies.send_bytes(ID.pack(b"P", batch_id))
+                said = started
+            try:
+                with budget:
+                    x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
+            except DecodeTooSlow:
+                replies.send_bytes(encode_refused(batch_id, i, too_slow(limits.decode_timeout_s)))
+                said = time.perf_counter()
+                continue
+            except ServiceError as exc:
+                replies.send_bytes(encode_refused(batch_id, i, exc))
+                said = time.perf_counter()
+                continue
+            sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued, bool(row.shadow))
+            where[id(sample)] = (i, time.perf_counter() - started)
+            samples.append(sample)
 
     def release(done: list[Sample], results: list[ExitResult]) -> None:
         placed = [where[id(s)] for s in done]

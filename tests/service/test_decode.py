@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from erde.data import InputSpec, normalize
-from service.engine.decode import ImageLimits, check_request_pixels, decode_image
+from service.engine.decode import DecodeTooSlow, ImageLimits, check_request_pixels, decode_budget, decode_image
 from service.errors import PayloadTooLarge
 from tests.service import images
 
@@ -80,3 +82,18 @@ def test_the_two_step_resize_is_as_good_as_the_exact_one() -> None:
     expected = normalize(torch.from_numpy(np.array(exact))[None, None], SPEC_28)[0]
     diff = (got - expected).abs() * SPEC_28.std[0] * 255  # in 8-bit levels
     assert diff.mean() < 0.5 and diff.max() < 2.5, (diff.mean(), diff.max())  # measured: 0.18 and 1
+
+
+def test_a_decode_budget_signal_that_arrives_after_its_image_does_nothing() -> None:
+    """The handler stays set for a whole batch; a SIGPROF pending once an image is done must not raise into
+    the next step of the batch (outside any image's `except DecodeTooSlow`, it would end the process)."""
+    with decode_budget(10.0) as budget:
+        with budget:
+            assert budget.armed and signal.getitimer(signal.ITIMER_PROF)[0] > 0
+            with pytest.raises(DecodeTooSlow):
+                budget.expired(signal.SIGPROF, None)
+        budget.expired(signal.SIGPROF, None)  # pending once the image was done: ignored
+        with budget:
+            pass
+        assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGPROF) is not budget.expired
