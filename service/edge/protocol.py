@@ -56,6 +56,7 @@ import functools
 import struct
 import termios
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service import metrics
 from service.edge.admission import Admission, keeps_alive
 from service.edge.fairness import ConnectionShare
-from service.edge.middleware import account, send_json, start_record
+from service.edge.middleware import RequestAccounting, account, send_json, start_record
 from service.engine.runtime import Runtime
 from service.errors import Unavailable, error_body
 from service.record import UNKNOWN_MODEL, record_of, request_id
@@ -182,6 +183,42 @@ class Held:
     refusal: Unavailable
     overturnable: bool  # a multipart form may name another model: the body decides
     started: float  # perf_counter when its head was complete
+
+
+@dataclass(frozen=True)
+class WorkEntry:
+    """Where a work request enters the app: the service's own outermost middleware, inside the framework's
+    built stack, entered directly. The layers around it (uvicorn's proxy headers, FastAPI and Starlette's
+    entry, their error, telemetry and body-limit middleware) do nothing a work request needs: the accounting
+    has its own last-resort 500 and body limit, and nothing on the way reads the client's address. Every
+    other request takes the whole stack (docs/architecture.md, "Work past the framework")."""
+
+    framework: ASGIApp  # the Starlette app, which `scope["app"]` names (Request.app)
+    accounting: RequestAccounting
+
+
+_entries: weakref.WeakKeyDictionary[Any, WorkEntry] = weakref.WeakKeyDictionary()
+
+
+def work_entry(app: ASGIApp) -> WorkEntry | None:
+    """The work entry inside `app` (the app uvicorn loaded), once the framework has built its middleware
+    stack (at the lifespan's start); None before, or in an app without the service's accounting."""
+    found = _entries.get(app)
+    if found is not None:
+        return found
+    framework, node = None, app
+    for _ in range(32):  # a chain of wrappers, each holding the next as `app` (Starlette: `middleware_stack`)
+        if isinstance(node, RequestAccounting):
+            if framework is None:
+                return None
+            found = _entries[app] = WorkEntry(framework, node)
+            return found
+        stack = getattr(node, "middleware_stack", None)
+        if stack is not None:
+            framework, node = node, stack
+        else:
+            node = getattr(node, "app", None)
+    return None
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -315,7 +352,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 refusal = self.admission.after_body(held.cycle.scope, bytes(held.cycle.body), refusal)
             if refusal is None:  # the model its form names takes it: the app answers, its body already in
                 record_of(held.cycle.scope).admitted = True
-                self._run(held.cycle, held.app)
+                self._run(held.cycle, self._work(held.cycle, held.app))
             else:
                 self._refuse_here(held.cycle, refusal, held.started, keep=True)
 
@@ -329,8 +366,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         start_record(cycle.scope)
         verdict = self.admission.at_head(cycle.scope)
         if verdict is None:
-            record_of(cycle.scope).admitted = True
-            self._run(cycle, app)
+            record = record_of(cycle.scope)
+            record.admitted = True
+            work = record.endpoint.work and cycle.scope["method"] == "POST"
+            self._run(cycle, self._work(cycle, app) if work else app)
             return
         refusal, overturnable = verdict
         keep = keeps_alive(cycle.scope, self.admission.runtime.draining)
@@ -338,9 +377,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.held = Held(cycle, app, refusal, overturnable, started)
         elif overturnable:  # too large to read here: the pipeline refuses it if its own model's queue is full
             record_of(cycle.scope).admitted = True
-            self._run(cycle, app)
+            self._run(cycle, self._work(cycle, app))
         else:
             self._refuse_here(cycle, refusal, started, keep=False)
+
+    @staticmethod
+    def _work(cycle: RequestResponseCycle, app: ASGIApp) -> ASGIApp:
+        """A POST to a work endpoint enters at the service's own middleware (`WorkEntry`)."""
+        entry = work_entry(app)
+        if entry is None:
+            return app
+        cycle.scope["app"] = entry.framework
+        return entry.accounting
 
     def _run(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
         """Start the app's task on a request, its replies written whole (`_joined`)."""

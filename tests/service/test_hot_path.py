@@ -8,9 +8,11 @@ import asyncio
 from typing import Any
 
 import httpx
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.api.routes import WorkDispatch
-from service.edge.protocol import LimitedHttpProtocol, LingeringTransport
+from service.edge.middleware import AllowedHosts, RequestAccounting
+from service.edge.protocol import LimitedHttpProtocol, LingeringTransport, work_entry
 from service.endpoints import WORK
 from tests.service import images
 from tests.service.conftest import Server
@@ -25,6 +27,31 @@ def test_every_work_endpoint_is_dispatched_past_the_framework(toy_store) -> None
     app = create_app(Settings(store=toy_store))
     (found,) = [m for m in app.user_middleware if m.cls is WorkDispatch]
     assert set(WorkDispatch(app.router, *found.args, **found.kwargs).handlers) == WORK
+
+
+def test_a_work_request_enters_at_the_services_own_middleware_inside_the_built_stack(toy_store) -> None:
+    """The protocol hands a POST to a work endpoint to the accounting middleware of the app uvicorn loaded
+    (`work_entry`), past the framework's own layers: the same instances the framework's stack calls."""
+    from service.server.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(store=toy_store))
+    loaded = ProxyHeadersMiddleware(app)  # as uvicorn wraps it
+    assert work_entry(loaded) is None  # the framework builds its stack when the lifespan starts
+    app.middleware_stack = app.build_middleware_stack()
+    entry = work_entry(loaded)
+    assert entry is not None and entry.framework is app and isinstance(entry.accounting, RequestAccounting)
+    assert work_entry(loaded) is entry  # found once
+    chain, node = [], entry.accounting
+    while not isinstance(node, WorkDispatch):
+        chain.append(type(node))
+        node = node.app
+    assert chain[:2] == [RequestAccounting, AllowedHosts]  # the Host check and admission stay on the way
+    outer, node = [], app.middleware_stack
+    while node is not entry.accounting:
+        outer.append(type(node).__name__)
+        node = node.app
+    assert outer  # what a work request skips: the framework's error, telemetry and body-limit layers
 
 
 def test_errors_through_the_dispatch_keep_each_protocols_shape(server: Server) -> None:
