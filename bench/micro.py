@@ -1,8 +1,9 @@
 """Micro-benchmarks behind single figures of reports/service-profile.md and the README's design
 notes, each measured in isolation (best of several repeats, one torch thread):
 
-- decoding a 28x28 Fashion-MNIST PNG: PIL open + load, torchvision.io.decode_png, normalising one
-  image, and the service's whole decode_image (checks, mode, normalise);
+- decoding a 28x28 Fashion-MNIST PNG: PIL open + load, torchvision.io.decode_png (not used by the service:
+  it crashes the process on a corrupt PNG), normalising one image, and the service's whole decode_image
+  (checks, mode, normalise), alone and under the decode budget, its handler set per image or per batch;
 - encoding a typical /classify reply: orjson against json.dumps;
 - each stage of the served network at batch 1 and 32: its share of a full pass against its share
   of the MACs, and oneDNN against torch's native convolutions.
@@ -26,7 +27,7 @@ from PIL import Image
 from bench.common import default_artifact, sample_images, table
 from erde.nets import fuse_for_inference
 from service.engine.compute import _set_mkldnn
-from service.engine.decode import ImageLimits, _normalization_table, decode_image
+from service.engine.decode import ImageLimits, _normalization_table, decode_budget, decode_image
 
 REPLY = {"model": "fashion-mnist", "version": "1", "label": "Ankle boot", "class_id": 9, "confidence": 0.9871,
          "top_k": [{"label": "Ankle boot", "class_id": 9, "probability": 0.9871}], "exit": 0, "exits": 3,
@@ -51,14 +52,26 @@ def main() -> None:
     limits = ImageLimits(16_000_000, 8, ("PNG",))
     lookup = _normalization_table(art.spec.mean, art.spec.std)
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert(art.spec.mode))
+    def budget_per_image() -> None:
+        with decode_budget(0.25) as budget, budget:
+            decode_image(png, art.spec, limits)
+
+    def budget_per_batch() -> None:  # 32 images, as the inference process decodes a batch
+        with decode_budget(0.25) as budget:
+            for _ in range(32):
+                with budget:
+                    decode_image(png, art.spec, limits)
+
     calls = [("PNG decode: PIL open + load", lambda: Image.open(io.BytesIO(png)).load(), 2000),
              ("PNG decode: torchvision.io.decode_png", lambda: torchvision.io.decode_png(png_tensor), 2000),
              ("normalise one image (the lookup table decode_image uses)",
               lambda: torch.from_numpy(lookup[0][pixels][None]), 20000),
              ("service decode_image (checks, mode, normalise)", lambda: decode_image(png, art.spec, limits), 2000),
+             ("decode_image under the decode budget, its handler set per image", budget_per_image, 2000),
+             ("decode_image under the decode budget, its handler set per batch (per image)", budget_per_batch, 100),
              ("reply: orjson.dumps", lambda: orjson.dumps(REPLY), 20000),
              ("reply: json.dumps", lambda: json.dumps(REPLY), 20000)]
-    rows = [[what, f"{best_us(fn, number):.2f}"] for what, fn, number in calls]
+    rows = [[what, f"{best_us(fn, number) / (32 if fn is budget_per_batch else 1):.2f}"] for what, fn, number in calls]
     print(f"# Micro-benchmarks: {art.name}/{art.version}, torch threads 1\n")
     print(table(["what", "µs per call"], rows))
 

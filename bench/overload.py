@@ -96,6 +96,12 @@ class Summary:
     refusals: int = 0  # 503s
     server_cpu_s: float = 0.0  # CPU the server process (its event loop) used during the phase
     top_floor_hits: list[bool] = field(default_factory=list, repr=False)
+    # Where the answered (200) requests' time went, p50 and p99 in ms: before the app (from the scheduled send
+    # to the app's start: the socket buffers and the event loop's backlog), in the app (the reply's own
+    # latency_ms.total), and the inference queue within it.
+    before_app_ms: tuple[float, float] = (math.nan, math.nan)
+    in_app_ms: tuple[float, float] = (math.nan, math.nan)
+    queue_ms: tuple[float, float] = (math.nan, math.nan)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -160,6 +166,9 @@ def summarise(label: str, rate: float, seconds: float, outcomes: list[Outcome], 
         limit = floor if floor is not None else (server_floor if o.reply["degraded"] else 0.0)
         below += o.reply["expected_accuracy"] < limit - 1e-9
     sent = [o for o in outcomes if o.status != NOT_SENT]
+    in_app = np.array([o.reply["latency_ms"]["total"] for o in ok]) if ok else np.array([math.nan])
+    queue = np.array([o.reply["latency_ms"]["queue"] for o in ok]) if ok else np.array([math.nan])
+    before_app = latencies * 1e3 - in_app
     return Summary(
         label, rate, (len(sent) - 1) / spread if spread > 0 else 0.0,
         float(np.percentile([o.lag for o in sent], 99)) * 1e3 if sent else math.inf, cpu / seconds,
@@ -171,7 +180,12 @@ def summarise(label: str, rate: float, seconds: float, outcomes: list[Outcome], 
         sum(1 for o in ok if o.reply["degraded"]) / len(ok) if ok else 0.0,
         float(np.mean([o.reply["expected_accuracy"] for o in ok])) if ok else math.nan,
         float(np.mean(hits)) if ok else math.nan, float(np.mean(top_hits)) if top_hits else math.nan,
-        below, len(ok), sum(1 for o in outcomes if o.status == 503), server_cpu_s, top_hits)
+        below, len(ok), sum(1 for o in outcomes if o.status == 503), server_cpu_s, top_hits,
+        p50_p99(before_app), p50_p99(in_app), p50_p99(queue))
+
+
+def p50_p99(values: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
 def others(outcomes: list[Outcome]) -> str:
@@ -370,6 +384,18 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
               "top-floor acc: measured accuracy of the requests with the mix's highest floor.", ""]
     lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results
                                  for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
+    lines += ["", "## Where the answered requests waited", "",
+              "For the 200s, p50 / p99 in ms: before the app (from the scheduled send to the app's start: the "
+              "socket buffers and the event loop's backlog, which no admission law sees), in the app (the reply's "
+              "`latency_ms.total`), and in the inference queue (part of the app's); the server's event loop as a "
+              "share of one core over the phase.", ""]
+    lines.append(table(["model", "mode", "x C_full", "answered/s", "before the app", "in the app", "queue",
+                        "event loop"],
+                       [[r["model"], mode, f"{m:g}", f"{s.answered / plan.phase_s:.0f}",
+                         *(f"{a:.1f} / {b:.1f}" for a, b in (s.before_app_ms, s.in_app_ms, s.queue_ms)),
+                         f"{s.server_cpu_s / plan.phase_s:.0%}"]
+                        for r in results
+                        for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
     lines += ["", "## What a refusal costs the server", "",
               "Server-process CPU (its event loop) per request, fitted over each model and mode's phases as "
               "idle + a·answered + b·refused.", ""]
