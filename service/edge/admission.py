@@ -109,9 +109,12 @@ class Admission:
 def keeps_alive(scope: Scope, draining: bool) -> bool:
     """Whether a refusal keeps the connection: not while draining, and only when the body is small
     enough to read and drop (most uploads here are, and already in the socket's buffer); a large or
-    unsized one is left unread and the connection closed."""
+    unsized one is left unread and the connection closed. So is one whose client waits for `100 Continue`
+    before sending it (RFC 9110 section 10.1.1): held for its body, its refusal would wait for a body that
+    never comes, until the read timeout answered 408."""
     length = declared_length(scope)
-    return not draining and length is not None and length <= KEEP_ALIVE_BODY_BYTES
+    return (not draining and length is not None and length <= KEEP_ALIVE_BODY_BYTES
+            and header(scope, b"expect", b"").lower() != b"100-continue")
 
 
 class AdmissionControl:

@@ -21,7 +21,8 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   refuses from its head (draining, its model's queue full) is answered here, 503 with
   Retry-After, before any ASGI task exists: its small body is read and dropped by the parser and
   the 503 sent once it is in, on the kept-alive connection; a large one is not read, and the
-  connection closes. When a multipart form may name another model, the body decides. Counted
+  connection closes, as does one whose client waits for `100 Continue` before sending it. When a
+  multipart form may name another model, the body decides (such a client is told to go on). Counted
   and logged like every request (`middleware.account`). The Host check does not run first: a 503
   carries nothing a rebinding page could want.
 - **A backoff for a connection refused again and again** (`refusal_backoff`): a kept-alive

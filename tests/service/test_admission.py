@@ -136,3 +136,50 @@ def test_a_request_that_ends_before_its_rows_are_queued_gives_its_place_back(mak
         assert reply.status_code == 422, reply.text
     assert post(server.url).status_code == 200
     eventually(lambda: server.metric("erde_inflight_requests") == 0)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return reply
+
+
+def with_expect(head: bytes) -> bytes:
+    return head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+
+
+def test_a_client_waiting_for_100_continue_is_never_held_for_its_body(make_server) -> None:
+    """A client that sends `Expect: 100-continue` sends its body only once told to (curl does for large
+    uploads). Held for its body, a refusal from the head waited for a body that was not coming, until the read
+    timeout answered 408. Now the request the query sends to a full model is refused at once, connection
+    closed; one whose form may name another model is told to go on, and its form decides."""
+    server = make_server(**FLOODABLE, read_timeout_s=5)
+    head, body = head_and_body(PNG)
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    with ThreadPoolExecutor(QUEUE + 2) as pool:
+        flood = [pool.submit(post, server.url) for _ in range(QUEUE + 2)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
+        with socket.create_connection(address, timeout=2) as sock:
+            sock.sendall(with_expect(head.replace(b"/classify ", b"/classify?model=toy ")))
+            named = read_until_closed(sock)  # without ever sending the body
+        with socket.create_connection(address, timeout=2) as sock:
+            sock.sendall(with_expect(head))
+            go_on = sock.recv(65536)
+            sock.sendall(body)
+            formed = status_of_reply(sock) if go_on.startswith(b"HTTP/1.1 100 ") else None
+        assert all(f.result().status_code == 200 for f in flood)
+    assert named.startswith(b"HTTP/1.1 503 "), named[:200]
+    assert b"\r\nretry-after: " in named.lower() and b"\r\nconnection: close\r\n" in named.lower()
+    assert go_on.startswith(b"HTTP/1.1 100 Continue\r\n"), go_on[:200]
+    assert formed == 503  # the form names no model: the default one, full
+
+
+def test_a_client_waiting_for_100_continue_is_told_to_send_its_body_when_admitted(make_server) -> None:
+    server = make_server()
+    head, body = head_and_body(PNG)
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(with_expect(head))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        assert status_of_reply(sock) == 200
