@@ -118,10 +118,29 @@ def test_a_change_of_images_drops_the_evidence_from_before_it() -> None:
     rule = policy.decide(ClassifyOptions(budget=0.25))
     guard.witness(*shadow_rows(LAW.window, sure=False))  # shifted images: every answer likely wrong
     assert guard.observe(rule, 0.1).live == 0.0
-    guard.witness(*shadow_rows(LAW.change_rows, sure=True))  # the shift ended
-    assert guard.changes == 1 and len(guard.evidence) <= LAW.change_rows
-    assert guard.observe(rule, 0.1).live == 1.0  # a sliding window: 50 / 400 = 0.125
+    guard.witness(*shadow_rows(LAW.change_rows, sure=True))  # the shift ended ...
+    assert guard.changes == 0  # ... as the first look says, and the next one decides
+    guard.witness(*shadow_rows(LAW.change_every, sure=True))
+    assert guard.changes == 1 and len(guard.evidence) <= LAW.change_rows + LAW.change_every
+    assert guard.observe(rule, 0.1).live == 1.0  # a sliding window: 60 / 400 = 0.15
     assert guard.observe(rule, 0.1).source == "live"  # the calibration says 0.92; the evidence says more
+
+
+def rows_with_last_entropy(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    entropy = np.column_stack([np.full(len(last), 0.1), np.full(len(last), 0.1), last])
+    return entropy, np.full(entropy.shape, 3)
+
+
+def test_a_change_that_the_next_look_does_not_show_keeps_the_evidence() -> None:
+    """A run of less sure rows looks like a change at one look, and the next rows show none: the evidence stays,
+    all of it (kept, the newest rows would be the ones that stood out, and so would their estimate)."""
+    older, run, after = np.tile([0.1, 0.3], 175), np.full(LAW.change_rows, 0.28), np.zeros(LAW.change_every)
+    assert change_point(np.concatenate([older, run]), LAW.change_rows, LAW.change_z) is not None
+    assert change_point(np.concatenate([older, run, after])[-LAW.window:], LAW.change_rows, LAW.change_z) is None
+    guard, _ = guard_and_policy()
+    for part in (older, run, after):
+        guard.witness(*rows_with_last_entropy(part))
+    assert guard.changes == 0 and len(guard.evidence) == LAW.window
 
 
 def test_a_change_point_is_found_only_where_the_entropies_differ() -> None:
