@@ -96,8 +96,8 @@ class Summary:
     refusals: int = 0  # 503s
     server_cpu_s: float = 0.0  # CPU the server process (its event loop) used during the phase
     top_floor_hits: list[bool] = field(default_factory=list, repr=False)
-    # Where the answered (200) requests' time went, p50 and p99 in ms: before the app (from the scheduled send
-    # to the app's start: the socket buffers and the event loop's backlog), in the app (the reply's own
+    # Where the answered (200) requests' time went, p50 and p99 in ms: before the app (all but the app's own, from the
+    # scheduled send: the send lag, the socket buffers, the loop's backlog, the way back), in the app (the reply's own
     # latency_ms.total), and the inference queue within it.
     before_app_ms: tuple[float, float] = (math.nan, math.nan)
     in_app_ms: tuple[float, float] = (math.nan, math.nan)
@@ -385,10 +385,10 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
     lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results
                                  for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
     lines += ["", "## Where the answered requests waited", "",
-              "For the 200s, p50 / p99 in ms: before the app (from the scheduled send to the app's start: the "
-              "socket buffers and the event loop's backlog, which no admission law sees), in the app (the reply's "
-              "`latency_ms.total`), and in the inference queue (part of the app's); the server's event loop as a "
-              "share of one core over the phase.", ""]
+              "For the 200s, p50 / p99 in ms: before the app (the whole time from the scheduled send less the "
+              "app's own: the send lag, the socket buffers and the event loop's backlog, which no admission law "
+              "sees, and the reply's way back), in the app (the reply's `latency_ms.total`), and in the inference "
+              "queue (part of the app's); the server's event loop as a share of one core over the phase.", ""]
     lines.append(table(["model", "mode", "x C_full", "answered/s", "before the app", "in the app", "queue",
                         "event loop"],
                        [[r["model"], mode, f"{m:g}", f"{s.answered / plan.phase_s:.0f}",

@@ -114,7 +114,7 @@ def keeps_alive(scope: Scope, draining: bool) -> bool:
     never comes, until the read timeout answered 408."""
     length = declared_length(scope)
     return (not draining and length is not None and length <= KEEP_ALIVE_BODY_BYTES
-            and header(scope, b"expect", b"").lower() != b"100-continue")
+            and not any(key == b"expect" and value.lower() == b"100-continue" for key, value in scope["headers"]))
 
 
 class AdmissionControl:

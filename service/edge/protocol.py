@@ -194,8 +194,8 @@ class WorkEntry:
     has its own last-resort 500 and body limit, and nothing on the way reads the client's address. Every
     other request takes the whole stack (docs/architecture.md, "Work past the framework")."""
 
-    framework: ASGIApp  # the Starlette app, which `scope["app"]` names (Request.app)
-    accounting: RequestAccounting
+    framework: weakref.ref[Any]  # the Starlette app, which `scope["app"]` names (Request.app); it may be the
+    accounting: RequestAccounting  # cache's key itself (no proxy headers), hence weakly
 
 
 _entries: weakref.WeakKeyDictionary[Any, WorkEntry] = weakref.WeakKeyDictionary()
@@ -212,7 +212,7 @@ def work_entry(app: ASGIApp) -> WorkEntry | None:
         if isinstance(node, RequestAccounting):
             if framework is None:
                 return None
-            found = _entries[app] = WorkEntry(framework, node)
+            found = _entries[app] = WorkEntry(weakref.ref(framework), node)
             return found
         stack = getattr(node, "middleware_stack", None)
         if stack is not None:
@@ -386,9 +386,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _work(cycle: RequestResponseCycle, app: ASGIApp) -> ASGIApp:
         """A POST to a work endpoint enters at the service's own middleware (`WorkEntry`)."""
         entry = work_entry(app)
-        if entry is None:
+        framework = None if entry is None else entry.framework()
+        if framework is None:
             return app
-        cycle.scope["app"] = entry.framework
+        cycle.scope["app"] = framework
         return entry.accounting
 
     def _run(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:

@@ -159,7 +159,7 @@ class ImageBudget:
             signal.setitimer(signal.ITIMER_PROF, 0)
 
     def expired(self, signum: int, frame: object) -> None:
-        if self.armed:
+        if self.armed and signal.getitimer(signal.ITIMER_PROF)[0] == 0:  # this image's timer, not a late one
             self.armed = False
             raise DecodeTooSlow
 

@@ -29,9 +29,10 @@ less those from before a change of images (`change_point`: the mean last-exit en
 rows differs from the older ones' by more than `change_z` standard errors).
 
 **The accuracy estimate** of a cell is the estimator's figure at its live θ over that evidence, once
-`change_rows` shadow rows are in. It is the one a reply quotes when it differs from the offline accuracy
-by more than `margin` plus two standard errors of a share over the evidence (so that sampling noise on
-clean images never turns into a quoted drop or a refused floor).
+`change_rows` shadow rows are in. It is the one a reply quotes, and the floors follow, when it holds
+`quote_rows` rows and differs from the offline accuracy by more than `margin` plus two standard errors
+of a share over the evidence (so that sampling noise on clean images never turns into a quoted drop or
+a refused floor).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class DriftLaw:
     margin: float = 0.03  # a live accuracy this far from the offline one (plus its noise) is quoted instead
     ceiling: float = math.log(10) + 1e-3  # θ above this stops everything at the first exit anyway
     change_rows: int = 50  # shadow rows an estimate needs, and the fewest on either side of a change
+    # Shadow rows before an estimate may be quoted or move the floors. At 50 the first rows of a fresh server
+    # departed on clean images: the teacher refused 1-4% of a phase's floor requests 422 (make bench-overload).
+    quote_rows: int = 100
     change_z: float = 4.5  # standard errors between the two sides of a change (change_point)
     change_every: int = 10  # shadow rows between two looks for a change (each look: 33 µs over 400 rows)
 
@@ -254,9 +258,12 @@ class DriftGuard:
         return Estimate(live, point.accuracy, "live" if self._departs(live, point.accuracy) else "offline")
 
     def _departs(self, live: float, offline: float) -> bool:
-        """Whether the evidence contradicts the calibration: the live figure is further from it than the margin
-        plus two standard errors of a share over the evidence (2.6 points at 93% over 400 rows, 7.2 over 50)."""
-        return abs(live - offline) > self.law.margin + 2 * math.sqrt(live * (1 - live) / len(self.evidence))
+        """Whether the evidence contradicts the calibration: it holds `quote_rows` rows, and the live figure is
+        further from it than the margin plus two standard errors of a share over the evidence (2.6 points at
+        93% over 400 rows, 5.1 over 100)."""
+        rows = len(self.evidence)
+        return rows >= self.law.quote_rows and abs(live - offline) > self.law.margin + 2 * math.sqrt(
+            live * (1 - live) / rows)
 
     def _live(self, theta: float) -> float | None:
         """The estimated accuracy at θ over the evidence; None until it holds `change_rows` rows."""

@@ -103,10 +103,14 @@ def test_replies_quote_the_live_estimate_once_enough_shadow_rows_depart() -> Non
     assert guard.observe(rule, 0.1).live is None  # one row short of enough
     guard.witness(*shadow_rows(1, sure=False))
     estimate = guard.observe(rule, 0.1)
+    assert estimate.live == 0.0 and estimate.source == "offline" and estimate.used == 0.92  # too few to quote
+    assert guard.shift() == 0.0  # nor to move the floors
+    guard.witness(*shadow_rows(LAW.quote_rows - LAW.change_rows, sure=False))
+    estimate = guard.observe(rule, 0.1)
     assert estimate.source == "live" and estimate.used == estimate.live == 0.0
-    assert guard.summary() == (0.0, 0.92)
+    assert guard.summary() == (0.0, 0.92) and guard.shift() == -0.92
     (live,) = guard.live_curve()
-    assert live["replies"] == 3 and live["live_accuracy"] == 0.0 and live["budget"] == 0.25
+    assert live["replies"] == 4 and live["live_accuracy"] == 0.0 and live["budget"] == 0.25
     guard.witness(*shadow_rows(LAW.window, sure=True))  # the window slides: the old evidence is gone
     assert guard.observe(rule, 0.1).live == 1.0
 
@@ -123,6 +127,8 @@ def test_a_change_of_images_drops_the_evidence_from_before_it() -> None:
     guard.witness(*shadow_rows(LAW.change_every, sure=True))
     assert guard.changes == 1 and len(guard.evidence) <= LAW.change_rows + LAW.change_every
     assert guard.observe(rule, 0.1).live == 1.0  # a sliding window: 60 / 400 = 0.15
+    assert guard.observe(rule, 0.1).source == "offline"  # 60 rows: too few to quote
+    guard.witness(*shadow_rows(LAW.quote_rows - len(guard.evidence), sure=True))
     assert guard.observe(rule, 0.1).source == "live"  # the calibration says 0.92; the evidence says more
 
 

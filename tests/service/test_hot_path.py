@@ -40,7 +40,7 @@ def test_a_work_request_enters_at_the_services_own_middleware_inside_the_built_s
     assert work_entry(loaded) is None  # the framework builds its stack when the lifespan starts
     app.middleware_stack = app.build_middleware_stack()
     entry = work_entry(loaded)
-    assert entry is not None and entry.framework is app and isinstance(entry.accounting, RequestAccounting)
+    assert entry is not None and entry.framework() is app and isinstance(entry.accounting, RequestAccounting)
     assert work_entry(loaded) is entry  # found once
     chain, node = [], entry.accounting
     while not isinstance(node, WorkDispatch):
