@@ -364,6 +364,11 @@ HEADERS = ["model", "mode", "x C_full", "offered/s", "sent/s", "goodput/s", "p50
            "server µs/req"]
 
 
+def in_order(result: dict) -> list[tuple[tuple[str, float], Summary]]:
+    """A model's phases by offered load, then mode."""
+    return sorted(result["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))
+
+
 def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None) -> str:
     load = os.getloadavg()
     lines = [f"# Overload: `degrade` vs `reject` under open-loop load ({time.strftime('%Y-%m-%d')})", "",
@@ -382,8 +387,7 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
               "counted against a capacity trial) as shares of all requests; degraded, expected and measured accuracy "
               "over the 200s; "
               "top-floor acc: measured accuracy of the requests with the mix's highest floor.", ""]
-    lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results
-                                 for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
+    lines.append(table(HEADERS, [row(r["model"], mode, m, s) for r in results for (mode, m), s in in_order(r)]))
     lines += ["", "## Where the answered requests waited", "",
               "For the 200s, p50 / p99 in ms: before the app (the whole time from the scheduled send less the "
               "app's own: the send lag, the socket buffers and the event loop's backlog, which no admission law "
@@ -394,8 +398,7 @@ def report(results: list[dict], plan: Plan, notes: list[str], plot: Path | None)
                        [[r["model"], mode, f"{m:g}", f"{s.answered / plan.phase_s:.0f}",
                          *(f"{a:.1f} / {b:.1f}" for a, b in (s.before_app_ms, s.in_app_ms, s.queue_ms)),
                          f"{s.server_cpu_s / plan.phase_s:.0%}"]
-                        for r in results
-                        for (mode, m), s in sorted(r["phases"].items(), key=lambda kv: (kv[0][1], kv[0][0]))]))
+                        for r in results for (mode, m), s in in_order(r)]))
     lines += ["", "## What a refusal costs the server", "",
               "Server-process CPU (its event loop) per request, fitted over each model and mode's phases as "
               "idle + a·answered + b·refused.", ""]

@@ -47,9 +47,9 @@ class Admission:
     def at_head(self, scope: Scope) -> tuple[Unavailable, bool] | None:
         """The refusal for a classify request (None: admit it), and whether a multipart form's `model`
         field may still overturn it, which only its body can tell (`after_body`)."""
-        record = record_of(scope)
-        if not (record.endpoint.work and scope["method"] == "POST"):
+        if not is_work(scope):
             return None
+        record = record_of(scope)
         oip = record.endpoint.protocol == "oip"  # its path names the model
         query = query_fields(scope) if b"=" in scope.get("query_string", b"") else {}
         named = record.path_params["name"] if oip else query.get("model")
@@ -104,6 +104,11 @@ class Admission:
         except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
             return None
         return self.refusal(scope, fields.get("model"), fields.get("timeout_ms"))
+
+
+def is_work(scope: Scope) -> bool:
+    """A POST to a work endpoint (its record started from the head): what admission weighs."""
+    return record_of(scope).endpoint.work and scope["method"] == "POST"
 
 
 def keeps_alive(scope: Scope, draining: bool) -> bool:

@@ -67,7 +67,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
-from service.edge.admission import Admission, keeps_alive
+from service.edge.admission import Admission, is_work, keeps_alive
 from service.edge.fairness import ConnectionShare
 from service.edge.middleware import RequestAccounting, account, send_json, start_record
 from service.engine.runtime import Runtime
@@ -367,10 +367,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         start_record(cycle.scope)
         verdict = self.admission.at_head(cycle.scope)
         if verdict is None:
-            record = record_of(cycle.scope)
-            record.admitted = True
-            work = record.endpoint.work and cycle.scope["method"] == "POST"
-            self._run(cycle, self._work(cycle, app) if work else app)
+            record_of(cycle.scope).admitted = True
+            self._run(cycle, self._work(cycle, app))
             return
         refusal, overturnable = verdict
         keep = keeps_alive(cycle.scope, self.admission.runtime.draining)
@@ -384,8 +382,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     @staticmethod
     def _work(cycle: RequestResponseCycle, app: ASGIApp) -> ASGIApp:
-        """A POST to a work endpoint enters at the service's own middleware (`WorkEntry`)."""
-        entry = work_entry(app)
+        """A POST to a work endpoint enters at the service's own middleware (`WorkEntry`); any other request
+        at `app`."""
+        entry = work_entry(app) if is_work(cycle.scope) else None
         framework = None if entry is None else entry.framework()
         if framework is None:
             return app

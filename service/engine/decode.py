@@ -154,6 +154,9 @@ class ImageBudget:
             signal.setitimer(signal.ITIMER_PROF, self.seconds)
 
     def __exit__(self, *exc: object) -> None:
+        self.disarm()
+
+    def disarm(self) -> None:
         if self.armed:
             self.armed = False
             signal.setitimer(signal.ITIMER_PROF, 0)
@@ -181,7 +184,7 @@ def decode_budget(seconds: float | None) -> Iterator[ImageBudget]:
     try:
         yield budget
     finally:
-        budget.__exit__()
+        budget.disarm()
         signal.signal(signal.SIGPROF, previous)
 
 

@@ -233,8 +233,9 @@ class DriftGuard:
             if keep is not None and self._suspected:
                 self.evidence.keep_newest(keep)
                 self.changes += 1
-                keep = None
-            self._suspected = keep is not None
+                self._suspected = False
+            else:
+                self._suspected = keep is not None
         self._table = None
 
     def observe(self, rule: Decision, macs_fraction: float) -> Estimate:
