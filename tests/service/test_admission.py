@@ -7,6 +7,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import orjson
 
 from erde.export import export_run
 from tests.service import images
@@ -183,3 +184,23 @@ def test_a_client_waiting_for_100_continue_is_told_to_send_its_body_when_admitte
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
         sock.sendall(body)
         assert status_of_reply(sock) == 200
+
+
+def test_an_oip_client_waiting_for_100_continue_is_refused_at_once(make_server) -> None:
+    """The Open Inference Protocol names its model in the path: refused from the head, a client that waits
+    for `100 Continue` gets its 503 at once, in the protocol's own error shape, and the connection closes."""
+    server = make_server(**FLOODABLE, read_timeout_s=5)
+    doc = orjson.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                    "data": [base64.b64encode(PNG).decode()]}]})
+    head = (b"POST /v2/models/toy/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(doc))
+    with ThreadPoolExecutor(QUEUE + 2) as pool:
+        flood = [pool.submit(post, server.url) for _ in range(QUEUE + 2)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=2) as sock:
+            sock.sendall(head)  # the JSON body waits for 100 Continue
+            reply = read_until_closed(sock)
+        assert all(f.result().status_code == 200 for f in flood)
+    assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+    assert b"\r\nretry-after: " in reply.lower() and b"\r\nconnection: close\r\n" in reply.lower()
+    assert isinstance(orjson.loads(reply.split(b"\r\n\r\n", 1)[1])["error"], str)
