@@ -154,5 +154,8 @@ def test_a_loop_that_runs_late_counts_against_every_request(make_server) -> None
     eventually(lambda: server.metric("erde_rejected_total", reason="queue_wait") >= 1)
     quick = make_server(slow_batch_ms=1, max_batch_size=1, slo_ms=50, overload="reject", queue_size=64,
                         hang_timeout_s=10)  # the same without the stalls: all of them in time
-    assert post(quick.url)[0] == 200
-    assert [status for status, _, _ in burst(quick.url, 12)] == [200] * 12
+    # A row's cost is a running mean from several batches: one batch timed on a busy machine (a CI run
+    # measured it so) could price a row at 4 ms, and six rows behind it past 0.8 x 50 ms.
+    for _ in range(8):
+        assert post(quick.url)[0] == 200
+    assert [status for status, _, _ in burst(quick.url, 6)] == [200] * 6
