@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$", description=(
         "where each model's inference process runs the network: auto (CUDA when this torch sees it, else the "
         "CPU), cpu, cuda or cuda:N; a device that is not there is refused at start"))
+    engine: Literal["auto", "own", "shared"] = Field("auto", description=(
+        "inference processes: own (each worker starts one per model), shared (one per model serves every "
+        "worker and runs their batches together), auto (shared on a GPU with several workers, else own)"))
     drain_timeout_s: float = Field(10.0, ge=0,
                                    description="SIGTERM: longest wait for queued and in-flight requests")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on 503, in seconds")

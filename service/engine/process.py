@@ -1,4 +1,5 @@
-"""The inference process: one per served model, decoding and running the micro-batches the server sends.
+"""The inference process: one per served model (per server worker, or one shared by all of them),
+decoding and running the micro-batches the workers send.
 
 Why a process and not a thread: a thread running torch hands the GIL back and forth with the
 event loop at every operator (torch releases it around each kernel), and under load each
@@ -9,11 +10,18 @@ waits for the event loop, and the two use two cores.
 Images are decoded here too, not on the event loop: decoding was the largest single cost of the
 server's loop (15-17% of it), and this process has a core of its own.
 
-Wire format (over two one-way pipes; the encoded images go through shared memory, one arena per slot):
-  server -> process  B: a batch in slot `slot`: per row θ, enqueue time, cap, top_k, and where its
+A process of its own per worker is served over two one-way pipes; a shared process listens on an
+abstract Unix socket and serves each worker that connects over its own connection (`serve_shared`).
+It takes one batch from every worker that sent one and runs them as one, answering each its own rows:
+the workers keep their own queues, deadlines and refusals (docs/architecture.md).
+
+Wire format (the encoded images go through shared memory, one arena per slot of each worker):
+  server -> process  H: hello, on a shared process's connection only: the worker's arena (bytes per slot,
+                        file path)
+                     B: a batch in slot `slot`: per row θ, enqueue time, cap, top_k, and where its
                         bytes lie in the slot's arena
-                     S: stop
-  process -> server  R: ready (model loaded, backends chosen, warmed up)
+                     S: stop (a shared process: this worker is done)
+  process -> server  R: ready (model loaded, backends chosen, warmed up); a shared process adds its pid
                      X: one row's image was refused by the decoder (HTTP status, code, reason, message)
                      P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
                         slow but admissible images is progress, not a hang, to the watchdog)
@@ -28,15 +36,21 @@ Wire format (over two one-way pipes; the encoded images go through shared memory
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import mmap
+import multiprocessing
+import os
 import signal
+import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 import torch
@@ -45,7 +59,7 @@ from safetensors.torch import save as save_tensors
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
-from service.engine.compute import CPU, ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
+from service.engine.compute import ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
 from service.engine.decode import DecodeTooSlow, ImageLimits, decode_budget, decode_image, too_slow
 from service.errors import ServiceError
 
@@ -63,6 +77,11 @@ SHADOW_CREDIT_MAX_S = 1.0  # most shadow work an idle spell may save up (seconds
 # idle time, was witnessed 1,000-2,000 replies late, and every change of images showed that late.
 SHADOWS_KEPT = 4
 READY, STOP = b"R", b"S"
+HELLO = struct.Struct("<cQ")  # kind, bytes per slot of the worker's arena; then the arena file's path
+PID = struct.Struct("<Q")
+HELLO_TIMEOUT_S = 5.0
+ADDRESS_TAKEN = 3  # a shared process's exit code when another already holds its address
+PR_SET_NAME = 15
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
 
@@ -244,57 +263,208 @@ def decode_reply(message: bytes,
     raise ProtocolError(f"unknown reply kind {kind!r}")
 
 
+@dataclasses.dataclass(eq=False)
+class Client:
+    """A server worker this process answers: where its batches come from, where its replies go, the arena its
+    images lie in. A worker that is gone is dropped; the others are still answered."""
+
+    requests: Connection
+    replies: Connection
+    arena: memoryview
+    arena_bytes: int
+    alive: bool = True
+
+    def send(self, message: bytes) -> None:
+        if self.alive:
+            try:
+                self.replies.send_bytes(message)
+            except OSError:
+                self.alive = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Part:
+    """One worker's batch within a run of the network: several workers' batches run as one (a shared process)."""
+
+    client: Client
+    batch_id: int
+    slot: int
+    rows: list[Row]
+
+    @property
+    def arena(self) -> memoryview:
+        return self.client.arena[self.slot * self.client.arena_bytes:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Witness:
+    """A run's shadow rows waiting to be run on, and the worker each one came from."""
+
+    work: Shadows
+    clients: list[Client]  # by shadow row
+
+    def report(self) -> None:
+        """Send each worker the shadow rows that were its own."""
+        for client in dict.fromkeys(self.clients):
+            own = [k for k, c in enumerate(self.clients) if c is client]
+            client.send(encode_witnessed([self.work.exits[k] for k in own], self.work.entropy[own],
+                                         self.work.prediction[own]))
+
+
+@dataclasses.dataclass
+class Engine:
+    """A loaded model, its stage backends and its device: what every run needs."""
+
+    model: EarlyExitResNet
+    backends: list[bool] | None
+    spec: InputSpec
+    limits: ImageLimits
+    device: torch.device
+    shadow_cpu: float
+
+    @classmethod
+    def load(cls, blob: ModelBlob, spec: InputSpec, limits: ImageLimits, threads: int, max_rows: int,
+             shadow_cpu: float, device: str) -> Engine:
+        """Build, fuse and place the model, choose backends, warm up. The server drains on SIGTERM and then
+        stops this process; a signal to the whole process group must not kill it first."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        name_process(multiprocessing.current_process().name)
+        torch.set_num_threads(threads)
+        where = torch.device(device)
+        model = fuse_for_inference(blob.build()).to(where)
+        backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
+        warm = torch.zeros(spec.channels, spec.size, spec.size)
+        run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends,
+                  device=where)
+        return cls(model, backends, spec, limits, where, shadow_cpu)
+
+
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
           arena_path: str, arena_bytes: int, threads: int, max_rows: int, shadow_cpu: float = 0.0,
           device: str = "cpu") -> None:
-    """The process's main: load, choose backends, warm up, then decode and run batches until told to stop.
-
-    After a batch is done, its shadow rows run on while no other batch waits, within `shadow_cpu` of the
-    time the process spent on batches (docs/budgets.md)."""
-    # The server drains on SIGTERM and then stops this process; a signal to the whole process
-    # group must not kill it first. It also ends when the server's end of the pipe closes.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    where = torch.device(device)
-    model = fuse_for_inference(blob.build()).to(where)
-    backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
-    warm = torch.zeros(spec.channels, spec.size, spec.size)
-    run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends,
-              device=where)
-    with open(arena_path, "r+b") as f:
-        arena = memoryview(mmap.mmap(f.fileno(), 0))
+    """The main of a worker's own process: load, then serve that worker on its pipes until it stops or goes."""
+    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
+    client = Client(requests, replies, map_arena(arena_path), arena_bytes)  # before READY: then the file goes
     replies.send_bytes(READY)
+    run_clients(engine, [client])
+
+
+def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLimits, threads: int, max_rows: int,
+                 shadow_cpu: float = 0.0, device: str = "cpu") -> None:
+    """The main of a process shared by every worker of a service (docs/architecture.md, "One inference process
+    for every worker"): claim the address, load, then serve whoever connects until the last one has gone.
+    Exits with ADDRESS_TAKEN when another process holds the address: the caller connects to that one."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(abstract(address))
+    except OSError:
+        sys.exit(ADDRESS_TAKEN)
+    listener.listen(64)
+    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
+    run_clients(engine, [], listener)
+
+
+def abstract(address: str) -> str:
+    """A name in Linux's abstract socket namespace: no file to leave behind, gone when its holder exits."""
+    return "\0" + address
+
+
+def accept(listener: socket.socket) -> Client | None:
+    """A worker that connected: its hello names its arena (HELLO, then the arena file's path); answered with
+    READY and this process's id (the worker's watchdog kills a hung process by it)."""
+    sock, _ = listener.accept()
+    conn = Connection(sock.detach())
+    try:
+        if not conn.poll(HELLO_TIMEOUT_S):
+            raise OSError("no hello")
+        message = conn.recv_bytes()
+        kind, arena_bytes = HELLO.unpack_from(message)
+        if kind != b"H":
+            raise OSError(f"a hello of kind {kind!r}")
+        arena = map_arena(message[HELLO.size:].decode())
+        conn.send_bytes(READY + PID.pack(os.getpid()))
+    except (EOFError, OSError, struct.error, UnicodeDecodeError) as exc:
+        log.error("a worker's connection was dropped before it was served: %s", exc)
+        conn.close()
+        return None
+    return Client(conn, conn, arena, arena_bytes)
+
+
+def map_arena(path: str) -> memoryview:
+    with open(path, "r+b") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0))
+
+
+def run_clients(engine: Engine, clients: list[Client], listener: socket.socket | None = None) -> None:
+    """Take one batch from every worker that sent one, run them together, answer each its own rows; then run
+    shadow rows on while none waits, within `shadow_cpu` of the time spent on batches (docs/budgets.md).
+    Returns once every worker has gone (or, with a listener, when none came within HELLO_TIMEOUT_S * 10)."""
     credit = 0.0  # seconds of shadow work the process may still spend
-    waiting: deque[Shadows] = deque(maxlen=SHADOWS_KEPT)  # shadow rows to run on, oldest first
-    while True:
-        try:
-            message = requests.recv_bytes()
-        except (EOFError, OSError):
+    waiting: deque[Witness] = deque(maxlen=SHADOWS_KEPT)  # shadow rows to run on, oldest first
+    served = bool(clients)
+    while clients or not served:
+        sources = [c.requests for c in clients] + ([listener] if listener is not None else [])
+        ready = wait(sources, None if served else HELLO_TIMEOUT_S * 10)
+        if not ready and not served:
+            log.error("no worker connected to this shared inference process; stopping")
             return
-        if message[:1] == STOP:
-            return
-        if message[:1] != b"B":
-            log.error("unknown message %r from the server; stopping", message[:1])
-            return
-        batch_id, slot, rows = decode_batch(message)
+        parts = []
+        for source in ready:
+            if source is listener:
+                client = accept(listener)
+                if client is not None:
+                    clients.append(client)
+                    served = True
+                continue
+            client = next(c for c in clients if c.requests is source)
+            part = take_part(client)
+            if part is not None:
+                parts.append(part)
+        clients = [c for c in clients if c.alive]
+        if not parts:
+            continue
         started = time.perf_counter()
         stage_s: list[float] = []
         try:
-            shadows = run_rows(model, backends, spec, limits, batch_id, rows, arena[slot * arena_bytes:], replies,
-                               stage_s, where)
-            busy_s = time.perf_counter() - started
-            replies.send_bytes(encode_finished(b"D", batch_id, busy_s, device_memory(where), stage_s))
-            credit = min(credit + shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
-            if shadows is not None:
-                waiting.append(shadows)
-            if waiting:
-                credit -= witness_while_idle(model, backends, waiting, requests, replies, credit, where)
-        except (EOFError, OSError):
-            return  # the server is gone
+            witness = run_rows(engine, parts, stage_s)
         except Exception:  # a bug must not kill the process or strand the clients
-            log.exception("inference failed for a batch of %d", len(rows))
-            replies.send_bytes(encode_finished(b"F", batch_id, time.perf_counter() - started, device_memory(where)))
+            log.exception("inference failed for a run of %d rows", sum(len(p.rows) for p in parts))
+            finish(engine, parts, b"F", time.perf_counter() - started, [])
+            continue
+        busy_s = time.perf_counter() - started
+        finish(engine, parts, b"D", busy_s, stage_s)
+        credit = min(credit + engine.shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
+        if witness is not None:
+            waiting.append(witness)
+        if waiting:
+            credit -= witness_while_idle(engine, waiting, sources, credit)
+
+
+def take_part(client: Client) -> Part | None:
+    """The batch a worker sent, or None when it stopped, went, or sent what this process does not understand."""
+    try:
+        message = client.requests.recv_bytes()
+    except (EOFError, OSError):
+        message = STOP
+    if message[:1] == b"B":
+        return Part(client, *decode_batch(message))
+    if message[:1] != STOP:
+        log.error("unknown message %r from a worker; dropping it", message[:1])
+    client.alive = False
+    client.requests.close()
+    client.replies.close()
+    return None
+
+
+def finish(engine: Engine, parts: list[Part], kind: bytes, busy_s: float, stage_s: list[float]) -> None:
+    """Say each batch of a run is over. Each worker is charged the run's time in proportion to its rows, so
+    that what it learns a row costs is what a row of the shared run cost; the stage times go to one worker
+    only, so that the metrics count each run once."""
+    rows = sum(len(p.rows) for p in parts) or 1
+    for i, part in enumerate(parts):
+        part.client.send(encode_finished(kind, part.batch_id, busy_s * len(part.rows) / rows,
+                                         device_memory(engine.device), stage_s if i == 0 else []))
 
 
 def device_memory(device: torch.device) -> int:
@@ -302,59 +472,72 @@ def device_memory(device: torch.device) -> int:
     return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
 
 
-def witness_while_idle(model: EarlyExitResNet, backends: list[bool] | None, waiting: deque[Shadows],
-                       requests: Connection, replies: Connection, credit: float, device: torch.device) -> float:
+def witness_while_idle(engine: Engine, waiting: deque[Witness], sources: list, credit: float) -> float:
     """Run the waiting shadow rows on to the last exit, oldest first, while no batch waits and `credit`
-    seconds last, and report each batch's once all of them got there; returns the seconds spent."""
+    seconds last, and report each run's once all of them got there; returns the seconds spent."""
     started = time.perf_counter()
 
     def idle() -> bool:
-        return time.perf_counter() - started < credit and not requests.poll()
+        return time.perf_counter() - started < credit and not wait(sources, 0)
 
-    while waiting and finish_shadows(model, waiting[0], backends, idle, device):
-        work = waiting.popleft()
-        replies.send_bytes(encode_witnessed(work.exits, work.entropy, work.prediction))
+    while waiting and finish_shadows(engine.model, waiting[0].work, engine.backends, idle, engine.device):
+        waiting.popleft().report()
     return time.perf_counter() - started
 
 
-def run_rows(model: EarlyExitResNet, backends: list[bool] | None, spec: InputSpec, limits: ImageLimits,
-             batch_id: int, rows: list[Row], arena: memoryview, replies: Connection,
-             stage_s: list[float] | None = None, device: torch.device = CPU) -> Shadows | None:
-    """Decode each row within the decode budget (a refused image is answered at once), then run the
-    rest stage by stage; returns the batch's shadow rows, if any, to be run on once it is done.
+def run_rows(engine: Engine, parts: list[Part], stage_s: list[float] | None = None) -> Witness | None:
+    """Decode each row within the decode budget (a refused image is answered at once), then run the rest of
+    every part together, stage by stage, answering each worker its own rows; returns the run's shadow rows,
+    if any, to be run on once it is done.
 
-    An image's queue time runs until the network starts, so it includes the batch's decoding.
+    An image's queue time runs until the network starts, so it includes the run's decoding.
     """
     samples: list[Sample] = []
-    where: dict[int, tuple[int, float]] = {}  # id(sample) -> (its row in the batch, its decode seconds)
-    said = time.perf_counter()  # when the server last heard from this batch
-    with decode_budget(limits.decode_timeout_s) as budget:
-        for i, row in enumerate(rows):
-            started = time.perf_counter()
-            if started - said > HEARTBEAT_S:
-                replies.send_bytes(ID.pack(b"P", batch_id))
-                said = started
-            try:
-                with budget:
-                    x = decode_image(bytes(arena[row.offset:row.offset + row.size]), spec, limits)
-            except DecodeTooSlow:
-                replies.send_bytes(encode_refused(batch_id, i, too_slow(limits.decode_timeout_s)))
-                said = time.perf_counter()
-                continue
-            except ServiceError as exc:
-                replies.send_bytes(encode_refused(batch_id, i, exc))
-                said = time.perf_counter()
-                continue
-            sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued, bool(row.shadow))
-            where[id(sample)] = (i, time.perf_counter() - started)
-            samples.append(sample)
+    where: dict[int, tuple[Part, int, float]] = {}  # id(sample) -> (its part, its row there, its decode seconds)
+    said = time.perf_counter()  # when the workers last heard from this run
+    with decode_budget(engine.limits.decode_timeout_s) as budget:
+        for part in parts:
+            arena = part.arena
+            for i, row in enumerate(part.rows):
+                started = time.perf_counter()
+                if started - said > HEARTBEAT_S:
+                    for waiting in parts:
+                        waiting.client.send(ID.pack(b"P", waiting.batch_id))
+                    said = started
+                try:
+                    with budget:
+                        x = decode_image(bytes(arena[row.offset:row.offset + row.size]), engine.spec, engine.limits)
+                except DecodeTooSlow:
+                    part.client.send(encode_refused(part.batch_id, i, too_slow(engine.limits.decode_timeout_s)))
+                    said = time.perf_counter()
+                    continue
+                except ServiceError as exc:
+                    part.client.send(encode_refused(part.batch_id, i, exc))
+                    said = time.perf_counter()
+                    continue
+                sample = Sample(x, row.threshold, row.cap, row.top_k, row.enqueued, bool(row.shadow))
+                where[id(sample)] = (part, i, time.perf_counter() - started)
+                samples.append(sample)
 
     def release(done: list[Sample], results: list[ExitResult]) -> None:
-        placed = [where[id(s)] for s in done]
-        replies.send_bytes(encode_exited(batch_id, [r for r, _ in placed], results, [d for _, d in placed]))
+        by_part: dict[Part, list[tuple[int, ExitResult, float]]] = {}
+        for sample, result in zip(done, results, strict=True):
+            part, row, decode_s = where[id(sample)]
+            by_part.setdefault(part, []).append((row, result, decode_s))
+        for part, own in by_part.items():
+            part.client.send(encode_exited(part.batch_id, [r for r, _, _ in own], [r for _, r, _ in own],
+                                           [d for _, _, d in own]))
 
     shadows: list[Shadows] = []
     if samples:
-        run_batch(model, samples, release, mkldnn=backends, witness=shadows.append, stage_s=stage_s,
-                  device=device)
-    return shadows[0] if shadows else None
+        run_batch(engine.model, samples, release, mkldnn=engine.backends, witness=shadows.append, stage_s=stage_s,
+                  device=engine.device)
+    if not shadows:
+        return None
+    return Witness(shadows[0], [where[id(samples[k])][0].client for k in shadows[0].rows])
+
+
+def name_process(name: str) -> None:
+    """Show the process as `name` in ps and top (Linux's comm, 15 bytes): which model's process it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)

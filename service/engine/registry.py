@@ -26,7 +26,7 @@ from service.engine.drift import Cell, DriftGuard, DriftLaw
 from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.sojourn import WaitLaw
-from service.engine.worker import LoopLag, ModelWorker, Steering
+from service.engine.worker import LoopLag, ModelWorker, Steering, shared_address
 from service.errors import UnknownModel
 from service.schemas import ModelInfo, OperatingPointOut
 from service.settings import Settings
@@ -150,6 +150,9 @@ class ModelRegistry:
         drift = DriftGuard(artifact.calibration, estimator, DriftLaw.from_settings(s, len(artifact.classes)),
                            enabled=s.drift == "on")
         drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
+        device = str(pick_device(s.device))
+        shared = s.engine == "shared" or (s.engine == "auto" and s.workers > 1 and device.startswith("cuda"))
+        address = shared_address(str(s.store.resolve()), name, version, device) if shared else None
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
@@ -157,7 +160,7 @@ class ModelRegistry:
                              law=WaitLaw.from_settings(s), lag=self.lag,
                              steer=ModelSteering(name, adaptive, drift, artifact.macs_per_exit),
                              shadow_cpu=s.drift_shadow_cpu if estimator is not None else 0.0,
-                             device=str(pick_device(s.device)))
+                             device=device, address=address)
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions, drift)
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import logging
 import math
 import mmap
 import multiprocessing
 import os
+import signal
+import socket
 import tempfile
 import threading
 import time
@@ -55,6 +58,7 @@ SPARE_LAG_S = 0.002
 START_TIMEOUT_S = 300.0
 RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
 MAX_BACKOFF_S = 30.0
+ENGINE_GROUP = "ERDE_ENGINE_GROUP"  # set by the supervisor: its workers share their inference processes
 # Inference processes are forked from a server process that has imported torch once, not spawned
 # afresh (seconds each) and not forked from the server itself (threads, event loop, sockets).
 _context = multiprocessing.get_context("forkserver")
@@ -129,7 +133,7 @@ class ModelWorker:
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  law: WaitLaw | None = None, lag: LoopLag | None = None, steer: Steering | None = None,
-                 shadow_cpu: float = 0.0, device: str = "cpu") -> None:
+                 shadow_cpu: float = 0.0, device: str = "cpu", address: str | None = None) -> None:
         self.blob = process.ModelBlob.of(model)
         self.spec = spec
         self.limits = limits
@@ -146,6 +150,7 @@ class ModelWorker:
         self.steer = steer or Steering()
         self.shadow_cpu = shadow_cpu  # of the process's batch time, at most, for shadow passes (docs/budgets.md)
         self.device = device  # where the process runs the network (erde/device.py), e.g. "cpu" or "cuda:0"
+        self.address = address  # of the process every worker shares (`shared_address`); None: one of its own
         self._pending: deque[Job] = deque()
         self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
@@ -158,7 +163,8 @@ class ModelWorker:
         self._watchdog: asyncio.TimerHandle | None = None
         self._progress_at = 0.0  # monotonic time of the process's last sign of work
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None  # this worker's own process (None: shared)
+        self._pid = 0  # the process serving this worker, own or shared
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._arena: memoryview | None = None  # SLOTS x arena_bytes, shared with the process
@@ -209,27 +215,19 @@ class ModelWorker:
         return self._requests is not None
 
     def _spawn(self) -> Callable[[], None]:
-        """Start a process, wait for it to be ready; returns the step that attaches it to the loop."""
+        """Start a process (or, shared, connect to the one serving every worker), wait for it to be ready;
+        returns the step that attaches it to the loop."""
         size = SLOTS * self.arena_bytes
         fd, path = tempfile.mkstemp(prefix=f"erde-{self.name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        proc = None
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size)
-            requests_r, requests_w = _context.Pipe(duplex=False)
-            replies_r, replies_w = _context.Pipe(duplex=False)
-            proc = _context.Process(target=process.serve, name=f"erde-infer-{self.name}", daemon=True,
-                                    args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
-                                          self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu,
-                                          self.device))
-            proc.start()
-            requests_r.close()
-            replies_w.close()
-            if not replies_r.poll(START_TIMEOUT_S) or replies_r.recv_bytes() != process.READY:
-                raise RuntimeError("no ready signal")
+            if self.address is None:
+                proc, requests_w, replies_r, pid = self._start_own(path)
+            else:
+                proc, (requests_w, pid) = None, self._join_shared(path)
+                replies_r = requests_w
         except (EOFError, OSError, RuntimeError) as exc:
-            if proc is not None and proc.is_alive():
-                proc.kill()
             raise RuntimeError(f"the inference process for {self.name} did not start: {exc}") from None
         finally:
             os.close(fd)
@@ -242,16 +240,63 @@ class ModelWorker:
                 requests_w.close()
                 replies_r.close()
                 return
-            self._proc, self._requests, self._replies, self._arena = proc, requests_w, replies_r, arena
+            self._proc, self._pid, self._requests, self._replies, self._arena = proc, pid, requests_w, replies_r, arena
             self._free_slots = list(range(SLOTS))
             self._down = False
             _running.add(self)
             self._loop.add_reader(replies_r.fileno(), self._on_replies)
             self._schedule_watchdog()
-            log.info("inference process %d serves %s", proc.pid, self.name)
+            log.info("inference process %d serves %s%s", pid, self.name, "" if proc else " (shared)")
             self._dispatch()
 
         return attach
+
+    def _start_own(self, path: str) -> tuple[multiprocessing.process.BaseProcess, Connection, Connection, int]:
+        """Start this worker's own process on two pipes, its arena at `path`; wait until it is ready."""
+        requests_r, requests_w = _context.Pipe(duplex=False)
+        replies_r, replies_w = _context.Pipe(duplex=False)
+        proc = _context.Process(target=process.serve, name=f"erde-{self.name}", daemon=True,
+                                args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
+                                      self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu,
+                                      self.device))
+        proc.start()
+        requests_r.close()
+        replies_w.close()
+        try:
+            if not replies_r.poll(START_TIMEOUT_S) or replies_r.recv_bytes() != process.READY:
+                raise RuntimeError("no ready signal")
+        except (EOFError, OSError, RuntimeError):
+            if proc.is_alive():
+                proc.kill()
+            raise
+        return proc, requests_w, replies_r, proc.pid
+
+    def _join_shared(self, path: str) -> tuple[Connection, int]:
+        """Connect to the process every worker shares (starting it if none holds its address), hand it this
+        worker's arena at `path`, and wait until it is ready; returns the connection and the process's id.
+        Two workers may start one at once: the second to claim the address exits, and its worker connects
+        to the first. The process outlives the worker that started it while other workers use it."""
+        for _ in range(RESTART_TRIES):
+            conn = connect(self.address)
+            if conn is None:
+                proc = _context.Process(target=process.serve_shared, name=f"erde-{self.name}", daemon=True,
+                                        args=(self.address, self.blob, self.spec, self.limits, self.threads,
+                                              self.max_batch_size, self.shadow_cpu, self.device))
+                proc.start()
+                while (conn := connect(self.address)) is None and proc.is_alive():
+                    time.sleep(0.01)
+                if conn is None:  # it lost the address to another worker's, or failed: connect again
+                    continue
+            conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
+            if not conn.poll(START_TIMEOUT_S):
+                conn.close()
+                raise RuntimeError("no ready signal")
+            reply = conn.recv_bytes()
+            if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
+                conn.close()
+                raise RuntimeError(f"a ready signal of {len(reply)} bytes")
+            return conn, process.PID.unpack_from(reply, 1)[0]
+        raise RuntimeError(f"nothing listens at the shared process's address {self.address!r}")
 
     # ---- the event loop's side -----------------------------------------------------------------------------
 
@@ -439,15 +484,16 @@ class ModelWorker:
         stalled = time.monotonic() - self._progress_at
         if self._inflight and stalled > self.hang_timeout_s:
             log.error("inference process %d for %s made no progress for %.1f s with %d rows; replacing it",
-                      self._proc.pid, self.name, stalled, self._running)
+                      self._pid, self.name, stalled, self._running)
             self._kill()
             return
         self._schedule_watchdog()
 
     def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            proc.kill()  # SIGKILL ends a stopped process too
+        """SIGKILL the process (it ends a stopped one too). A shared one serves every worker: each sees it end
+        and fails what it held there, and the first to reconnect starts the next."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
         self._lost()
 
     def _lost(self) -> None:
@@ -469,13 +515,14 @@ class ModelWorker:
         if self._closed:
             self._check_drained()
             return
-        log.error("inference process %d for %s ended; starting another", self._proc.pid, self.name)
+        log.error("inference process %d for %s ended; starting another", self._pid, self.name)
         threading.Thread(target=self._restart, args=(self._proc,), name=f"erde-restart-{self.name}",
                          daemon=True).start()
 
-    def _restart(self, old: multiprocessing.process.BaseProcess) -> None:
+    def _restart(self, old: multiprocessing.process.BaseProcess | None) -> None:
         """Start a replacement, with exponential back-off between failed tries; never gives up while open."""
-        old.join(5)
+        if old is not None:
+            old.join(5)
         failures, backoff = 0, float(self.retry_after)
         while not self._stop.is_set():
             try:
@@ -521,6 +568,25 @@ class ModelWorker:
         if self._requests is not None:
             self._requests.send_bytes(process.STOP)
         self._drained.set()
+
+
+def shared_address(store: str, name: str, version: str, device: str) -> str:
+    """Where the process one model version shares with every worker of this service listens: the same for
+    each worker (the supervisor names the service in ERDE_ENGINE_GROUP), another for a new version."""
+    group = os.environ.get(ENGINE_GROUP) or str(os.getpid())
+    key = hashlib.sha256("\0".join([group, store, name, version, device]).encode()).hexdigest()[:24]
+    return f"erde-engine-{key}"
+
+
+def connect(address: str) -> Connection | None:
+    """A connection to the shared process at `address`, or None when nothing listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(process.abstract(address))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        return None
+    return Connection(sock.detach())
 
 
 def wait_message(wait: Wait) -> str:

@@ -34,6 +34,7 @@ from uvicorn.supervisors.multiprocess import Process
 
 from service.edge.protocol import uvicorn_options
 from service.engine.runtime import Runtime
+from service.engine.worker import ENGINE_GROUP
 from service.server.accept import AcceptQueued
 from service.server.multiproc import prepare_metrics_dir
 from service.settings import Settings, get_settings
@@ -164,6 +165,7 @@ class Supervisor:
         self.stopping = False
 
     def run(self) -> None:
+        os.environ[ENGINE_GROUP] = str(os.getpid())  # the workers find the inference processes they share by it
         sockets = self.sockets = [self.config.bind_socket()]
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda sig, frame: self.signals.append(sig))

@@ -1,0 +1,195 @@
+"""One inference process shared by every worker (ERDE_ENGINE=shared, issue 21): real processes, real sockets.
+
+Two `ModelWorker`s on one loop stand for two server workers; then two real server workers over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from bench.load import children
+from erde.nets import NetConfig, build_model
+from service.engine.batcher import Job
+from service.engine.compute import ExitResult, run_batch
+from service.engine.decode import decode_image
+from service.engine.worker import ModelWorker, Steering, shared_address
+from service.errors import ServiceError
+from tests.service import images
+from tests.service.conftest import eventually
+from tests.service.test_engine import LIMITS, SPEC, make_worker, rule, sample, upload
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(NetConfig(depth=8, widths=(4, 8, 8), input_size=16, num_classes=4)).eval()
+
+
+class Watching(Steering):
+    """Every row a shadow pass; keeps the shadow rows and the stage times that come back."""
+
+    def __init__(self) -> None:
+        self.witnessed: list[list[int]] = []
+        self.stages: list[list[float]] = []
+
+    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+        for j in jobs:
+            j.shadow = True
+
+    def on_finished(self, stage_s: list[float], device_bytes: int) -> None:
+        self.stages.append(stage_s)
+
+    def witness(self, answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> None:
+        self.witnessed.append(answered)
+
+
+def shared_workers(model, address: str, n: int = 2, **kwargs) -> list[ModelWorker]:
+    return [make_worker(model, address=address, max_batch_size=8, hang_timeout_s=10, **kwargs) for _ in range(n)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def unique(name: str) -> str:
+    return shared_address(str(time.time_ns()), name, "1", "cpu")
+
+
+def test_two_workers_run_their_batches_together_and_each_gets_its_own_rows(model) -> None:
+    """With the shared process stopped, both workers send a batch; resumed, it runs them as one (one run: its
+    stage times reach one worker, not both) and answers each row, refusal and shadow row to its own worker."""
+    thresholds = [[0.0, 1e9, 0.7, 0.0, 1.1], [0.9, 0.0, 1e9, 0.3]]
+    uploads = [[upload(i) for i in range(5)], [upload(10 + i) for i in range(4)]]
+    uploads[1][2] = b"not an image"
+    steers = [Watching(), Watching()]
+
+    async def main() -> list[list]:
+        loop = asyncio.get_running_loop()
+        address = unique("merge")
+        workers = [make_worker(model, address=address, max_batch_size=8, hang_timeout_s=10, steer=steer,
+                               shadow_cpu=1.0) for steer in steers]
+        for worker in workers:
+            await loop.run_in_executor(None, worker.start, loop)
+        try:
+            assert workers[0]._pid == workers[1]._pid and workers[0]._proc is None  # one process, nobody's own
+            os.kill(workers[0]._pid, signal.SIGSTOP)
+            try:
+                jobs = [[Job(data, rule(t, top_k=1 + k % 3), 0.0, future=loop.create_future())
+                         for k, (data, t) in enumerate(zip(up, th, strict=True))]
+                        for up, th in zip(uploads, thresholds, strict=True)]
+                for worker, own in zip(workers, jobs, strict=True):
+                    worker.submit(own)
+                await asyncio.sleep(0.1)
+            finally:
+                os.kill(workers[0]._pid, signal.SIGCONT)
+            answers = [await asyncio.gather(*(j.future for j in own), return_exceptions=True) for own in jobs]
+            await asyncio.sleep(0.5)  # the shadow rows run after the run
+            return answers
+        finally:
+            for worker in workers:
+                assert await loop.run_in_executor(None, worker.close, 10.0)
+
+    answers = asyncio.run(main())
+    assert isinstance(answers[1][2], ServiceError) and answers[1][2].status == 415  # refused to its own worker
+    for up, th, got in zip(uploads, thresholds, answers, strict=True):
+        rows = [(sample(t, top_k=1 + k % 3, x=decode_image(d, SPEC, LIMITS)), r)
+                for k, (d, t, r) in enumerate(zip(up, th, got, strict=True)) if d != b"not an image"]
+        expected: dict[int, ExitResult] = {}
+
+        def keep(js: list, rs: list[ExitResult], into: dict[int, ExitResult] = expected) -> None:
+            into.update({id(j): r for j, r in zip(js, rs, strict=True)})
+
+        run_batch(model, [s for s, _ in rows], keep)
+        for s, r in rows:
+            want = expected[id(s)]
+            assert (r.exit, r.top_ids) == (want.exit, want.top_ids)
+            assert r.top_probs == pytest.approx(want.top_probs, abs=1e-5)
+    assert sorted(bool(stages) for steer in steers for stages in steer.stages) == [False, True]  # one run
+    assert [sum(map(len, steer.witnessed)) for steer in steers] == [5, 3]  # each its own shadow rows
+    assert [a for steer in steers for answered in steer.witnessed for a in answered] == [
+        r.exit for got in answers for r in got if isinstance(r, ExitResult)]
+
+
+def test_the_shared_process_outlives_the_worker_that_started_it_and_ends_with_the_last(model) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first, second = shared_workers(model, unique("lifetime"))
+        await loop.run_in_executor(None, first.start, loop)
+        await loop.run_in_executor(None, second.start, loop)
+        pid = second._pid
+        assert await loop.run_in_executor(None, first.close, 10.0)
+        job = Job(upload(0), rule(0.0), 0.0, future=loop.create_future())
+        second.submit([job])
+        assert (await job.future).exit == 2 and alive(pid)
+        assert await loop.run_in_executor(None, second.close, 10.0)
+        for _ in range(100):
+            if not alive(pid):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the shared process {pid} outlived its last worker")
+
+    asyncio.run(main())
+
+
+def test_a_killed_shared_process_is_replaced_by_one_process_for_every_worker(model) -> None:
+    """Both workers see it end, fail what it held with 503 and race to start the next: one wins the address,
+    the other connects to it."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        workers = shared_workers(model, unique("restart"))
+        for worker in workers:
+            await loop.run_in_executor(None, worker.start, loop)
+        old = workers[0]._pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not all(w.live and w._pid != old for w in workers):
+            assert time.monotonic() < deadline, "not replaced"
+            await asyncio.sleep(0.05)
+        assert workers[0]._pid == workers[1]._pid
+        jobs = [Job(upload(i), rule(0.0), 0.0, future=loop.create_future()) for i in range(2)]
+        for worker, job in zip(workers, jobs, strict=True):
+            worker.submit([job])
+        assert [r.exit for r in await asyncio.gather(*(j.future for j in jobs))] == [2, 2]
+        for worker in workers:
+            assert await loop.run_in_executor(None, worker.close, 10.0)
+
+    asyncio.run(main())
+
+
+def inference_processes(server_pid: int) -> list[str]:
+    """The inference processes of a running server: what ps calls them (each names its model)."""
+    names = []
+    for pid in children(server_pid):
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:
+            continue
+    return sorted(n for n in names if n.startswith("erde-"))
+
+
+@pytest.mark.parametrize(("engine", "processes"), [("own", 2), ("shared", 1)])
+def test_two_server_workers_share_one_inference_process_when_told(make_server, engine: str, processes: int) -> None:
+    server = make_server(workers=2, engine=engine)
+    eventually(lambda: len(inference_processes(server.proc.pid)) >= processes)
+    assert inference_processes(server.proc.pid) == ["erde-toy"] * processes
+    png = images.encode(images.texture(1))
+    replies = [httpx.post(f"{server.url}/classify", files={"image": ("a.png", png, "image/png")}, timeout=30)
+               for _ in range(16)]  # each on a new connection: both workers take some
+    assert {r.status_code for r in replies} == {200}
+    assert len({(r.json()["class_id"], r.json()["exit"], r.json()["confidence"]) for r in replies}) == 1
+    tree = children(server.proc.pid)
+    server.proc.send_signal(signal.SIGTERM)  # a drain: every worker finishes, then its inference processes end
+    assert server.proc.wait(30) == 0
+    eventually(lambda: not [pid for pid in tree if alive(pid)])  # none outlives the server
