@@ -1,8 +1,10 @@
-"""Shared by the benchmarks: the default artifact, real images, and table printing."""
+"""Shared by the benchmarks: the default artifact, real images, table printing, and a service's processes
+and their memory."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,33 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def children(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (Ray's actors run under its raylet, BentoML's under circus)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        tree += kids
+        frontier += kids
+    return tree
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Pss and Rss from smaps_rollup, VmHWM from status (kB); empty if the process is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    found = {k: re.search(rf"^{k}:\s+(\d+) kB", text, re.M) for k, text in
+             (("Pss", rollup), ("Rss", rollup), ("VmHWM", status))}
+    return {k: int(m.group(1)) for k, m in found.items() if m}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import sample_images
+from bench.common import children, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,24 +109,6 @@ def wrk_with_cpu(pid: int, port: int, script: Path, concurrency: int, seconds: f
     result = wrk(port, script, concurrency, seconds)
     result["cpu_per_reply_us"] = (cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
     return result
-
-
-def children(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc (Ray's actors run under its raylet, BentoML's under circus)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        tree += kids
-        frontier += kids
-    return tree
 
 
 def server_port() -> int:

@@ -13,27 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.common import STORE, default_artifact, table
-from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    """Pss and Rss from smaps_rollup, VmHWM from status (kB); empty if the process is gone."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    found = {k: re.search(rf"^{k}:\s+(\d+) kB", text, re.M) for k, text in
-             (("Pss", rollup), ("Rss", rollup), ("VmHWM", status))}
-    return {k: int(m.group(1)) for k, m in found.items() if m}
+from bench.common import STORE, children, default_artifact, memory_kb, table
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 
 def service_processes(server: int) -> dict[int, str]:

@@ -20,9 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import STORE, default_artifact, table
-from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
-from bench.pss import memory_kb
+from bench.common import STORE, children, default_artifact, memory_kb, table
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 SETTINGS = [(1, "own"), (1, "shared"), (2, "own"), (2, "shared")]
 LOADS = {"full depth": {"threshold": "0"}, "budget 0.25": {"budget": "0.25"}}

@@ -35,9 +35,9 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import STORE, default_artifact, sample_images, table
+from bench.common import STORE, children, default_artifact, sample_images, table
 from bench.engine import run_for
-from bench.load import children, launch, lua, require_wrk, server_port, stop, write_bodies, wrk
+from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.engine.compute import Sample, choose_stage_backends, run_batch

@@ -272,31 +272,43 @@ class ModelWorker:
         return proc, requests_w, replies_r, proc.pid
 
     def _join_shared(self, path: str) -> tuple[Connection, int]:
-        """Connect to the process every worker shares (starting it if none holds its address), hand it this
-        worker's arena at `path`, and wait until it is ready; returns the connection and the process's id.
-        Two workers may start one at once: the second to claim the address exits, and its worker connects
-        to the first. The process outlives the worker that started it while other workers use it."""
-        for _ in range(RESTART_TRIES):
-            conn = connect(self.address)
-            if conn is None:
+        """Connect to the process every worker shares (starting it if none listens at its address), hand it
+        this worker's arena at `path`, and wait until it is ready; returns the connection and the process's
+        id. Workers that need it at once take turns to start it: the one holding the address's start claim
+        (a socket of its own, freed when it closes or dies) starts it, the others wait to connect, so one
+        process starts (and one forkserver: a worker that loses the race starts none). The process outlives
+        the worker that started it while other workers use it."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        starts = 0
+        while (conn := connect(self.address)) is None:
+            if time.monotonic() > deadline or starts == RESTART_TRIES:
+                raise RuntimeError(f"nothing listens at the shared process's address {self.address!r}")
+            claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                claim.bind(process.abstract(f"{self.address}-start"))
+            except OSError:  # another worker is starting it
+                claim.close()
+                time.sleep(0.01)
+                continue
+            with claim:
+                starts += 1
                 proc = _context.Process(target=process.serve_shared, name=f"erde-{self.name}", daemon=True,
                                         args=(self.address, self.blob, self.spec, self.limits, self.threads,
                                               self.max_batch_size, self.shadow_cpu, self.device))
                 proc.start()
                 while (conn := connect(self.address)) is None and proc.is_alive():
                     time.sleep(0.01)
-                if conn is None:  # it lost the address to another worker's, or failed: connect again
-                    continue
-            conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
-            if not conn.poll(START_TIMEOUT_S):
-                conn.close()
-                raise RuntimeError("no ready signal")
-            reply = conn.recv_bytes()
-            if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
-                conn.close()
-                raise RuntimeError(f"a ready signal of {len(reply)} bytes")
-            return conn, process.PID.unpack_from(reply, 1)[0]
-        raise RuntimeError(f"nothing listens at the shared process's address {self.address!r}")
+            if conn is not None:
+                break
+        conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
+        if not conn.poll(START_TIMEOUT_S):
+            conn.close()
+            raise RuntimeError("no ready signal")
+        reply = conn.recv_bytes()
+        if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
+            conn.close()
+            raise RuntimeError(f"a ready signal of {len(reply)} bytes")
+        return conn, process.PID.unpack_from(reply, 1)[0]
 
     # ---- the event loop's side -----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import children
+from bench.common import children
 from erde.export import export_run
 from tests.service import images
 from tests.service.conftest import Server, eventually

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.load import children
+from bench.common import children
 from erde.nets import NetConfig, build_model
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult, run_batch
@@ -179,11 +179,25 @@ def inference_processes(server_pid: int) -> list[str]:
     return sorted(n for n in names if n.startswith("erde-"))
 
 
+def forkservers(server_pid: int) -> int:
+    """The forkservers of a running server (its inference processes, forked from them, share their cmdline)."""
+    count = 0
+    for pid in children(server_pid):
+        try:
+            forked = b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            count += forked and not Path(f"/proc/{pid}/comm").read_text().startswith("erde-")
+        except OSError:
+            continue
+    return count
+
+
 @pytest.mark.parametrize(("engine", "processes"), [("own", 2), ("shared", 1)])
 def test_two_server_workers_share_one_inference_process_when_told(make_server, engine: str, processes: int) -> None:
     server = make_server(workers=2, engine=engine)
     eventually(lambda: len(inference_processes(server.proc.pid)) >= processes)
     assert inference_processes(server.proc.pid) == ["erde-toy"] * processes
+    # Shared, the workers take turns to start it: one forkserver (with torch, 300 MB) and no process lost a race.
+    assert forkservers(server.proc.pid) == processes
     png = images.encode(images.texture(1))
     replies = [httpx.post(f"{server.url}/classify", files={"image": ("a.png", png, "image/png")}, timeout=30)
                for _ in range(16)]  # each on a new connection: both workers take some
