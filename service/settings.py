@@ -147,11 +147,17 @@ class Settings(BaseSettings):
         if self.decode_timeout_ms >= self.hang_timeout_s * 1000:
             raise ValueError("decode_timeout_ms must be below hang_timeout_s: a slow image is refused, "
                              "never taken for a hang")
-        from erde.device import pick_device  # torch, only once the cheap checks passed
+        if self.device.startswith("cuda"):  # auto and cpu are always there: no torch for them here (a supervisor)
+            from erde.device import pick_device  # torch, only once the cheap checks passed
 
-        pick_device(self.device)  # refuses a device this machine does not have, saying what is missing
+            pick_device(self.device)  # refuses a device this machine does not have, saying what is missing
         self.image_formats = tuple(f.upper() for f in self.image_formats)
         return self
+
+
+# Set by the supervisor of several workers (service/server/main.py): they find the inference processes they
+# share by it (service/engine/worker.py, `shared_address`).
+ENGINE_GROUP = "ERDE_ENGINE_GROUP"
 
 
 @lru_cache

@@ -48,6 +48,7 @@ from service.engine.sojourn import late as is_late
 from service.engine.sojourn import refusal as wait_refusal
 from service.errors import PayloadTooLarge, Unavailable
 from service.record import RequestRecord
+from service.settings import ENGINE_GROUP
 
 log = logging.getLogger("erde.service")
 
@@ -58,7 +59,6 @@ SPARE_LAG_S = 0.002
 START_TIMEOUT_S = 300.0
 RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
 MAX_BACKOFF_S = 30.0
-ENGINE_GROUP = "ERDE_ENGINE_GROUP"  # set by the supervisor: its workers share their inference processes
 # Inference processes are forked from a server process that has imported torch once, not spawned
 # afresh (seconds each) and not forked from the server itself (threads, event loop, sockets).
 _context = multiprocessing.get_context("forkserver")

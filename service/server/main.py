@@ -26,18 +26,19 @@ import socket
 import struct
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Process
 
-from service.edge.protocol import uvicorn_options
-from service.engine.runtime import Runtime
-from service.engine.worker import ENGINE_GROUP
 from service.server.accept import AcceptQueued
 from service.server.multiproc import prepare_metrics_dir
-from service.settings import Settings, get_settings
+from service.settings import ENGINE_GROUP, Settings, get_settings
+
+if TYPE_CHECKING:
+    from service.engine.runtime import Runtime
 
 log = logging.getLogger("erde.service")
 # Even an idle server drains this long: a client (or a load balancer's pool) that sends on a kept-alive
@@ -134,7 +135,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def draining_server(settings: Settings) -> DrainingServer:
-    from service.server.app import create_app  # after the multiprocess directory is set, never before
+    # After the multiprocess directory is set, never before; and never in a supervisor of several workers,
+    # which binds the socket and forwards signals: importing the app there (torch with it) cost 341 MB PSS.
+    from service.edge.protocol import uvicorn_options
+    from service.server.app import create_app
 
     app = create_app(settings)
     return DrainingServer(uvicorn.Config(app, **uvicorn_options(settings, app.state.runtime)), app.state.runtime,
@@ -156,7 +160,9 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.config = uvicorn.Config("service.server.app:create_app", factory=True, **uvicorn_options(settings))
+        # Only to bind the socket: each worker builds its own server and its options (`WorkerProcess.target`).
+        self.config = uvicorn.Config("service.server.app:create_app", factory=True, host=settings.host,
+                                     port=settings.port)
         self.processes: list[WorkerProcess] = []
         self.sockets: list[socket.socket] = []
         self.signals: list[int] = []
