@@ -71,6 +71,8 @@ bench: $(STAMP)
 	$(PY) -m bench.exit_latency > reports/exit-latency.md && cat reports/exit-latency.md
 	$(PY) -m bench.collapse > reports/bench-collapse.md && cat reports/bench-collapse.md
 	$(PY) -m bench.faults > reports/bench-faults.md && cat reports/bench-faults.md
+	# Inference processes per worker or one shared by every worker (issue 21): throughput and memory.
+	$(PY) -m bench.sharing > reports/bench-sharing.md && cat reports/bench-sharing.md
 
 # Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
 # one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then
