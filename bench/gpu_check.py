@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,14 +112,23 @@ async def closed_loop(port: int, request: bytes, concurrency: int, seconds: floa
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while time.perf_counter() < end:
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            await reader.readexactly(length)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):  # closed by the server: counted, connect again
+                other += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
             if head.startswith(b"HTTP/1.1 200"):
                 ok += 1
             else:
                 other += 1
+            if b"connection: close" in head.lower():
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -146,11 +156,12 @@ def serving(device_name: str, **settings: str) -> Iterator[subprocess.Popen]:
                             stderr=subprocess.STDOUT)
     try:
         for _ in range(600):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", int(settings["port"]))) == 0:
+            url = f"http://127.0.0.1:{settings['port']}/readyz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as reply:  # 503: an OSError
+                if reply.status == 200:
                     break
             time.sleep(0.2)
-        time.sleep(int(settings.get("workers", "1")))  # every worker up, not only the first
+        time.sleep(3 * int(settings.get("workers", "1")))  # /readyz answers once one worker is ready: all of them
         yield proc
     finally:
         proc.terminate()

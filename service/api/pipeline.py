@@ -107,6 +107,8 @@ def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply
     fraction = macs / served.full_macs
     metrics.observe_spent(served.name, decision.requested_budget, fraction)
     estimate = served.drift.observe(decision, fraction)  # service/engine/drift.py
+    if decision.quoted is not None:  # a floor's reply quotes the figure the floor was checked against
+        estimate = decision.quoted
     return ClassifyReply(
         model=art.name, version=art.version,
         label=classes[result.top_ids[0]], class_id=result.top_ids[0], confidence=result.top_probs[0],

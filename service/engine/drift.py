@@ -48,7 +48,7 @@ import numpy as np
 from erde.calibrate import CalibrationCurve, OperatingPoint
 from erde.confidence import AccuracyEstimator, AccuracyTable
 from service.engine.batcher import Job
-from service.engine.policy import Decision
+from service.engine.policy import Decision, Estimate
 from service.settings import Settings
 
 # Replies of a cell between two reports of its state (the floors' live shift, the gauges). Each report
@@ -160,19 +160,6 @@ def change_point(entropy: np.ndarray, fewest: int, z: float) -> int | None:
     return int(k[best]) if score[best] > z else None
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """What a reply says about its accuracy: both figures and which one it quotes."""
-
-    live: float | None  # None until `change_rows` shadow rows are in (or the artifact has no estimator)
-    offline: float
-    source: str  # "live" or "offline"
-
-    @property
-    def used(self) -> float:
-        return self.offline if self.live is None or self.source == "offline" else self.live
-
-
 class DriftGuard:
     """One model version's live view of its cells (operating point × budget): θ, cost, accuracy estimate.
 
@@ -279,12 +266,14 @@ class DriftGuard:
         return [(c.replies, live, p.accuracy) for p, c in self.cells.values()
                 if c.replies and (live := self._live(p.threshold + c.offset)) is not None]
 
-    def shift(self) -> float:
-        """The accuracy drift the live evidence shows, pooled over the cells in use (live − calibrated,
-        weighted by replies); 0 until there is enough evidence, or while it does not contradict the
-        calibration (the same test as for quoting). Floors use it."""
-        live, offline = self.summary()
-        return 0.0 if live is None or not self._departs(live, offline) else live - offline
+    def live_curve_at(self, points: list[OperatingPoint]) -> list[Estimate]:
+        """What a reply at each point would quote, at the point's live θ when it runs on its own cost (a floor
+        alone): the live curve floors and the degrade mode choose from (BudgetPolicy.set_live)."""
+        out = []
+        for point in points:
+            entry = self.cells.get((point.threshold, point.macs_fraction))
+            out.append(self.estimate(point, start(point) if entry is None else entry[1]))
+        return out
 
     def summary(self) -> tuple[float | None, float]:
         """Accuracy of the replies in the cells in use, (live, calibrated), weighted by their replies; live is

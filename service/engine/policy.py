@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,19 @@ from service.errors import BadOptions, Unsatisfiable
 from service.schemas import ClassifyOptions
 
 EPS = 1e-9  # floors and budgets are compared with this slack (0.91 vs 5460/6000 in floating point)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a reply says about its accuracy: both figures and which one it quotes."""
+
+    live: float | None  # None until the drift guard has enough shadow rows (or the artifact has no estimator)
+    offline: float
+    source: str  # "live" or "offline"
+
+    @property
+    def used(self) -> float:
+        return self.offline if self.live is None or self.source == "offline" else self.live
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +46,8 @@ class Decision:
     adjustable: bool  # may be answered cheaper under load; False when the row fixed θ or max_exit
     floor_accuracy: float  # never degraded below this: the row's min_accuracy, else the server's floor
     degraded: bool = False  # answered at a cheaper point than asked, under load
+    # With a floor: the figure the floor was checked against, which the reply quotes (one snapshot for both)
+    quoted: Estimate | None = None
 
     @classmethod
     def expert(cls, threshold: float, cap: int, top_k: int, point: OperatingPoint, server_floor: float) -> Decision:
@@ -60,10 +76,21 @@ class BudgetPolicy:
                 frontier.append(point)
         self._frontier = frontier
         self._frontier_costs = [p.macs_fraction for p in frontier]
-        self._frontier_accuracies = [p.accuracy for p in frontier]
-        # Live accuracy − calibrated accuracy at the points in use, once the drift guard has evidence
-        # (service/engine/drift.py): floors compare against the live curve, the calibrated one shifted by it.
-        self.live_shift = 0.0
+        self._index = {p.threshold: i for i, p in enumerate(frontier)}
+        self.set_live([Estimate(None, p.accuracy, "offline") for p in frontier])
+
+    @property
+    def frontier(self) -> list[OperatingPoint]:
+        return list(self._frontier)
+
+    def set_live(self, estimates: list[Estimate]) -> None:
+        """What a reply at each frontier point would quote now (the drift guard's live curve, renewed as its
+        evidence and cells move; the calibrated figures until then). Floors and the degrade mode choose from
+        it, and a reply with a floor quotes the figure its floor was checked against."""
+        self._live = estimates
+        # The cheapest point meeting a floor is the first whose running maximum meets it: a key to bisect on,
+        # although live figures along the frontier need not rise as its calibrated ones do.
+        self._reach = list(itertools.accumulate((e.used for e in estimates), max))
 
     def point_for_threshold(self, threshold: float) -> OperatingPoint:
         """The calibrated point at the largest grid θ not above `threshold` (the rule is monotone in θ)."""
@@ -82,17 +109,23 @@ class BudgetPolicy:
             return Decision.expert(options.threshold, cap, options.top_k, point, self.server_floor)
         adjustable = options.max_exit is None
         if options.budget is None and floor is not None:  # "pay the least for the accuracy I need"
-            point = self._frontier[self._cheapest_meeting(floor)]
+            index = self._cheapest_meeting(floor)
+            point = self._frontier[index]
             return Decision(threshold=point.threshold, budget=point.macs_fraction, clamped=False, cap=cap,
                             top_k=options.top_k, expected=point, min_accuracy=floor, requested_budget=None,
-                            adjustable=adjustable, floor_accuracy=floor)
+                            adjustable=adjustable, floor_accuracy=floor, quoted=self._live[index])
         budget = self.default_budget if options.budget is None else options.budget
         point, clamped = self.curve.choose(budget)
-        if floor is not None and point.accuracy + self.live_shift < floor - EPS:
-            point = self._within_budget_meeting(floor, budget)
+        quoted = None
+        if floor is not None:
+            index = self._index[point.threshold]
+            if self._live[index].used < floor - EPS:
+                index = self._within_budget_meeting(floor, budget)
+                point = self._frontier[index]
+            quoted = self._live[index]
         return Decision(threshold=point.threshold, budget=budget, clamped=clamped, cap=cap, top_k=options.top_k,
                         expected=point, min_accuracy=floor, requested_budget=budget, adjustable=adjustable,
-                        floor_accuracy=self.server_floor if floor is None else floor)
+                        floor_accuracy=self.server_floor if floor is None else floor, quoted=quoted)
 
     def degrade(self, decision: Decision, pressure: float) -> Decision:
         """The decision to answer with under load `pressure` ∈ [0, 1]: graded along the frontier.
@@ -107,7 +140,7 @@ class BudgetPolicy:
             return decision
         requested = decision.expected
         top = bisect.bisect_right(self._frontier_costs, requested.macs_fraction + EPS) - 1
-        lowest = bisect.bisect_left(self._frontier_accuracies, decision.floor_accuracy - self.live_shift - EPS)
+        lowest = bisect.bisect_left(self._reach, decision.floor_accuracy - EPS)
         if lowest >= top:
             return decision
         floor_cost = self._frontier_costs[lowest]
@@ -116,33 +149,39 @@ class BudgetPolicy:
         if index >= top:
             return decision
         point = self._frontier[index]
+        quoted = None if decision.min_accuracy is None else self._live[index]
         return dataclasses.replace(decision, threshold=point.threshold, budget=target, clamped=False, expected=point,
-                                   degraded=True)
+                                   degraded=True, quoted=quoted)
 
     def _cheapest_meeting(self, floor: float) -> int:
-        """Frontier index of the cheapest point whose expected accuracy meets `floor`; 422 when none does."""
-        index = bisect.bisect_left(self._frontier_accuracies, floor - self.live_shift - EPS)
+        """Frontier index of the cheapest point whose expected accuracy (live once the drift guard quotes it)
+        meets `floor`; 422 when none does."""
+        index = bisect.bisect_left(self._reach, floor - EPS)
         if index == len(self._frontier):
-            best = self._frontier[-1]
+            best = self._best(len(self._frontier) - 1)
             raise Unsatisfiable(f"no operating point of this model meets min_accuracy {floor}: the best on offer "
-                                f"is {_down(best.accuracy + self.live_shift)}{self._live_note()} "
-                                f"(at budget {_up(best.macs_fraction)})")
+                                f"is {_down(self._live[best].used)}{self._live_note(best)} "
+                                f"(at budget {_up(self._frontier[best].macs_fraction)})")
         return index
 
-    def _within_budget_meeting(self, floor: float, budget: float) -> OperatingPoint:
+    def _within_budget_meeting(self, floor: float, budget: float) -> int:
         """The budget rule's answer missed the floor: the cheapest point meeting it, if the budget allows."""
-        needed = self._frontier[self._cheapest_meeting(floor)]
-        if needed.macs_fraction > budget + EPS:
-            best = self._frontier[max(bisect.bisect_right(self._frontier_costs, budget + EPS) - 1, 0)]
+        needed = self._cheapest_meeting(floor)
+        if self._frontier[needed].macs_fraction > budget + EPS:
+            best = self._best(max(bisect.bisect_right(self._frontier_costs, budget + EPS) - 1, 0))
             raise Unsatisfiable(f"budget {budget} cannot meet min_accuracy {floor}: the best within it is "
-                                f"{_down(best.accuracy + self.live_shift)}{self._live_note()}; the floor needs "
-                                f"budget {_up(needed.macs_fraction)}")
+                                f"{_down(self._live[best].used)}{self._live_note(best)}; the floor needs "
+                                f"budget {_up(self._frontier[needed].macs_fraction)}")
         return needed  # within NEAR_TIE of the best in the budget: the near-tie choice fell just under the floor
 
+    def _best(self, last: int) -> int:
+        """The frontier index of the most accurate point up to `last`, by the figures replies quote."""
+        return bisect.bisect_left(self._reach, self._reach[last], hi=last + 1)
 
-    def _live_note(self) -> str:
-        return "" if self.live_shift == 0.0 else \
-            f" on today's images (live estimate, {self.live_shift * 100:+.1f} points from the calibrated curve)"
+    def _live_note(self, index: int) -> str:
+        estimate = self._live[index]
+        return "" if estimate.source != "live" else \
+            f" on today's images (live estimate; {_down(estimate.offline)} on the calibration images)"
 
 
 def _down(accuracy: float) -> float:

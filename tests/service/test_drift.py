@@ -11,7 +11,7 @@ from erde.calibrate import CalibrationCurve, OperatingPoint
 from erde.confidence import AccuracyEstimator
 from service.engine.batcher import Job
 from service.engine.drift import Cell, DriftGuard, DriftLaw, ceiling_of, change_point, start, step
-from service.engine.policy import BudgetPolicy
+from service.engine.policy import BudgetPolicy, Estimate
 from service.errors import Unsatisfiable
 from service.schemas import ClassifyOptions
 
@@ -104,11 +104,12 @@ def test_replies_quote_the_live_estimate_once_enough_shadow_rows_depart() -> Non
     guard.witness(*shadow_rows(1, sure=False))
     estimate = guard.observe(rule, 0.1)
     assert estimate.live == 0.0 and estimate.source == "offline" and estimate.used == 0.92  # too few to quote
-    assert guard.shift() == 0.0  # nor to move the floors
+    assert {e.source for e in guard.live_curve_at(policy.frontier)} == {"offline"}  # nor to move the floors
     guard.witness(*shadow_rows(LAW.quote_rows - LAW.change_rows, sure=False))
     estimate = guard.observe(rule, 0.1)
     assert estimate.source == "live" and estimate.used == estimate.live == 0.0
-    assert guard.summary() == (0.0, 0.92) and guard.shift() == -0.92
+    assert guard.summary() == (0.0, 0.92)
+    assert [e.used for e in guard.live_curve_at(policy.frontier)] == [0.0] * 4  # the last exit unsure too
     (live,) = guard.live_curve()
     assert live["replies"] == 4 and live["live_accuracy"] == 0.0 and live["budget"] == 0.25
     guard.witness(*shadow_rows(LAW.window, sure=True))  # the window slides: the old evidence is gone
@@ -235,15 +236,45 @@ def test_off_measures_but_never_moves_theta() -> None:
     assert guard.theta(rule) == rule.threshold and guard.live_curve()[0]["live_threshold"] > rule.threshold
 
 
-def test_floors_use_the_live_shift() -> None:
+def test_floors_use_the_live_curve() -> None:
     """A floor the calibrated curve meets but the live evidence contradicts is unsatisfiable, with live numbers."""
     guard, policy = guard_and_policy()
     rule = policy.decide(ClassifyOptions(budget=0.25))
     guard.witness(*shadow_rows(LAW.window, sure=False))  # every answer likely wrong
     guard.observe(rule, 0.25)
-    policy.live_shift = guard.shift()
-    assert policy.live_shift < -0.5
+    policy.set_live(guard.live_curve_at(policy.frontier))
     with pytest.raises(Unsatisfiable, match="live estimate"):
-        policy.decide(ClassifyOptions(min_accuracy=0.9))
-    policy.live_shift = 0.0
+        policy.decide(ClassifyOptions(min_accuracy=0.95))
+    policy.set_live([Estimate(None, p.accuracy, "offline") for p in policy.frontier])
     assert policy.decide(ClassifyOptions(min_accuracy=0.9)).expected.accuracy >= 0.9
+
+
+def test_floors_choose_from_each_points_own_live_figure_and_the_reply_quotes_it() -> None:
+    """Images on which the early exits disagree with the last one (half of them): the cheap points lose 27-33
+    points, full depth nothing. Shifting the whole curve by the cells in use (the law this replaced) refused
+    min_accuracy 0.9 outright; each point's own figure serves it at full depth. And a reply with a floor quotes
+    the very figure its floor was checked against."""
+    guard, policy = guard_and_policy()
+    guard.witness(*shadow_rows(LAW.window // 2, sure=True, agree=True))
+    guard.witness(*shadow_rows(LAW.window // 2, sure=True, agree=False))
+    live = guard.live_curve_at(policy.frontier)  # by rising cost: θ 3.0, 0.7, 0.3, 0.0
+    assert [e.used for e in live] == pytest.approx([0.65, 0.625, 0.6, 1.0])
+    assert {e.source for e in live} == {"live"}
+    policy.set_live(live)
+    full = policy.decide(ClassifyOptions(min_accuracy=0.9))
+    assert full.expected.threshold == 0.0 and full.quoted == live[3]
+    cheap = policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.62))
+    assert cheap.expected.threshold == 0.7 and cheap.quoted.used == pytest.approx(0.625)
+    cheaper = policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.63))  # a cheaper point is better today
+    assert cheaper.expected.threshold == 3.0 and cheaper.quoted.used == pytest.approx(0.65)
+    with pytest.raises(Unsatisfiable, match=r"best within it is 0\.65 on today's images .*needs budget 1\.0"):
+        policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.66))
+    degraded = policy.degrade(policy.decide(ClassifyOptions(budget=1.0, min_accuracy=0.62)), 1.0)
+    assert degraded.expected.threshold == 3.0 and degraded.quoted.used >= 0.62
+    for floor in np.linspace(0.5, 1.0, 51):  # whatever the floor: never a quote below it
+        for budget in (None, 0.3, 0.6, 1.0):
+            try:
+                decision = policy.decide(ClassifyOptions(budget=budget, min_accuracy=float(floor)))
+            except Unsatisfiable:
+                continue
+            assert decision.quoted.used >= floor - 1e-9, (floor, budget, decision)
