@@ -245,7 +245,7 @@ def sharing_section(device_name: str, data_dir: Path | None, seconds: float) -> 
                       f"The service with 1 and {SHARING_WORKERS} workers, an inference process per worker and model "
                       "(`own`) or one per model for all of them (`shared`); a closed loop of 256 keep-alive "
                       f"connections, {seconds:g} s per cell. Device memory from nvidia-smi (CUDA contexts included), "
-                      "host memory the PSS of the service's processes, both model loaded.", "",
+                      "host memory the PSS of the service's processes, both models loaded.", "",
                       table(["workers", "ERDE_ENGINE", "teacher full depth req/s", "student budget 0.25 req/s",
                              "device MiB", "host PSS MB"], rows), ""])
 
