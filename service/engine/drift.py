@@ -178,6 +178,7 @@ class DriftGuard:
         self._last_exit = len(curve.macs_per_exit) - 1
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
         self._table: AccuracyTable | None = None  # the estimate at every θ over the evidence as it is now
+        self._curve: list[Estimate] | None = None  # live_curve_at's answer over the evidence as it is now
         self.changes = 0  # changes of images the evidence showed (change_point)
         self._unchecked = 0  # shadow rows in since the last look for a change
         self._suspected = False  # the last look showed a change: the next one decides
@@ -213,6 +214,7 @@ class DriftGuard:
         the second look, 0 false changes in 160,000 clean rows against 3, and a change of images is acted on
         after 72 rows instead of 60 (median; docs/budgets.md)."""
         self.evidence.add(entropy, prediction)
+        self._curve = None
         self._unchecked += len(entropy)
         if self.estimator is not None and self._unchecked >= self.law.change_every:
             self._unchecked = 0
@@ -240,7 +242,10 @@ class DriftGuard:
         return self.estimate(point, cell)
 
     def estimate(self, point: OperatingPoint, cell: Cell) -> Estimate:
-        live = self._live(point.threshold + cell.offset)
+        return self.estimate_at(point, point.threshold + cell.offset)
+
+    def estimate_at(self, point: OperatingPoint, theta: float) -> Estimate:
+        live = self._live(theta)
         if live is None:
             return Estimate(None, point.accuracy, "offline")
         return Estimate(live, point.accuracy, "live" if self._departs(live, point.accuracy) else "offline")
@@ -267,13 +272,12 @@ class DriftGuard:
                 if c.replies and (live := self._live(p.threshold + c.offset)) is not None]
 
     def live_curve_at(self, points: list[OperatingPoint]) -> list[Estimate]:
-        """What a reply at each point would quote, at the point's live θ when it runs on its own cost (a floor
-        alone): the live curve floors and the degrade mode choose from (BudgetPolicy.set_live)."""
-        out = []
-        for point in points:
-            entry = self.cells.get((point.threshold, point.macs_fraction))
-            out.append(self.estimate(point, start(point) if entry is None else entry[1]))
-        return out
+        """What a reply at each point's calibrated θ would quote: the live curve floors and the degrade mode
+        choose from (BudgetPolicy.set_live). Computed once per change of the evidence (a frontier of 155
+        points took 290 µs), the same list until then."""
+        if self._curve is None or len(self._curve) != len(points):
+            self._curve = [self.estimate_at(point, point.threshold) for point in points]
+        return self._curve
 
     def summary(self) -> tuple[float | None, float]:
         """Accuracy of the replies in the cells in use, (live, calibrated), weighted by their replies; live is

@@ -81,13 +81,13 @@ class BudgetPolicy:
 
     @property
     def frontier(self) -> list[OperatingPoint]:
-        return list(self._frontier)
+        return self._frontier
 
     def set_live(self, estimates: list[Estimate]) -> None:
         """What a reply at each frontier point would quote now (the drift guard's live curve, renewed as its
         evidence and cells move; the calibrated figures until then). Floors and the degrade mode choose from
         it, and a reply with a floor quotes the figure its floor was checked against."""
-        self._live = estimates
+        self.live = estimates
         # The cheapest point meeting a floor is the first whose running maximum meets it: a key to bisect on,
         # although live figures along the frontier need not rise as its calibrated ones do.
         self._reach = list(itertools.accumulate((e.used for e in estimates), max))
@@ -113,16 +113,16 @@ class BudgetPolicy:
             point = self._frontier[index]
             return Decision(threshold=point.threshold, budget=point.macs_fraction, clamped=False, cap=cap,
                             top_k=options.top_k, expected=point, min_accuracy=floor, requested_budget=None,
-                            adjustable=adjustable, floor_accuracy=floor, quoted=self._live[index])
+                            adjustable=adjustable, floor_accuracy=floor, quoted=self.live[index])
         budget = self.default_budget if options.budget is None else options.budget
         point, clamped = self.curve.choose(budget)
         quoted = None
         if floor is not None:
             index = self._index[point.threshold]
-            if self._live[index].used < floor - EPS:
+            if self.live[index].used < floor - EPS:
                 index = self._within_budget_meeting(floor, budget)
                 point = self._frontier[index]
-            quoted = self._live[index]
+            quoted = self.live[index]
         return Decision(threshold=point.threshold, budget=budget, clamped=clamped, cap=cap, top_k=options.top_k,
                         expected=point, min_accuracy=floor, requested_budget=budget, adjustable=adjustable,
                         floor_accuracy=self.server_floor if floor is None else floor, quoted=quoted)
@@ -149,7 +149,7 @@ class BudgetPolicy:
         if index >= top:
             return decision
         point = self._frontier[index]
-        quoted = None if decision.min_accuracy is None else self._live[index]
+        quoted = None if decision.min_accuracy is None else self.live[index]
         return dataclasses.replace(decision, threshold=point.threshold, budget=target, clamped=False, expected=point,
                                    degraded=True, quoted=quoted)
 
@@ -160,7 +160,7 @@ class BudgetPolicy:
         if index == len(self._frontier):
             best = self._best(len(self._frontier) - 1)
             raise Unsatisfiable(f"no operating point of this model meets min_accuracy {floor}: the best on offer "
-                                f"is {_down(self._live[best].used)}{self._live_note(best)} "
+                                f"is {_down(self.live[best].used)}{self._live_note(best)} "
                                 f"(at budget {_up(self._frontier[best].macs_fraction)})")
         return index
 
@@ -170,7 +170,7 @@ class BudgetPolicy:
         if self._frontier[needed].macs_fraction > budget + EPS:
             best = self._best(max(bisect.bisect_right(self._frontier_costs, budget + EPS) - 1, 0))
             raise Unsatisfiable(f"budget {budget} cannot meet min_accuracy {floor}: the best within it is "
-                                f"{_down(self._live[best].used)}{self._live_note(best)}; the floor needs "
+                                f"{_down(self.live[best].used)}{self._live_note(best)}; the floor needs "
                                 f"budget {_up(self._frontier[needed].macs_fraction)}")
         return needed  # within NEAR_TIE of the best in the budget: the near-tie choice fell just under the floor
 
@@ -179,7 +179,7 @@ class BudgetPolicy:
         return bisect.bisect_left(self._reach, self._reach[last], hi=last + 1)
 
     def _live_note(self, index: int) -> str:
-        estimate = self._live[index]
+        estimate = self.live[index]
         return "" if estimate.source != "live" else \
             f" on today's images (live estimate; {_down(estimate.offline)} on the calibration images)"
 

@@ -69,7 +69,9 @@ class ServedModel:
 def report_drift(name: str, drift: DriftGuard, policy: BudgetPolicy, budget: float, cell: Cell) -> None:
     """After a cell's first reply, then every REPORT_EVERY-th: floors see the live curve, the metrics the
     controller's state."""
-    policy.set_live(drift.live_curve_at(policy.frontier))
+    curve = drift.live_curve_at(policy.frontier)
+    if curve is not policy.live:  # the evidence changed since
+        policy.set_live(curve)
     metrics.observe_drift(name, budget, cell.cost, cell.offset)
     metrics.set_accuracy(name, *drift.summary())
 
