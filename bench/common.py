@@ -68,3 +68,14 @@ def memory_kb(pid: int) -> dict[str, int]:
     found = {k: re.search(rf"^{k}:\s+(\d+) kB", text, re.M) for k, text in
              (("Pss", rollup), ("Rss", rollup), ("VmHWM", status))}
     return {k: int(m.group(1)) for k, m in found.items() if m}
+
+
+def inference_processes(server: int) -> list[str]:
+    """The inference processes of a running service, as ps names them (each `erde-<model>`, 15 bytes)."""
+    names = []
+    for pid in children(server):
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:
+            continue
+    return sorted(n for n in names if n.startswith("erde-"))

@@ -20,22 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import STORE, children, default_artifact, memory_kb, table
+from bench.common import STORE, children, default_artifact, inference_processes, memory_kb, table
 from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk
 
 SETTINGS = [(1, "own"), (1, "shared"), (2, "own"), (2, "shared")]
 LOADS = {"full depth": {"threshold": "0"}, "budget 0.25": {"budget": "0.25"}}
-
-
-def inference_processes(server: int) -> int:
-    """The service's inference processes: each names its model in ps (`erde-...`)."""
-    count = 0
-    for pid in children(server):
-        try:
-            count += Path(f"/proc/{pid}/comm").read_text().startswith("erde-")
-        except OSError:
-            continue
-    return count
 
 
 def measure(workers: int, engine: str, scripts: dict[str, Path], args: argparse.Namespace, log: Path) -> dict:
@@ -56,7 +45,7 @@ def measure(workers: int, engine: str, scripts: dict[str, Path], args: argparse.
     sampler = threading.Thread(target=sample)
     try:
         time.sleep(2)  # every worker's models loaded (readyz answers as soon as one worker is ready)
-        processes = inference_processes(proc.pid)
+        processes = len(inference_processes(proc.pid))
         sampler.start()
         rps = {load: wrk(port, script, args.concurrency, args.seconds)["ok_rps"] for load, script in scripts.items()}
     finally:

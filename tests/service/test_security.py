@@ -190,9 +190,13 @@ def test_stalled_requests_get_408_and_the_connection_is_closed(limited: Server) 
 
 def test_connections_beyond_the_cap_get_503_json(limited: Server) -> None:
     port = port_of(limited)
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-    for sock in idle:  # each one busy with a request's head: idle ones are closed to make room (issue 20)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    # Each one busy with a request's head (idle ones are closed to make room, issue 20), sent before the next
+    # connects: sent after all four had connected, a busy machine's server could open the fourth first and
+    # close the first as idle, and the request below got 200 (CI).
+    idle = []
+    for _ in range(4):
+        idle.append(socket.create_connection(("127.0.0.1", port)))
+        idle[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
     try:
         reply = exchange(port, request("GET", "/healthz", {}))
         json_error(reply, 503, "too_many_connections")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.common import children
+from bench.common import children, inference_processes
 from erde.nets import NetConfig, build_model
 from service.engine.batcher import Job
 from service.engine.compute import ExitResult, run_batch
@@ -166,17 +166,6 @@ def test_a_killed_shared_process_is_replaced_by_one_process_for_every_worker(mod
             assert await loop.run_in_executor(None, worker.close, 10.0)
 
     asyncio.run(main())
-
-
-def inference_processes(server_pid: int) -> list[str]:
-    """The inference processes of a running server: what ps calls them (each names its model)."""
-    names = []
-    for pid in children(server_pid):
-        try:
-            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
-        except OSError:
-            continue
-    return sorted(n for n in names if n.startswith("erde-"))
 
 
 def forkservers(server_pid: int) -> int:
