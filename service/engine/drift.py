@@ -179,6 +179,7 @@ class DriftGuard:
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
         self._table: AccuracyTable | None = None  # the estimate at every θ over the evidence as it is now
         self._curve: list[Estimate] | None = None  # live_curve_at's answer over the evidence as it is now
+        self._drifted = False  # the pooled verdict that answer was made under
         self.changes = 0  # changes of images the evidence showed (change_point)
         self._unchecked = 0  # shadow rows in since the last look for a change
         self._suspected = False  # the last look showed a change: the next one decides
@@ -272,11 +273,18 @@ class DriftGuard:
                 if c.replies and (live := self._live(p.threshold + c.offset)) is not None]
 
     def live_curve_at(self, points: list[OperatingPoint]) -> list[Estimate]:
-        """What a reply at each point's calibrated θ would quote: the live curve floors and the degrade mode
-        choose from (BudgetPolicy.set_live). Computed once per change of the evidence (a frontier of 155
-        points took 290 µs), the same list until then."""
-        if self._curve is None or len(self._curve) != len(points):
-            self._curve = [self.estimate_at(point, point.threshold) for point in points]
+        """The live curve floors and the degrade mode choose from (BudgetPolicy.set_live): the calibrated
+        figures while the replies of the cells in use, pooled, do not contradict the calibration (the test
+        for quoting); once they do, what a reply at each point's calibrated θ would quote. Tested point by
+        point alone, clean images made some of the teacher's 155 points depart by chance, and refused 1% of
+        its floor requests 422 at half its capacity (`make bench-overload`). Computed once per change of the
+        evidence or of the pooled verdict (the student's frontier took 290 µs), the same list until then."""
+        live, offline = self.summary()
+        drifted = live is not None and self._departs(live, offline)
+        if self._curve is None or len(self._curve) != len(points) or drifted != self._drifted:
+            self._drifted = drifted
+            self._curve = [self.estimate_at(point, point.threshold) if drifted else
+                           Estimate(None, point.accuracy, "offline") for point in points]
         return self._curve
 
     def summary(self) -> tuple[float | None, float]:

@@ -257,6 +257,7 @@ def test_floors_choose_from_each_points_own_live_figure_and_the_reply_quotes_it(
     guard, policy = guard_and_policy()
     guard.witness(*shadow_rows(LAW.window // 2, sure=True, agree=True))
     guard.witness(*shadow_rows(LAW.window // 2, sure=True, agree=False))
+    guard.observe(policy.decide(ClassifyOptions(budget=0.25)), 0.25)  # the cell in use: 0.625 live, 0.92 calibrated
     live = guard.live_curve_at(policy.frontier)  # by rising cost: θ 3.0, 0.7, 0.3, 0.0
     assert [e.used for e in live] == pytest.approx([0.65, 0.625, 0.6, 1.0])
     assert {e.source for e in live} == {"live"}
@@ -278,3 +279,26 @@ def test_floors_choose_from_each_points_own_live_figure_and_the_reply_quotes_it(
             except Unsatisfiable:
                 continue
             assert decision.quoted.used >= floor - 1e-9, (floor, budget, decision)
+
+
+def test_while_the_cells_in_use_agree_with_the_calibration_floors_keep_the_calibrated_curve() -> None:
+    """Point by point, chance departures at some of a curve's many points refused floors on clean images (1% of
+    the teacher's floor requests at half its capacity). So the live curve is used once the replies of the cells
+    in use, pooled, contradict the calibration; until then a point that departs alone does not move floors."""
+    guard, policy = guard_and_policy()
+    parts = [shadow_rows(296, sure=True), shadow_rows(28, sure=False), shadow_rows(76, sure=True, agree=False)]
+    order = np.random.default_rng(0).permutation(LAW.window)  # mixed: one kind of images, no change to act on
+    guard.witness(np.concatenate([e for e, _ in parts])[order], np.concatenate([p for _, p in parts])[order])
+    alone = [guard.estimate_at(p, p.threshold) for p in policy.frontier]
+    assert [e.source for e in alone] == ["offline", "live", "live", "offline"]  # θ 0.7 and 0.3 depart alone
+    guard.observe(policy.decide(ClassifyOptions(budget=1.0)), 1.0)  # in use: full depth, 0.93 as calibrated
+    policy.set_live(guard.live_curve_at(policy.frontier))
+    assert {e.source for e in policy.live} == {"offline"}
+    assert policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.9)).quoted.used == 0.92
+    guard.observe(policy.decide(ClassifyOptions(budget=0.25)), 0.25)  # now the cells in use contradict it
+    guard.observe(policy.decide(ClassifyOptions(budget=0.25)), 0.25)
+    policy.set_live(guard.live_curve_at(policy.frontier))
+    assert [e.source for e in policy.live] == ["offline", "live", "live", "offline"]
+    with pytest.raises(Unsatisfiable, match=r"the best within it is 0\.85; the floor needs budget 1\.0"):
+        policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.9))  # θ 0.7 reads 0.79 today, θ 3.0 still 0.85
+
