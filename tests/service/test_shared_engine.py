@@ -40,7 +40,7 @@ class Watching(Steering):
         self.witnessed: list[list[int]] = []
         self.stages: list[list[float]] = []
 
-    def adjust(self, jobs: list[Job], now: float, spare: bool) -> None:
+    def adjust(self, jobs: list[Job], now: float, spare: bool, waited_s: float = 0.0) -> None:
         for j in jobs:
             j.shadow = True
 

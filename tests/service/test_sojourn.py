@@ -17,8 +17,8 @@ from service.engine.runtime import time_allowed
 from service.engine.sojourn import (
     HEADROOM,
     LOOP_HOPS,
+    IntervalLow,
     Queue,
-    QueueLow,
     RowCost,
     WaitLaw,
     late,
@@ -87,18 +87,18 @@ def test_the_cost_of_a_row_is_a_mean_over_batches_weighted_by_their_rows() -> No
 
 
 def test_the_standing_queue_is_the_fewest_rows_queued_over_the_last_interval() -> None:
-    state = QueueLow()
+    state = IntervalLow()
     for t, queued in [(0.0, 5), (0.03, 40), (0.06, 12), (0.09, 30)]:  # an interval that never emptied below 5
-        state = seen(LAW, state, queued, t)
+        state = seen(LAW.interval_s, state, queued, t)
     assert standing(state) == 0  # the interval before it: nothing known, nothing standing
-    state = seen(LAW, state, 25, 0.101)
+    state = seen(LAW.interval_s, state, 25, 0.101)
     assert standing(state) == 5
-    state = seen(LAW, state, 0, 0.15)  # it emptied since: nothing stands
+    state = seen(LAW.interval_s, state, 0, 0.15)  # it emptied since: nothing stands
     assert standing(state) == 0
     for t in (0.21, 0.25, 0.29):
-        state = seen(LAW, state, 50, t)
+        state = seen(LAW.interval_s, state, 50, t)
     assert standing(state) == 0  # the interval that ended at 0.21 had an empty queue
-    state = seen(LAW, state, 60, 0.32)
+    state = seen(LAW.interval_s, state, 60, 0.32)
     assert standing(state) == 50
 
 
@@ -152,3 +152,19 @@ def test_degrading_absorbs_a_late_request_as_a_late_row_until_full_pressure_then
     full = budgets(degrade=True)
     full.saturate(2.0)  # a full queue: every row at its floor at once
     assert full.state.pressure == 1.0
+
+
+def test_degrading_starts_when_a_queue_stands_not_when_rows_wait_for_the_batch_ahead() -> None:
+    """At light load a row that came while batches ran waits for them, then leaves the queue empty: the
+    pressure stays 0 (the teacher at half its capacity had 58-82% of its rows degraded when each batch's
+    oldest row counted). A queue whose oldest row stays over the target raises it within rise_s."""
+    light, now = budgets(degrade=True), 0.0
+    for k in range(300):  # 3 s of batches every 10 ms; now and then a few rows are left for the next one
+        now += 0.01
+        light.adjust([job(now - 0.03)], now, waited_s=0.025 if k % 3 else 0.0)
+    assert light.state.pressure == 0.0
+    loaded = budgets(degrade=True)
+    for _ in range(30):
+        now += 0.01
+        loaded.adjust([job(now - 0.001)], now, waited_s=0.06)  # newest first: the batch's rows are fresh
+    assert loaded.state.pressure > 0.5
