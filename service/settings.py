@@ -110,6 +110,9 @@ class Settings(BaseSettings):
         "seconds from pressure 0 to 1 at twice the target delay (proportionally faster further above it)"))
     overload_recover_s: float = Field(5.0, gt=0, le=3600,
                                       description="seconds from pressure 1 to 0 with no queueing delay")
+    overload_interval_ms: float = Field(100.0, gt=0, le=60_000, description=(
+        "a queueing delay is load once it stood this long: the controller sees the least delay over it "
+        "(CoDel's interval), so a row that waited for the batch ahead of it is not load"))
     # drift (issue 19): θ per operating point held to its offline cost, accuracy estimated live (engine/drift.py)
     drift: Literal["on", "off"] = Field("on", description=(
         "on: move θ per operating point and budget so that the replies spend at most the budget; off: measure only"))

@@ -43,7 +43,7 @@ class OverloadLaw:
     @classmethod
     def from_settings(cls, settings: Settings) -> OverloadLaw:
         return cls(settings.target_queue_ms / 1000, settings.overload_hold_fraction, settings.overload_rise_s,
-                   settings.overload_recover_s)
+                   settings.overload_recover_s, settings.overload_interval_ms / 1000)
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,9 @@ class BudgetPolicy:
             return decision
         floor_cost = self._frontier_costs[lowest]
         target = requested.macs_fraction - min(pressure, 1.0) * (requested.macs_fraction - floor_cost)
-        index = max(bisect.bisect_right(self._frontier_costs, target + EPS) - 1, lowest)
+        # The most accurate point today within the target cost: the live figures need not rise with cost, and
+        # the dearest point within it may read below the floor that an earlier one meets (a review found so).
+        index = self._best(max(bisect.bisect_right(self._frontier_costs, target + EPS) - 1, lowest))
         if index >= top:
             return decision
         point = self._frontier[index]

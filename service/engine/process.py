@@ -79,7 +79,8 @@ SHADOWS_KEPT = 4
 READY, STOP = b"R", b"S"
 HELLO = struct.Struct("<cQ")  # kind, bytes per slot of the worker's arena; then the arena file's path
 PID = struct.Struct("<Q")
-HELLO_TIMEOUT_S = 5.0
+HELLO_TIMEOUT_S = 1.0  # a worker sends its hello as it connects; the process serves no one meanwhile
+CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ADDRESS_TAKEN = 3  # a shared process's exit code when another already holds its address
 PR_SET_NAME = 15
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
@@ -373,7 +374,14 @@ def abstract(address: str) -> str:
 def accept(listener: socket.socket) -> Client | None:
     """A worker that connected: its hello names its arena (HELLO, then the arena file's path); answered with
     READY and this process's id (the worker's watchdog kills a hung process by it)."""
-    sock, _ = listener.accept()
+    try:
+        sock, _ = listener.accept()
+    except OSError as exc:  # the worker left already, or no descriptor is left (EMFILE): it will retry
+        log.error("could not accept a worker: %s", exc)
+        return None
+    if peer_uid(sock) != os.getuid():  # an abstract socket has no permissions: only our own user is served
+        sock.close()
+        return None
     conn = Connection(sock.detach())
     try:
         if not conn.poll(HELLO_TIMEOUT_S):
@@ -384,11 +392,21 @@ def accept(listener: socket.socket) -> Client | None:
             raise OSError(f"a hello of kind {kind!r}")
         arena = map_arena(message[HELLO.size:].decode())
         conn.send_bytes(READY + PID.pack(os.getpid()))
-    except (EOFError, OSError, struct.error, UnicodeDecodeError) as exc:
+    except (EOFError, OSError, ValueError, struct.error) as exc:  # ValueError: an empty arena, a NUL in its path
         log.error("a worker's connection was dropped before it was served: %s", exc)
         conn.close()
         return None
     return Client(conn, conn, arena, arena_bytes)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket (SO_PEERCRED: the kernel's word)."""
+    return peer_credentials(sock)[1]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, as the kernel saw it connect."""
+    return CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDENTIALS.size))
 
 
 def map_arena(path: str) -> memoryview:
@@ -427,7 +445,7 @@ def run_clients(engine: Engine, clients: list[Client], listener: socket.socket |
         started = time.perf_counter()
         stage_s: list[float] = []
         try:
-            witness = run_rows(engine, parts, stage_s)
+            witness = run_rows(engine, parts, stage_s, clients)
         except Exception:  # a bug must not kill the process or strand the clients
             log.exception("inference failed for a run of %d rows", sum(len(p.rows) for p in parts))
             finish(engine, parts, b"F", time.perf_counter() - started, [])
@@ -437,8 +455,16 @@ def run_clients(engine: Engine, clients: list[Client], listener: socket.socket |
         credit = min(credit + engine.shadow_cpu * busy_s, SHADOW_CREDIT_MAX_S)
         if witness is not None:
             waiting.append(witness)
-        if waiting:
+        if not waiting:
+            continue
+        # The workers as they are now: one that left during the run has its connection closed, and waiting
+        # on a closed connection raises (a review found the process ended so).
+        sources = [c.requests for c in clients] + ([listener] if listener is not None else [])
+        try:
             credit -= witness_while_idle(engine, waiting, sources, credit)
+        except Exception:  # shadow rows are evidence, never worth the process
+            log.exception("a shadow pass failed; its rows are dropped")
+            waiting.clear()
 
 
 def take_part(client: Client) -> Part | None:
@@ -485,10 +511,12 @@ def witness_while_idle(engine: Engine, waiting: deque[Witness], sources: list, c
     return time.perf_counter() - started
 
 
-def run_rows(engine: Engine, parts: list[Part], stage_s: list[float] | None = None) -> Witness | None:
+def run_rows(engine: Engine, parts: list[Part], stage_s: list[float] | None = None,
+             clients: list[Client] | None = None) -> Witness | None:
     """Decode each row within the decode budget (a refused image is answered at once), then run the rest of
     every part together, stage by stage, answering each worker its own rows; returns the run's shadow rows,
-    if any, to be run on once it is done.
+    if any, to be run on once it is done. While it decodes, every worker of `clients` hears that the process
+    is at work (a worker whose batch waits for the next run would take the silence for a hang).
 
     An image's queue time runs until the network starts, so it includes the run's decoding.
     """
@@ -501,8 +529,8 @@ def run_rows(engine: Engine, parts: list[Part], stage_s: list[float] | None = No
             for i, row in enumerate(part.rows):
                 started = time.perf_counter()
                 if started - said > HEARTBEAT_S:
-                    for waiting in parts:
-                        waiting.client.send(ID.pack(b"P", waiting.batch_id))
+                    for client in clients or [p.client for p in parts]:
+                        client.send(ID.pack(b"P", 0))
                     said = started
                 try:
                     with budget:

@@ -197,7 +197,7 @@ class ModelWorker:
                 self._drained.set()
         drained = self._drained.wait(timeout)
         proc = self._proc
-        if proc is None:
+        if proc is None:  # shared: STOP said this worker is done (or, cut short, exit closes the connection)
             return drained
         proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
@@ -297,19 +297,29 @@ class ModelWorker:
                                         args=(self.address, self.blob, self.spec, self.limits, self.threads,
                                               self.max_batch_size, self.shadow_cpu, self.device))
                 proc.start()
+                # Not this worker's to wait for at exit: multiprocessing's exit hook joins its children, and
+                # this one serves the other workers as long as they live (a review found a worker's exit
+                # hung so). Its parent is the forkserver, which reaps it. CPython's private set (3.11).
+                multiprocessing.process._children.discard(proc)
                 while (conn := connect(self.address)) is None and proc.is_alive():
                     time.sleep(0.01)
             if conn is not None:
                 break
-        conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
-        if not conn.poll(START_TIMEOUT_S):
+        try:
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                pid, uid, _ = process.peer_credentials(sock)
+            if uid != os.getuid():  # an abstract name anyone may bind: only a process of our own user
+                raise RuntimeError(f"the process at {self.address!r} runs as user {uid}, not {os.getuid()}")
+            conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
+            if not conn.poll(START_TIMEOUT_S):
+                raise RuntimeError("no ready signal")
+            reply = conn.recv_bytes()
+            if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
+                raise RuntimeError(f"a ready signal of {len(reply)} bytes")
+        except BaseException:
             conn.close()
-            raise RuntimeError("no ready signal")
-        reply = conn.recv_bytes()
-        if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
-            conn.close()
-            raise RuntimeError(f"a ready signal of {len(reply)} bytes")
-        return conn, process.PID.unpack_from(reply, 1)[0]
+            raise
+        return conn, pid  # the kernel's word for the pid, not the reply's: the watchdog kills by it
 
     # ---- the event loop's side -----------------------------------------------------------------------------
 

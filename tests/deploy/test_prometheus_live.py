@@ -40,8 +40,9 @@ IMAGES_PER_BUDGET = 4  # per wave
 DEEP_OPTIONS = ({"threshold": 0}, {"threshold": 0, "max_exit": 1})
 WAVES = 3  # separated by a scrape each, so every counter has risen between two samples
 # The shipped student serves beside the tiny one: its curve has floors it cannot meet (the tiny model is
-# right everywhere) and cheaper points to degrade to. The stack's queue target is far below the 5 ms a
-# batch may wait to fill, so every batch finds its rows late and the controller degrades at once.
+# right everywhere) and cheaper points to degrade to. The stack's batches take one row, so concurrent rows
+# stand in the queue; its queue target (0.05 ms) and interval (1 ms) are far below their waits, so the
+# controller degrades at once.
 SHIPPED = ROOT / "model_store" / "fashion-mnist" / "1"
 FLOOR = 0.9
 OVERLOAD_IMAGES = 12  # per wave, at budget 1 with a floor, concurrently
@@ -161,7 +162,7 @@ class Stack:
 
     def floors(self, index: int) -> None:
         """The shipped student: concurrent rows with a floor (degraded, never below it) and one it cannot meet."""
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=OVERLOAD_IMAGES) as pool:  # all at once: a queue that stands
             replies = list(pool.map(lambda i: self.classify(png(index * 100 + 70 + i), model="fashion-mnist",
                                                             budget=1, min_accuracy=FLOOR), range(OVERLOAD_IMAGES)))
         for reply in replies:
@@ -191,7 +192,7 @@ def stack(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env.update(ERDE_HOST="127.0.0.1", ERDE_PORT=str(service_port), ERDE_STORE=str(store),
                ERDE_DEFAULT_MODEL="student", ERDE_TORCH_THREADS="1",
                ERDE_MAX_BATCH_DELAY_MS="5", ERDE_ACCESS_LOG="false", ERDE_TARGET_QUEUE_MS="0.05",
-               ERDE_OVERLOAD_RISE_S="0.01")
+               ERDE_OVERLOAD_RISE_S="0.01", ERDE_OVERLOAD_INTERVAL_MS="1", ERDE_MAX_BATCH_SIZE="1")
     service_log, prometheus_log = tmp / "service.log", tmp / "prometheus.log"
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -302,3 +302,14 @@ def test_while_the_cells_in_use_agree_with_the_calibration_floors_keep_the_calib
     with pytest.raises(Unsatisfiable, match=r"the best within it is 0\.85; the floor needs budget 1\.0"):
         policy.decide(ClassifyOptions(budget=0.3, min_accuracy=0.9))  # θ 0.7 reads 0.79 today, θ 3.0 still 0.85
 
+
+
+def test_degrading_on_a_live_curve_that_does_not_rise_with_cost_never_goes_below_the_floor() -> None:
+    """Live figures by rising cost 0.80, 0.88, 0.86, 0.93: half pressure targets the third point's cost, whose
+    0.86 is below a 0.87 floor the second meets; the row goes to the second (a review found the third)."""
+    _, policy = guard_and_policy()
+    policy.set_live([Estimate(live, p.accuracy, "live") for live, p in zip((0.80, 0.88, 0.86, 0.93), policy.frontier,
+                                                                          strict=True)])
+    asked = policy.decide(ClassifyOptions(budget=1.0, min_accuracy=0.87))
+    degraded = policy.degrade(asked, 0.5)
+    assert degraded.expected.threshold == 0.7 and degraded.quoted.used == 0.88

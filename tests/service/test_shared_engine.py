@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from service.engine.decode import decode_image
 from service.engine.worker import ModelWorker, Steering, shared_address
 from service.errors import ServiceError
 from tests.service import images
-from tests.service.conftest import eventually
+from tests.service.conftest import ROOT, eventually
 from tests.service.test_engine import LIMITS, SPEC, make_worker, rule, sample, upload
 
 
@@ -196,3 +198,50 @@ def test_two_server_workers_share_one_inference_process_when_told(make_server, e
     server.proc.send_signal(signal.SIGTERM)  # a drain: every worker finishes, then its inference processes end
     assert server.proc.wait(30) == 0
     eventually(lambda: not [pid for pid in tree if alive(pid)])  # none outlives the server
+
+
+STARTER = """
+import asyncio, sys, torch
+from erde.nets import NetConfig, build_model
+from tests.service.test_engine import make_worker
+torch.manual_seed(0)
+model = build_model(NetConfig(depth=8, widths=(4, 8, 8), input_size=16, num_classes=4)).eval()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    worker = make_worker(model, address=sys.argv[1], max_batch_size=8, hang_timeout_s=10)
+    await loop.run_in_executor(None, worker.start, loop)
+    print(worker._pid, flush=True)
+    sys.stdin.readline()
+    assert await loop.run_in_executor(None, worker.close, 10.0)
+
+asyncio.run(main())
+"""
+
+
+def test_the_worker_that_started_the_shared_process_exits_while_others_still_use_it(model) -> None:
+    """Multiprocessing's exit hook joins a process's children: the starter of a shared process waited at exit,
+    for as long as any other worker used it (a review found it so)."""
+    address = unique("starter")
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, address], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pid = int(await loop.run_in_executor(None, starter.stdout.readline))
+        (other,) = shared_workers(model, address, n=1)
+        await loop.run_in_executor(None, other.start, loop)
+        assert other._pid == pid
+        starter.stdin.write("\n")
+        starter.stdin.flush()
+        assert await loop.run_in_executor(None, starter.wait, 20) == 0  # it exits; the process goes on
+        job = Job(upload(0), rule(0.0), 0.0, future=loop.create_future())
+        other.submit([job])
+        assert (await job.future).exit == 2 and alive(pid)
+        assert await loop.run_in_executor(None, other.close, 10.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if starter.poll() is None:
+            starter.kill()
