@@ -245,3 +245,37 @@ def test_the_worker_that_started_the_shared_process_exits_while_others_still_use
     finally:
         if starter.poll() is None:
             starter.kill()
+
+
+def test_a_worker_leaving_in_the_same_round_as_anothers_batch_leaves_the_process_serving(model) -> None:
+    """One round reads worker A's batch and worker B's stop: B's connection closes, and the shadow rows of A's
+    run are then run while no batch waits. Waiting on B's closed connection raised, and ended the process
+    for A too (a review found it so)."""
+    steer = Watching()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        address = unique("leaving")
+        a = make_worker(model, address=address, max_batch_size=8, hang_timeout_s=10, steer=steer, shadow_cpu=1.0)
+        (b,) = shared_workers(model, address, n=1)
+        for worker in (a, b):
+            await loop.run_in_executor(None, worker.start, loop)
+        pid = a._pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            jobs = [Job(upload(i), rule(1e9), 0.0, future=loop.create_future()) for i in range(3)]
+            a.submit(jobs)
+            closed = loop.run_in_executor(None, b.close, 10.0)  # B has nothing queued: it says STOP at once
+            await asyncio.sleep(0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert [r.exit for r in await asyncio.gather(*(j.future for j in jobs))] == [0, 0, 0]
+        assert await closed
+        await asyncio.sleep(0.5)  # the shadow rows run on
+        assert steer.witnessed == [[0, 0, 0]] and alive(pid)
+        again = Job(upload(9), rule(0.0), 0.0, future=loop.create_future())
+        a.submit([again])
+        assert (await again.future).exit == 2 and a._pid == pid
+        assert await loop.run_in_executor(None, a.close, 10.0)
+
+    asyncio.run(main())
