@@ -185,7 +185,7 @@ def forkservers(server_pid: int) -> int:
 @pytest.mark.parametrize(("engine", "processes"), [("own", 2), ("shared", 1)])
 def test_two_server_workers_share_one_inference_process_when_told(make_server, engine: str, processes: int) -> None:
     server = make_server(workers=2, engine=engine)
-    eventually(lambda: len(inference_processes(server.proc.pid)) >= processes)
+    eventually(lambda: len(inference_processes(server.proc.pid)) >= processes, timeout=30)  # every worker up
     assert inference_processes(server.proc.pid) == ["erde-toy"] * processes
     # Shared, the workers take turns to start it: one forkserver (with torch, 300 MB) and no process lost a race.
     assert forkservers(server.proc.pid) == processes
