@@ -53,7 +53,9 @@ def test_requests_leave_on_schedule_whatever_the_answers(slow_server: int) -> No
     assert [o.reply["echo"] for o in outcomes[:4]] == ["b", "a", "b", "a"]  # the order given, cycled
     assert [o.scheduled for o in outcomes] == pytest.approx([k / rate for k in range(40)])
     assert spread < seconds + 0.5  # a closed loop on one connection would have needed 40 x 0.3 s
-    assert all(o.latency >= ANSWER_S for o in outcomes)
+    # From the scheduled time, so never under the answer's own time: but for uvloop's timers, which may end a
+    # pause up to 1 ms early and send that much before the schedule (a fresh clone's run measured 0.299 s).
+    assert all(o.latency >= ANSWER_S - 0.002 for o in outcomes)
     assert max(o.lag for o in outcomes) < 0.5  # generous: a loaded CI machine
 
 

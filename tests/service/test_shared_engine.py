@@ -69,6 +69,24 @@ def unique(name: str) -> str:
     return shared_address(str(time.time_ns()), name, "1", "cpu")
 
 
+async def until(check, timeout: float = 10.0) -> None:
+    """Poll on the loop: shadow rows come back once the process has idle time and shadow credit for them."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def save_shadow_credit(worker: ModelWorker, loop: asyncio.AbstractEventLoop, batches: int = 6) -> None:
+    """Batches that run to the last exit: they earn the process shadow time (a share of their own) and leave no
+    shadow work, so that a test's shadow rows are run on at once, however slow the machine (a CI run had
+    too little credit for them)."""
+    for i in range(batches):
+        job = Job(upload(20 + i), rule(0.0), 0.0, future=loop.create_future())
+        worker.submit([job])
+        await job.future
+
+
 def test_two_workers_run_their_batches_together_and_each_gets_its_own_rows(model) -> None:
     """With the shared process stopped, both workers send a batch; resumed, it runs them as one (one run: its
     stage times reach one worker, not both) and answers each row, refusal and shadow row to its own worker."""
@@ -86,6 +104,11 @@ def test_two_workers_run_their_batches_together_and_each_gets_its_own_rows(model
             await loop.run_in_executor(None, worker.start, loop)
         try:
             assert workers[0]._pid == workers[1]._pid and workers[0]._proc is None  # one process, nobody's own
+            await save_shadow_credit(workers[0], loop)
+            await until(lambda: len(steers[0].witnessed) == 6)  # every message of those batches is in
+            for steer in steers:
+                steer.witnessed.clear()
+                steer.stages.clear()
             os.kill(workers[0]._pid, signal.SIGSTOP)
             try:
                 jobs = [[Job(data, rule(t, top_k=1 + k % 3), 0.0, future=loop.create_future())
@@ -97,7 +120,7 @@ def test_two_workers_run_their_batches_together_and_each_gets_its_own_rows(model
             finally:
                 os.kill(workers[0]._pid, signal.SIGCONT)
             answers = [await asyncio.gather(*(j.future for j in own), return_exceptions=True) for own in jobs]
-            await asyncio.sleep(0.5)  # the shadow rows run after the run
+            await until(lambda: all(steer.witnessed for steer in steers))  # the shadow rows run after the run
             return answers
         finally:
             for worker in workers:
@@ -261,6 +284,9 @@ def test_a_worker_leaving_in_the_same_round_as_anothers_batch_leaves_the_process
         for worker in (a, b):
             await loop.run_in_executor(None, worker.start, loop)
         pid = a._pid
+        await save_shadow_credit(a, loop)
+        await until(lambda: len(steer.witnessed) == 6)  # every message of those batches is in
+        steer.witnessed.clear()
         os.kill(pid, signal.SIGSTOP)
         try:
             jobs = [Job(upload(i), rule(1e9), 0.0, future=loop.create_future()) for i in range(3)]
@@ -271,7 +297,7 @@ def test_a_worker_leaving_in_the_same_round_as_anothers_batch_leaves_the_process
             os.kill(pid, signal.SIGCONT)
         assert [r.exit for r in await asyncio.gather(*(j.future for j in jobs))] == [0, 0, 0]
         assert await closed
-        await asyncio.sleep(0.5)  # the shadow rows run on
+        await until(lambda: bool(steer.witnessed))  # the shadow rows run on
         assert steer.witnessed == [[0, 0, 0]] and alive(pid)
         again = Job(upload(9), rule(0.0), 0.0, future=loop.create_future())
         a.submit([again])
