@@ -69,6 +69,16 @@ def unique(name: str) -> str:
     return shared_address(str(time.time_ns()), name, "1", "cpu")
 
 
+def stopped(pid: int) -> None:
+    """SIGSTOP `pid` and wait until it is stopped: the signal is delivered when the kernel gets to it, and a
+    busy machine's process read one worker's batch alone meanwhile (a CI run)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        assert time.monotonic() < deadline, f"{pid} did not stop"
+        time.sleep(0.001)
+
+
 async def until(check, timeout: float = 10.0) -> None:
     """Poll on the loop: shadow rows come back once the process has idle time and shadow credit for them."""
     deadline = time.monotonic() + timeout
@@ -109,7 +119,7 @@ def test_two_workers_run_their_batches_together_and_each_gets_its_own_rows(model
             for steer in steers:
                 steer.witnessed.clear()
                 steer.stages.clear()
-            os.kill(workers[0]._pid, signal.SIGSTOP)
+            stopped(workers[0]._pid)
             try:
                 jobs = [[Job(data, rule(t, top_k=1 + k % 3), 0.0, future=loop.create_future())
                          for k, (data, t) in enumerate(zip(up, th, strict=True))]
@@ -287,7 +297,7 @@ def test_a_worker_leaving_in_the_same_round_as_anothers_batch_leaves_the_process
         await save_shadow_credit(a, loop)
         await until(lambda: len(steer.witnessed) == 6)  # every message of those batches is in
         steer.witnessed.clear()
-        os.kill(pid, signal.SIGSTOP)
+        stopped(pid)
         try:
             jobs = [Job(upload(i), rule(1e9), 0.0, future=loop.create_future()) for i in range(3)]
             a.submit(jobs)
