@@ -379,7 +379,7 @@ def accept(listener: socket.socket) -> Client | None:
     except OSError as exc:  # the worker left already, or no descriptor is left (EMFILE): it will retry
         log.error("could not accept a worker: %s", exc)
         return None
-    if peer_uid(sock) != os.getuid():  # an abstract socket has no permissions: only our own user is served
+    if peer_credentials(sock)[1] != os.getuid():  # an abstract socket has no permissions: only our own user is served
         sock.close()
         return None
     conn = Connection(sock.detach())
@@ -397,11 +397,6 @@ def accept(listener: socket.socket) -> Client | None:
         conn.close()
         return None
     return Client(conn, conn, arena, arena_bytes)
-
-
-def peer_uid(sock: socket.socket) -> int:
-    """The user id of the process at the other end of a Unix socket (SO_PEERCRED: the kernel's word)."""
-    return peer_credentials(sock)[1]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -422,7 +417,7 @@ def run_clients(engine: Engine, clients: list[Client], listener: socket.socket |
     waiting: deque[Witness] = deque(maxlen=SHADOWS_KEPT)  # shadow rows to run on, oldest first
     served = bool(clients)
     while clients or not served:
-        sources = [c.requests for c in clients] + ([listener] if listener is not None else [])
+        sources = readable(clients, listener)
         ready = wait(sources, None if served else HELLO_TIMEOUT_S * 10)
         if not ready and not served:
             log.error("no worker connected to this shared inference process; stopping")
@@ -459,12 +454,17 @@ def run_clients(engine: Engine, clients: list[Client], listener: socket.socket |
             continue
         # The workers as they are now: one that left during the run has its connection closed, and waiting
         # on a closed connection raises (a review found the process ended so).
-        sources = [c.requests for c in clients] + ([listener] if listener is not None else [])
+        sources = readable(clients, listener)
         try:
             credit -= witness_while_idle(engine, waiting, sources, credit)
         except Exception:  # shadow rows are evidence, never worth the process
             log.exception("a shadow pass failed; its rows are dropped")
             waiting.clear()
+
+
+def readable(clients: list[Client], listener: socket.socket | None) -> list:
+    """What the process waits on: every worker's connection, and the listener of a shared process."""
+    return [c.requests for c in clients] + ([listener] if listener is not None else [])
 
 
 def take_part(client: Client) -> Part | None:
