@@ -83,6 +83,7 @@ HELLO_TIMEOUT_S = 1.0  # a worker sends its hello as it connects; the process se
 CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ADDRESS_TAKEN = 3  # a shared process's exit code when another already holds its address
 PR_SET_NAME = 15
+WARM_UP_S = 2.0  # most of a load spent running each batch size once (`warm_up`)
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
 
 
@@ -335,10 +336,26 @@ class Engine:
         where = torch.device(device)
         model = fuse_for_inference(blob.build()).to(where)
         backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
-        warm = torch.zeros(spec.channels, spec.size, spec.size)
-        run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * 2, lambda *_: None, mkldnn=backends,
-                  device=where)
+        warm_up(model, spec, backends, where, max_rows)
         return cls(model, backends, spec, limits, where, shadow_cpu)
+
+
+def warm_up(model: EarlyExitResNet, spec: InputSpec, backends: list[bool] | None, device: torch.device,
+            max_rows: int, budget_s: float = WARM_UP_S) -> int:
+    """Run a batch of every size from 1 to `max_rows` to the last exit, smallest first, until `budget_s` is
+    spent; the sizes run. The backends build their kernels for each input shape on its first run (oneDNN's
+    primitives; cuDNN's choice of algorithm), which took 1.5-3x a warm run's time here: a fresh server's first
+    second of batches, all of new sizes, fell behind a load half its capacity, and 503 `queue_wait` and
+    degraded replies followed (docs/design.md §10, "A warm start"). Every stage of a batch of n rows runs on
+    at most n rows, so the sizes up to n cover every shape such a batch takes."""
+    warm = torch.zeros(spec.channels, spec.size, spec.size)
+    deadline = time.monotonic() + budget_s
+    for rows in range(1, max_rows + 1):
+        run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * rows, lambda *_: None,
+                  mkldnn=backends, device=device)
+        if time.monotonic() > deadline:
+            return rows
+    return max_rows
 
 
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,

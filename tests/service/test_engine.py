@@ -276,3 +276,26 @@ def test_the_inference_process_runs_shadow_rows_on_after_answering_them(model, s
     for k, result in enumerate(results):
         assert entropy[k, result.exit] == pytest.approx(result.entropy, abs=1e-6)  # the exit it answered at
         assert prediction[k, result.exit] == result.top_ids[0]
+
+
+def test_loading_a_model_runs_every_batch_size_to_the_last_exit_once(model, monkeypatch) -> None:
+    """A fresh process's first batch of each size builds the backends' kernels for its shape (1.5-3x a warm
+    run): loading runs them all, so that no request waits for it (docs/design.md §10, "A warm start")."""
+    ran = []
+    real = process.run_batch
+
+    def counted(net, jobs, *args, **kwargs):
+        ran.append((len(jobs), {job.cap for job in jobs}, {job.threshold for job in jobs}))
+        return real(net, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(process, "run_batch", counted)
+    monkeypatch.setattr(process, "name_process", lambda name: None)
+    monkeypatch.setattr(process.signal, "signal", lambda *args: None)  # the test runner keeps its own handlers
+    process.Engine.load(process.ModelBlob.of(model), SPEC, LIMITS, threads=1, max_rows=6, shadow_cpu=0.0,
+                        device="cpu")
+    assert ran == [(rows, {model.num_exits - 1}, {0.0}) for rows in range(1, 7)]
+
+
+def test_warming_up_stops_once_its_time_is_spent(model) -> None:
+    assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=64, budget_s=0.0) == 1
+    assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=3) == 3
