@@ -48,7 +48,7 @@ import numpy as np
 from erde.calibrate import CalibrationCurve, OperatingPoint
 from erde.confidence import AccuracyEstimator, AccuracyTable
 from service.engine.batcher import Job
-from service.engine.policy import Decision, Estimate
+from service.engine.policy import EPS, Decision, Estimate
 from service.settings import Settings
 
 # Replies of a cell between two reports of its state (the floors' live shift, the gauges). Each report
@@ -197,7 +197,7 @@ class DriftGuard:
         for job in jobs:
             theta = self.theta(job.rule)
             if theta != job.rule.threshold:
-                job.used = dataclasses.replace(job.rule, threshold=theta)
+                job.used = self._moved(job.rule, theta)
         if not spare or self.estimator is None:
             return
         for job in jobs:
@@ -206,6 +206,20 @@ class DriftGuard:
                 if self._credit >= 1.0:
                     self._credit -= 1.0
                     job.shadow = True
+
+    def _moved(self, rule: Decision, theta: float) -> Decision:
+        """`rule` at its cell's live θ. A row with a floor moves only where the figure a reply there would quote
+        meets the floor, and then quotes that figure; else it runs at the θ its floor was checked at. The offset
+        only ever raises θ, to hold a budget's compute, and so lowers accuracy: moved unchecked, a floor row
+        answered at 25% live while quoting the 92% its floor had been checked against (tests/service/
+        test_drift.py). Its cell's other rows make up the compute it keeps (docs/budgets.md, "How it is quoted
+        and used")."""
+        if rule.min_accuracy is None:
+            return dataclasses.replace(rule, threshold=theta)
+        quoted = self.estimate_at(rule.expected, theta)
+        if quoted.used < rule.min_accuracy - EPS:
+            return rule
+        return dataclasses.replace(rule, threshold=theta, quoted=quoted)
 
     def witness(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
         """Shadow rows came back: they replace the oldest evidence, or all of it from before a change, once two

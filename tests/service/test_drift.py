@@ -313,3 +313,27 @@ def test_degrading_on_a_live_curve_that_does_not_rise_with_cost_never_goes_below
     asked = policy.decide(ClassifyOptions(budget=1.0, min_accuracy=0.87))
     degraded = policy.degrade(asked, 0.5)
     assert degraded.expected.threshold == 0.7 and degraded.quoted.used == 0.88
+
+
+def test_a_floor_row_takes_its_cells_live_theta_only_where_that_meets_its_floor_and_quotes_it() -> None:
+    """The cell's offset raises θ to hold a budget's compute, and so lowers accuracy. Where the early exits
+    disagree with a sure last exit, the raised θ answers from the first exit, live 25%: the floor row stays
+    at its calibrated θ (live 100%). Where they agree, the raised θ keeps 100%: the row takes it, quoting it."""
+    guard, policy = guard_and_policy()
+    floor = policy.decide(ClassifyOptions(min_accuracy=0.92))
+    assert floor.expected.threshold == 0.7
+    for _ in range(200):
+        guard.observe(floor, 1.0)  # its replies cost four times the point's 0.25: the cell raises θ
+    raised = guard.theta(floor)
+    assert raised > 1.0
+    guard.witness(np.tile([0.9, 0.9, 0.2], (LAW.window, 1)), np.tile([4, 4, 3], (LAW.window, 1)))
+    assert guard.estimate_at(floor.expected, raised).used == 0.25
+    budget = policy.decide(ClassifyOptions(budget=0.25))  # the same cell, without a floor: it moves
+    kept, moved = Job(b"", floor, 0.0), Job(b"", budget, 0.0)
+    guard.adjust([kept, moved], spare=False)
+    assert kept.rule is floor and kept.rule.quoted.used >= 0.92
+    assert moved.rule.threshold == raised
+    guard.witness(np.tile([0.9, 0.9, 0.2], (LAW.window, 1)), np.tile([3, 3, 3], (LAW.window, 1)))
+    agreeing = Job(b"", floor, 0.0)
+    guard.adjust([agreeing], spare=False)
+    assert agreeing.rule.threshold == raised and agreeing.rule.quoted.used == 1.0
