@@ -44,3 +44,14 @@ def take_batch(pending: deque[Job], now: float, max_size: int, max_delay: float,
         take = pending.pop if newest_first else pending.popleft
         return [take() for _ in range(min(max_size, len(pending)))]
     return max_delay - waited
+
+
+def put_back(pending: deque[Job], jobs: list[Job], newest_first: bool = False) -> None:
+    """Return jobs that `take_batch` took (the tail of its batch: the rows that did not fit the arena) to the
+    end they were taken from, in their order there. Put at the oldest end under adaptive LIFO, the newest rows
+    read as the oldest: the overload controller, which measures the oldest row left, saw a short wait, and
+    they were served last."""
+    if newest_first:
+        pending.extend(reversed(jobs))
+    else:
+        pending.extendleft(reversed(jobs))

@@ -41,7 +41,7 @@ import numpy as np
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet
 from service.engine import process
-from service.engine.batcher import Job, take_batch
+from service.engine.batcher import Job, put_back, take_batch
 from service.engine.decode import ImageLimits
 from service.engine.sojourn import IntervalLow, Queue, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
 from service.engine.sojourn import late as is_late
@@ -398,11 +398,12 @@ class ModelWorker:
                 break
             delay = 0.0 if self._closed else self.max_batch_delay_s  # draining: no point waiting
             now = time.monotonic()
-            ready = take_batch(self._pending, now, self.max_batch_size, delay, self._newest_first())
+            newest_first = self._newest_first()
+            ready = take_batch(self._pending, now, self.max_batch_size, delay, newest_first)
             if not isinstance(ready, list):
                 self._timer = self._loop.call_later(ready, self._dispatch)
                 break
-            self._send(ready)
+            self._send(ready, newest_first)
         if self.law is not None:
             self._low = seen(self.law.interval_s, self._low, len(self._pending), time.monotonic())
         self.steer.on_depth(len(self._pending))
@@ -416,9 +417,10 @@ class ModelWorker:
         """A standing queue is served newest first (adaptive LIFO: service/engine/sojourn.py)."""
         return self.law is not None and self.law.adaptive_lifo and standing(self._low) > 0
 
-    def _send(self, jobs: list[Job]) -> None:
+    def _send(self, jobs: list[Job], newest_first: bool = False) -> None:
         """Write the batch's images into a free slot's arena (the ones that do not fit go back to the
-        head of the queue) and announce it. Rows nobody waits for any more are dropped here."""
+        end of the queue they were taken from: `put_back`) and announce it. Rows nobody waits for any
+        more are dropped here."""
         now = time.monotonic()
         late = [j for j in jobs if is_late(self._cost, self._running, len(jobs), now, j.enqueued, j.answer_by)]
         if late:
@@ -434,7 +436,7 @@ class ModelWorker:
         for i, job in enumerate(jobs):
             size = len(job.image)
             if at + size > self.arena_bytes:
-                self._pending.extendleft(reversed(jobs[i:]))
+                put_back(self._pending, jobs[i:], newest_first)
                 jobs = jobs[:i]
                 break
             self._arena[base + at:base + at + size] = job.image

@@ -15,7 +15,7 @@ from erde.calibrate import OperatingPoint
 from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
 from service.engine import process
-from service.engine.batcher import Job, take_batch
+from service.engine.batcher import Job, put_back, take_batch
 from service.engine.compute import ExitResult, Sample, finish_shadows, run_batch
 from service.engine.decode import ImageLimits, decode_image
 from service.engine.policy import Decision
@@ -299,3 +299,15 @@ def test_loading_a_model_runs_every_batch_size_to_the_last_exit_once(model, monk
 def test_warming_up_stops_once_its_time_is_spent(model) -> None:
     assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=64, budget_s=0.0) == 1
     assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=3) == 3
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_rows_that_do_not_fit_go_back_where_they_were_taken_from(newest_first: bool) -> None:
+    """Under adaptive LIFO the batch is the newest rows; those that do not fit the arena went back to the oldest
+    end, where the overload controller read their short wait as the oldest row's, and they were served last."""
+    pending = deque(job(1.0 + i * 1e-3) for i in range(6))
+    before = list(pending)
+    batch = take_batch(pending, now=2.0, max_size=4, max_delay=0.0, newest_first=newest_first)
+    assert isinstance(batch, list)
+    put_back(pending, batch[2:], newest_first)  # two fitted, two did not
+    assert list(pending) == [j for j in before if j not in batch[:2]]
