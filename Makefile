@@ -92,6 +92,7 @@ bench-overload: $(STAMP) data
 # models over HTTP, on shifts no test uses (bench/shifts.py UNSEEN); writes reports/drift.md. About 10 minutes.
 bench-drift: $(STAMP) data
 	$(PY) -m bench.drift
+	$(PY) -m bench.estimators
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

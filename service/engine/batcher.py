@@ -48,9 +48,13 @@ def take_batch(pending: deque[Job], now: float, max_size: int, max_delay: float,
 
 def put_back(pending: deque[Job], jobs: list[Job], newest_first: bool = False) -> None:
     """Return jobs that `take_batch` took (the tail of its batch: the rows that did not fit the arena) to the
-    end they were taken from, in their order there. Put at the oldest end under adaptive LIFO, the newest rows
-    read as the oldest: the overload controller, which measures the oldest row left, saw a short wait, and
-    they were served last."""
+    end they were taken from, in their order there, with nothing left of the send they missed: the rule and
+    the shadow pass are chosen again at their next one (kept, a degraded row stayed degraded once the load had
+    gone, and a floor row its θ once the evidence no longer met its floor). Put at the oldest end under
+    adaptive LIFO, the newest rows read as the oldest: the overload controller, which measures the oldest row
+    left, saw a short wait, and they were served last."""
+    for job in jobs:
+        job.used, job.shadow = None, False
     if newest_first:
         pending.extend(reversed(jobs))
     else:

@@ -175,6 +175,7 @@ class DriftGuard:
         self.cells: dict[tuple[float, float], tuple[OperatingPoint, Cell]] = {}  # by (calibrated θ, budget)
         self.estimator = estimator
         self.evidence = Evidence(law.window, len(curve.macs_per_exit))
+        self._by_threshold = sorted(curve.points, key=lambda p: p.threshold)  # the calibrated figure at any θ
         self._last_exit = len(curve.macs_per_exit) - 1
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
         self._table: AccuracyTable | None = None  # the estimate at every θ over the evidence as it is now
@@ -208,18 +209,26 @@ class DriftGuard:
                     job.shadow = True
 
     def _moved(self, rule: Decision, theta: float) -> Decision:
-        """`rule` at its cell's live θ. A row with a floor moves only where the figure a reply there would quote
-        meets the floor, and then quotes that figure; else it runs at the θ its floor was checked at. The offset
-        only ever raises θ, to hold a budget's compute, and so lowers accuracy: moved unchecked, a floor row
-        answered at 25% live while quoting the 92% its floor had been checked against (tests/service/
-        test_drift.py). Its cell's other rows make up the compute it keeps (docs/budgets.md, "How it is quoted
-        and used")."""
+        """`rule` at its cell's live θ. A row with a floor moves only where the figure at that θ meets the floor,
+        and then quotes it; else it runs at the θ its floor was checked at. The figure is the live estimate
+        there if it departs from the calibrated accuracy *at that θ*, else that calibrated accuracy: the offset
+        only ever raises θ, to hold a budget's compute, and so lowers accuracy. Moved unchecked, a floor row
+        answered at 25% live while quoting the 92% its floor had been checked against; checked against the
+        calibrated figure at its own θ, with too little evidence to quote, it moved 1.5 nats quoting 92%
+        (tests/service/test_drift.py; docs/budgets.md, "How it is quoted and used")."""
         if rule.min_accuracy is None:
             return dataclasses.replace(rule, threshold=theta)
-        quoted = self.estimate_at(rule.expected, theta)
+        offline = self._calibrated_at(theta)
+        live = self._live(theta)
+        quoted = Estimate(live, offline, "live" if live is not None and self._departs(live, offline) else "offline")
         if quoted.used < rule.min_accuracy - EPS:
             return rule
         return dataclasses.replace(rule, threshold=theta, quoted=quoted)
+
+    def _calibrated_at(self, theta: float) -> float:
+        """The calibrated accuracy at the largest grid θ not above `theta` (the rule is monotone in θ)."""
+        below = [p for p in self._by_threshold if p.threshold <= theta + EPS]
+        return (below[-1] if below else self._by_threshold[0]).accuracy
 
     def witness(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
         """Shadow rows came back: they replace the oldest evidence, or all of it from before a change, once two
@@ -250,6 +259,10 @@ class DriftGuard:
         budget = ceiling_of(rule)
         key = (point.threshold, budget)
         _, cell = self.cells.get(key, (point, start(point)))
+        if rule.min_accuracy is not None and rule.threshold == point.threshold and cell.offset > 0:
+            # A floor row kept below its cell's θ (`_moved`): what it spent says nothing of that θ, and a cell of
+            # floor rows alone, stepped by them, raised its θ to the bound while none of them could take it.
+            return self.estimate(point, cell)
         cell = step(self.law, cell, point, budget, macs_fraction)
         self.cells[key] = (point, cell)
         if cell.replies % REPORT_EVERY == 1:  # its first reply, then every REPORT_EVERY-th

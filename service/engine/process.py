@@ -326,7 +326,7 @@ class Engine:
 
     @classmethod
     def load(cls, blob: ModelBlob, spec: InputSpec, limits: ImageLimits, threads: int, max_rows: int,
-             shadow_cpu: float, device: str) -> Engine:
+             shadow_cpu: float, device: str, warm_rows: int | None = None) -> Engine:
         """Build, fuse and place the model, choose backends, warm up. The server drains on SIGTERM and then
         stops this process; a signal to the whole process group must not kill it first."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -336,25 +336,29 @@ class Engine:
         where = torch.device(device)
         model = fuse_for_inference(blob.build()).to(where)
         backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
-        warm_up(model, spec, backends, where, max_rows)
+        rows = warm_rows or max_rows
+        warmed = warm_up(model, spec, backends, where, rows)
+        if warmed < rows:
+            log.warning("warmed %d of %d batch sizes within %.0f s; the others run cold once", warmed, rows, WARM_UP_S)
         return cls(model, backends, spec, limits, where, shadow_cpu)
 
 
 def warm_up(model: EarlyExitResNet, spec: InputSpec, backends: list[bool] | None, device: torch.device,
             max_rows: int, budget_s: float = WARM_UP_S) -> int:
-    """Run a batch of every size from 1 to `max_rows` to the last exit, smallest first, until `budget_s` is
-    spent; the sizes run. The backends build their kernels for each input shape on its first run (oneDNN's
-    primitives; cuDNN's choice of algorithm), which took 1.5-3x a warm run's time here: a fresh server's first
-    second of batches, all of new sizes, fell behind a load half its capacity, and 503 `queue_wait` and
-    degraded replies followed (docs/design.md §10, "A warm start"). Every stage of a batch of n rows runs on
-    at most n rows, so the sizes up to n cover every shape such a batch takes."""
+    """Run a batch of every size from 1 to `max_rows` to the last exit, `max_rows` (the size a loaded server
+    runs) first, then from the smallest up, until `budget_s` is spent (the batch under way then finishes);
+    how many sizes ran. The first run of an input shape is slow (oneDNN builds its primitives per shape):
+    1.5-3x a warm run here, and a fresh server's first second of batches, all of new sizes, fell behind a
+    load half its capacity, so that 503 `queue_wait` and degraded replies followed (docs/design.md §10,
+    "A warm start"). Every stage of a batch of n rows runs on at most n rows, so the sizes up to n cover
+    every shape such a batch takes."""
     warm = torch.zeros(spec.channels, spec.size, spec.size)
     deadline = time.monotonic() + budget_s
-    for rows in range(1, max_rows + 1):
+    for done, rows in enumerate([max_rows, *range(1, max_rows)], 1):
         run_batch(model, [Sample(warm, 0.0, model.num_exits - 1, 1, 0.0)] * rows, lambda *_: None,
                   mkldnn=backends, device=device)
         if time.monotonic() > deadline:
-            return rows
+            return done
     return max_rows
 
 
@@ -369,7 +373,7 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
 
 
 def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLimits, threads: int, max_rows: int,
-                 shadow_cpu: float = 0.0, device: str = "cpu") -> None:
+                 shadow_cpu: float = 0.0, device: str = "cpu", sharers: int = 1) -> None:
     """The main of a process shared by every worker of a service (docs/architecture.md, "One inference process
     for every worker"): claim the address, load, then serve whoever connects until the last one has gone.
     Exits with ADDRESS_TAKEN when another process holds the address: the caller connects to that one."""
@@ -379,7 +383,8 @@ def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLi
     except OSError:
         sys.exit(ADDRESS_TAKEN)
     listener.listen(64)
-    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
+    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device,
+                         warm_rows=max_rows * sharers)  # a run merges a batch from each worker
     run_clients(engine, [], listener)
 
 

@@ -163,7 +163,7 @@ class ModelRegistry:
                              law=WaitLaw.from_settings(s), lag=self.lag,
                              steer=ModelSteering(name, adaptive, drift, artifact.macs_per_exit),
                              shadow_cpu=s.drift_shadow_cpu if estimator is not None else 0.0,
-                             device=device, address=address)
+                             device=device, address=address, sharers=s.workers if shared else 1)
         worker.start(self.loop)  # loads, fuses and warms the model in its own process, which decodes too
         return ServedModel(artifact, worker, policy, versions, drift)
 

@@ -134,7 +134,7 @@ class ModelWorker:
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  law: WaitLaw | None = None, lag: LoopLag | None = None, steer: Steering | None = None,
-                 shadow_cpu: float = 0.0, device: str = "cpu", address: str | None = None) -> None:
+                 shadow_cpu: float = 0.0, device: str = "cpu", address: str | None = None, sharers: int = 1) -> None:
         self.blob = process.ModelBlob.of(model)
         self.spec = spec
         self.limits = limits
@@ -152,6 +152,7 @@ class ModelWorker:
         self.shadow_cpu = shadow_cpu  # of the process's batch time, at most, for shadow passes (docs/budgets.md)
         self.device = device  # where the process runs the network (erde/device.py), e.g. "cpu" or "cuda:0"
         self.address = address  # of the process every worker shares (`shared_address`); None: one of its own
+        self.sharers = sharers  # workers that may share it: a run merges a batch from each (its warm-up's sizes)
         self._pending: deque[Job] = deque()
         self._inflight: dict[int, tuple[int, list[Job]]] = {}  # batch id -> (slot, jobs by row)
         self._running = 0  # rows in the process
@@ -295,7 +296,7 @@ class ModelWorker:
                 starts += 1
                 proc = _context.Process(target=process.serve_shared, name=f"erde-{self.name}", daemon=True,
                                         args=(self.address, self.blob, self.spec, self.limits, self.threads,
-                                              self.max_batch_size, self.shadow_cpu, self.device))
+                                              self.max_batch_size, self.shadow_cpu, self.device, self.sharers))
                 proc.start()
                 # Not this worker's to wait for at exit: multiprocessing's exit hook joins its children, and
                 # this one serves the other workers as long as they live (a review found a worker's exit

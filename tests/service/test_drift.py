@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -322,8 +323,8 @@ def test_a_floor_row_takes_its_cells_live_theta_only_where_that_meets_its_floor_
     guard, policy = guard_and_policy()
     floor = policy.decide(ClassifyOptions(min_accuracy=0.92))
     assert floor.expected.threshold == 0.7
-    for _ in range(200):
-        guard.observe(floor, 1.0)  # its replies cost four times the point's 0.25: the cell raises θ
+    for _ in range(200):  # replies in its cell that cost four times the point's 0.25: the cell raises θ
+        guard.observe(dataclasses.replace(floor, min_accuracy=None), 1.0)
     raised = guard.theta(floor)
     assert raised > 1.0
     guard.witness(np.tile([0.9, 0.9, 0.2], (LAW.window, 1)), np.tile([4, 4, 3], (LAW.window, 1)))
@@ -337,3 +338,29 @@ def test_a_floor_row_takes_its_cells_live_theta_only_where_that_meets_its_floor_
     agreeing = Job(b"", floor, 0.0)
     guard.adjust([agreeing], spare=False)
     assert agreeing.rule.threshold == raised and agreeing.rule.quoted.used == 1.0
+
+
+def test_a_floor_row_is_held_to_the_calibrated_figure_at_its_raised_theta_until_the_evidence_says_more() -> None:
+    """With no estimate to quote (here no estimator at all), the figure at the raised θ is the calibrated
+    curve's there (0.86 at θ 2.0), not the point's own 0.92: a floor of 0.92 keeps its θ. A 0.8 floor takes
+    the raised θ, quoting 0.86. Kept rows do not step the cell: a cell of floor rows alone raised θ to its
+    bound so."""
+    points = [OperatingPoint(0.0, 1.0, 0.93, [0, 0, 1]), OperatingPoint(0.7, 0.25, 0.92, [0.8, 0.1, 0.1]),
+              OperatingPoint(2.0, 0.15, 0.86, [0.9, 0.1, 0]), OperatingPoint(3.0, 0.1, 0.85, [1, 0, 0])]
+    curve = CalibrationCurve(points, [10, 50, 100])
+    guard, policy = DriftGuard(curve, None, LAW, enabled=True), BudgetPolicy(curve, 3, 10, 0.5, 10)
+    floor = policy.decide(ClassifyOptions(min_accuracy=0.92))
+    for _ in range(200):
+        guard.observe(dataclasses.replace(floor, min_accuracy=None), 1.0)  # budget rows raise the cell's θ
+    raised = guard.theta(floor)
+    assert raised >= 2.0
+    kept = Job(b"", floor, 0.0)
+    guard.adjust([kept], spare=False)
+    assert kept.rule is floor
+    before = guard.cells[(floor.expected.threshold, ceiling_of(floor))][1]
+    guard.observe(kept.rule, 1.0)
+    assert guard.cells[(floor.expected.threshold, ceiling_of(floor))][1] == before  # not stepped
+    low = dataclasses.replace(floor, min_accuracy=0.8, floor_accuracy=0.8)
+    moved = Job(b"", low, 0.0)
+    guard.adjust([moved], spare=False)
+    assert moved.rule.threshold == raised and moved.rule.quoted == Estimate(None, 0.86, "offline")

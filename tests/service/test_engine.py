@@ -293,12 +293,19 @@ def test_loading_a_model_runs_every_batch_size_to_the_last_exit_once(model, monk
     monkeypatch.setattr(process.signal, "signal", lambda *args: None)  # the test runner keeps its own handlers
     process.Engine.load(process.ModelBlob.of(model), SPEC, LIMITS, threads=1, max_rows=6, shadow_cpu=0.0,
                         device="cpu")
-    assert ran == [(rows, {model.num_exits - 1}, {0.0}) for rows in range(1, 7)]
+    assert ran == [(rows, {model.num_exits - 1}, {0.0}) for rows in (6, 1, 2, 3, 4, 5)]  # the loaded size first
 
 
-def test_warming_up_stops_once_its_time_is_spent(model) -> None:
+def test_warming_up_stops_once_its_time_is_spent(model, monkeypatch) -> None:
     assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=64, budget_s=0.0) == 1
     assert process.warm_up(model, SPEC, None, torch.device("cpu"), max_rows=3) == 3
+    ran = []
+    monkeypatch.setattr(process, "run_batch", lambda net, jobs, *args, **kwargs: ran.append(len(jobs)))
+    monkeypatch.setattr(process, "name_process", lambda name: None)
+    monkeypatch.setattr(process.signal, "signal", lambda *args: None)
+    process.Engine.load(process.ModelBlob.of(model), SPEC, LIMITS, threads=1, max_rows=4, shadow_cpu=0.0,
+                        device="cpu", warm_rows=8)  # a shared process: a run merges a batch from each of 2 workers
+    assert ran == [8, 1, 2, 3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("newest_first", [False, True])
@@ -309,5 +316,8 @@ def test_rows_that_do_not_fit_go_back_where_they_were_taken_from(newest_first: b
     before = list(pending)
     batch = take_batch(pending, now=2.0, max_size=4, max_delay=0.0, newest_first=newest_first)
     assert isinstance(batch, list)
+    for sent in batch:  # what the send chose: a cheaper rule, a shadow pass
+        sent.used, sent.shadow = rule(threshold=1.5), True
     put_back(pending, batch[2:], newest_first)  # two fitted, two did not
     assert list(pending) == [j for j in before if j not in batch[:2]]
+    assert all(j.used is None and not j.shadow for j in batch[2:])  # chosen again at their next send
