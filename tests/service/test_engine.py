@@ -16,7 +16,7 @@ from erde.data import InputSpec
 from erde.nets import NetConfig, build_model
 from service.engine import process
 from service.engine.batcher import Job, put_back, take_batch
-from service.engine.compute import ExitResult, Sample, finish_shadows, run_batch
+from service.engine.compute import ExitResult, Sample, Shadows, finish_shadows, run_batch
 from service.engine.decode import ImageLimits, decode_image
 from service.engine.policy import Decision
 from service.engine.worker import ModelWorker, Steering
@@ -321,3 +321,19 @@ def test_rows_that_do_not_fit_go_back_where_they_were_taken_from(newest_first: b
     put_back(pending, batch[2:], newest_first)  # two fitted, two did not
     assert list(pending) == [j for j in before if j not in batch[:2]]
     assert all(j.used is None and not j.shadow for j in batch[2:])  # chosen again at their next send
+
+
+def test_a_batch_of_shadow_rows_that_finds_the_wait_full_is_dropped_not_the_one_being_run_on(model) -> None:
+    """Which batch of shadow rows goes must not depend on its rows. The oldest is the one being run on, and it
+    is still there because its rows answered early (a batch whose rows all went to the last exit is done at
+    once): dropping it kept the hard rows, and the teacher's clean estimate read 4 points low."""
+    def witness(exit_: int) -> process.Witness:
+        work = Shadows([0], [exit_], [torch.zeros(1)], np.zeros((1, 3)), np.zeros((1, 3), dtype=np.int64))
+        return process.Witness(work, [None])
+
+    waiting = deque()
+    started = witness(0)  # answered at the first exit: two stages left to run
+    for w in [started, *(witness(2) for _ in range(process.SHADOWS_KEPT - 1))]:
+        process.keep_witness(waiting, w)
+    process.keep_witness(waiting, witness(0))
+    assert len(waiting) == process.SHADOWS_KEPT and waiting[0] is started
