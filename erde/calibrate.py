@@ -94,6 +94,8 @@ class CalibrationCurve:
         good = acc[None, :] >= best_so_far[:, None] - NEAR_TIE  # (k, j)
         good &= np.tri(len(acc), dtype=bool)
         self._answer = good.argmax(1)
+        self._by_threshold = sorted(self.points, key=lambda p: p.threshold)
+        self._thresholds = [p.threshold for p in self._by_threshold]
 
     def choose(self, budget: float) -> tuple[OperatingPoint, bool]:
         """The most accurate point with expected MACs fraction <= budget; (point, clamped).
@@ -104,6 +106,12 @@ class CalibrationCurve:
         if k < 0:
             return self._by_cost[0], True
         return self._by_cost[int(self._answer[k])], False
+
+    def point_at(self, threshold: float) -> OperatingPoint:
+        """The point at the largest grid θ not above `threshold` (the exit rule is monotone in θ); the first
+        point below the grid."""
+        i = bisect.bisect_right(self._thresholds, threshold) - 1
+        return self._by_threshold[max(i, 0)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"macs_per_exit": self.macs_per_exit, "points": [asdict(p) for p in self.points]}

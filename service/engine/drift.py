@@ -175,7 +175,7 @@ class DriftGuard:
         self.cells: dict[tuple[float, float], tuple[OperatingPoint, Cell]] = {}  # by (calibrated θ, budget)
         self.estimator = estimator
         self.evidence = Evidence(law.window, len(curve.macs_per_exit))
-        self._by_threshold = sorted(curve.points, key=lambda p: p.threshold)  # the calibrated figure at any θ
+        self.curve = curve
         self._last_exit = len(curve.macs_per_exit) - 1
         self._credit = 0.0  # shadow passes owed: grows by shadow_fraction per row that may be shadowed
         self._table: AccuracyTable | None = None  # the estimate at every θ over the evidence as it is now
@@ -218,17 +218,12 @@ class DriftGuard:
         (tests/service/test_drift.py; docs/budgets.md, "How it is quoted and used")."""
         if rule.min_accuracy is None:
             return dataclasses.replace(rule, threshold=theta)
-        offline = self._calibrated_at(theta)
+        offline = self.curve.point_at(theta).accuracy
         live = self._live(theta)
         quoted = Estimate(live, offline, "live" if live is not None and self._departs(live, offline) else "offline")
         if quoted.used < rule.min_accuracy - EPS:
             return rule
         return dataclasses.replace(rule, threshold=theta, quoted=quoted)
-
-    def _calibrated_at(self, theta: float) -> float:
-        """The calibrated accuracy at the largest grid θ not above `theta` (the rule is monotone in θ)."""
-        below = [p for p in self._by_threshold if p.threshold <= theta + EPS]
-        return (below[-1] if below else self._by_threshold[0]).accuracy
 
     def witness(self, entropy: np.ndarray, prediction: np.ndarray) -> None:
         """Shadow rows came back: they replace the oldest evidence, or all of it from before a change, once two

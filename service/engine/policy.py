@@ -66,8 +66,6 @@ class BudgetPolicy:
         self.max_top_k = min(max_top_k, num_classes)
         self.default_budget = default_budget
         self.server_floor = min_accuracy  # ERDE_MIN_ACCURACY: how far rows without a floor may be degraded
-        self._by_threshold = sorted(curve.points, key=lambda p: p.threshold)
-        self._thresholds = [p.threshold for p in self._by_threshold]
         # The curve's own cost order (cheaper first, larger θ first among equals), keeping only points
         # strictly more accurate than all before them: the budget rule's answers are all among these.
         frontier: list[OperatingPoint] = []
@@ -92,11 +90,6 @@ class BudgetPolicy:
         # although live figures along the frontier need not rise as its calibrated ones do.
         self._reach = list(itertools.accumulate((e.used for e in estimates), max))
 
-    def point_for_threshold(self, threshold: float) -> OperatingPoint:
-        """The calibrated point at the largest grid θ not above `threshold` (the rule is monotone in θ)."""
-        i = bisect.bisect_right(self._thresholds, threshold) - 1
-        return self._by_threshold[max(i, 0)]
-
     def decide(self, options: ClassifyOptions) -> Decision:
         if options.max_exit is not None and options.max_exit >= self.num_exits:
             raise BadOptions(f"max_exit must be between 0 and {self.num_exits - 1} for this model")
@@ -105,7 +98,7 @@ class BudgetPolicy:
         cap = self.num_exits - 1 if options.max_exit is None else options.max_exit
         floor = options.min_accuracy
         if options.threshold is not None:
-            point = self.point_for_threshold(options.threshold)
+            point = self.curve.point_at(options.threshold)
             return Decision.expert(options.threshold, cap, options.top_k, point, self.server_floor)
         adjustable = options.max_exit is None
         if options.budget is None and floor is not None:  # "pay the least for the accuracy I need"
