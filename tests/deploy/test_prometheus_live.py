@@ -162,9 +162,12 @@ class Stack:
 
     def floors(self, index: int) -> None:
         """The shipped student: concurrent rows with a floor (degraded, never below it) and one it cannot meet."""
-        with ThreadPoolExecutor(max_workers=OVERLOAD_IMAGES) as pool:  # all at once: a queue that stands
+        # All at once: a queue that stands. Each may wait for all the others (timeout_ms): a slower machine's
+        # predicted wait for the twelfth row passed the SLO's share, and admission refused it 503.
+        with ThreadPoolExecutor(max_workers=OVERLOAD_IMAGES) as pool:
             replies = list(pool.map(lambda i: self.classify(png(index * 100 + 70 + i), model="fashion-mnist",
-                                                            budget=1, min_accuracy=FLOOR), range(OVERLOAD_IMAGES)))
+                                                            budget=1, min_accuracy=FLOOR, timeout_ms=5000),
+                                    range(OVERLOAD_IMAGES)))
         for reply in replies:
             assert reply.status_code == 200, reply.text
             body = reply.json()
