@@ -3,8 +3,8 @@
 SIGTERM (or Ctrl-C) first turns /readyz to 503 and refuses new work with 503 + Retry-After,
 while queued and in-flight requests are answered. Once idle (or after `drain_timeout_s`) the
 listening socket stops taking connections (`stop_taking_connections`), the ones it already queued
-get their 503 during a short last call, and uvicorn shuts down as usual. A second signal stops at
-once. SIGHUP reloads the store.
+get their 503 during a short last call, and uvicorn shuts down as usual. A second signal skips the
+drain (`DrainingServer.handle_exit`). SIGHUP reloads the store.
 
 With `workers` > 1 a small supervisor (`Supervisor`) binds the socket, starts the workers (each
 a whole one-worker service: app, inference processes, `DrainingServer`) and gives every signal
@@ -106,12 +106,17 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
+        """SIGTERM and SIGINT (uvicorn's only exit signals): the first drains; the second shuts down now, as
+        uvicorn does (connections closed, the requests running answered, the app's shutdown run); a third
+        does not wait for those requests either. Not recorded as uvicorn's own handler does, which raises the
+        signal again once stopped: a Ctrl-C pressed twice ended in a KeyboardInterrupt traceback."""
+        if self.drain_deadline is None:
             log.info("draining: finishing queued and in-flight requests")
             self.runtime.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout
             return
-        super().handle_exit(sig, frame)
+        self.force_exit = self.should_exit
+        self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:

@@ -5,6 +5,7 @@ The shift is one of the issue's five (bench/shifts.py SEEN); `make bench-drift` 
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import signal
@@ -58,6 +59,25 @@ def stream(server: Server, pictures: np.ndarray, budget: float = BUDGET) -> list
     return replies
 
 
+def floor_in_every_form(server: Server, png: bytes, floor: float) -> dict[str, tuple[int, dict]]:
+    """One image with `min_accuracy` in the query, in a form field and as an OIP parameter: each form's
+    status, and its reply (OIP: its expected_accuracy) or its error as {"message"} (OIP's is a bare message)."""
+    found = {}
+    with server.client() as c:
+        for form, where in (("query", "params"), ("form field", "data")):
+            r = c.post("/classify", files={"image": ("x.png", png, "image/png")}, **{where: {"min_accuracy": floor}})
+            found[form] = r.status_code, r.json()["error"] if r.status_code != 200 else r.json()
+        image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}
+        doc = {"parameters": {"erde_min_accuracy": floor}, "inputs": [image],
+               "outputs": [{"name": "expected_accuracy"}]}
+        r = c.post("/v2/models/fashion-mnist/infer", json=doc)
+        if r.status_code == 200:
+            found["oip"] = 200, {o["name"]: o["data"][0] for o in r.json()["outputs"]}
+        else:
+            found["oip"] = r.status_code, {"message": r.json()["error"]}
+    return found
+
+
 def spent(replies: list[dict]) -> float:
     return float(np.mean([r["macs_fraction"] for r in replies]))
 
@@ -85,6 +105,15 @@ def test_a_shifted_stream_is_pulled_back_to_its_budget_and_released_after(shippe
     assert noisy[-1]["accuracy_source"] == "live"  # the label-free estimate has seen the drop
     assert noisy[-1]["expected_accuracy"] == noisy[-1]["expected_accuracy_live"] < 0.7
     assert noisy[-1]["expected_accuracy_offline"] > 0.9
+    # Floors now read the live curve, in every form a floor can take. The calibration meets 0.85 at several
+    # budgets; the noisy evidence meets it nowhere: 422 with the live figure, never a promise of 0.92.
+    picture = images.encode(images.Image.fromarray(shifts.noise(test_images[1000:1001], 3)[0], "L"))
+    for form, (status, body) in floor_in_every_form(shipped, picture, 0.85).items():
+        assert status == 422 and "live" in body["message"], (form, body)
+    for form, (status, body) in floor_in_every_form(shipped, picture, 0.2).items():  # one the evidence meets
+        assert status == 200 and 0.2 <= body["expected_accuracy"] < 0.85, (form, body)
+        if form != "oip":  # the JSON reply says which figure it quoted; OIP has only the one
+            assert body["accuracy_source"] == "live" and body["expected_accuracy_offline"] > 0.85, (form, body)
     with shipped.client() as c:
         live = c.get("/models/fashion-mnist").json()["live_calibration"]
     assert any(p["live_threshold"] > p["threshold"] for p in live)

@@ -75,6 +75,21 @@ def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_signal_skips_the_drain_and_exits_cleanly(make_server, workers) -> None:
+    """Ctrl-C twice: the first starts a drain (at least a second, even idle), the second ends it now, and the
+    process exits 0 after its usual shutdown, with no traceback (uvicorn raised the signal again on exit)."""
+    server = make_server(drain_timeout_s=30, workers=workers)
+    assert post(server.url).status_code == 200
+    server.signal(signal.SIGINT)
+    eventually(lambda: "draining" in server.log.read_text(), timeout=5)
+    server.signal(signal.SIGINT)
+    assert server.proc.wait(15) == 0
+    log = server.log.read_text()
+    assert "Traceback" not in log and "no new connections" not in log, log[-2000:]
+    assert log.count("Application shutdown complete") == workers  # the app's own shutdown ran
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_clients_retrying_at_once_as_the_server_leaves_get_a_reply_or_no_connection(make_server, workers) -> None:
     # Each draining 503 closes its connection, so every retry is a new connection: some reach the
     # listening socket as the server leaves, and must be answered or never accepted, not reset.
