@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from erde.data import load_fashion_mnist
-from erde.evaluate import measure_test_split
+from erde.evaluate import DEFAULT_BUDGETS, metrics_from_outputs
 from erde.store import list_versions, read_artifact
 from tests.service.conftest import start_server
 
@@ -57,8 +57,9 @@ def test_calibration_is_consistent(shipped) -> None:
         assert clamped or point.macs_fraction <= budget + 1e-9
 
 
-def test_card_and_manifest_match_a_fresh_evaluation(shipped, test_split) -> None:
-    fresh = measure_test_split(shipped.model, shipped.calibration, test_split)
+def test_card_and_manifest_match_a_fresh_evaluation(shipped, shipped_on_test_split) -> None:
+    _, outputs = shipped_on_test_split(f"{shipped.name}/{shipped.version}")  # `measure_test_split`, shared
+    fresh = metrics_from_outputs(outputs, shipped.calibration, DEFAULT_BUDGETS)
     stored = shipped.manifest["test_metrics"]
     assert fresh["exit_accuracy"] == pytest.approx(stored["exit_accuracy"], abs=1e-6)
     for a, b in zip(fresh["budgets"], stored["budgets"], strict=True):

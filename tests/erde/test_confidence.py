@@ -3,17 +3,12 @@ on, close on held-out clean images, and stored in both shipped artifacts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from erde.calibrate import ExitOutputs, answers, exit_outputs, sweep
+from erde.calibrate import ExitOutputs, answers, sweep
 from erde.confidence import AccuracyEstimator, fit_estimator
-from erde.data import load_fashion_mnist
-from erde.store import read_artifact
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ["fashion-mnist/2", "fashion-mnist-teacher/1"]
 
 
@@ -50,19 +45,13 @@ def test_on_its_own_data_the_estimate_is_exact_where_it_should_be() -> None:
             assert estimate == pytest.approx(correct.mean(), abs=1 / 4000)
 
 
-@pytest.fixture(scope="module")
-def clean_test_split():
-    return load_fashion_mnist("test")
-
-
 @pytest.mark.parametrize("name", SHIPPED)
-def test_the_shipped_estimators_are_unbiased_on_clean_held_out_images(name: str, clean_test_split) -> None:
+def test_the_shipped_estimators_are_unbiased_on_clean_held_out_images(name: str, shipped_on_test_split) -> None:
     """The test split was not fitted on: there the estimate must stay within a point of the truth at every
     budget a client may ask for, or clean traffic would be quoted below its accuracy and floors refused."""
-    art = read_artifact(ROOT / "model_store" / name)
+    art, outputs = shipped_on_test_split(name)
     estimator = AccuracyEstimator.from_manifest(art.manifest["estimator"], art.calibration)
     assert len(estimator.disagree_right) == len(art.calibration.points)
-    outputs = exit_outputs(art.model, clean_test_split)
     for budget in (1.0, 0.75, 0.5, 0.4, 0.3, 0.25):
         point, _ = art.calibration.choose(budget)
         _, correct = answers(outputs, point.threshold)
