@@ -31,7 +31,7 @@ from service.endpoints import V2, V2_INFER
 from service.engine.decode import check_request_pixels
 from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime
-from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, UnsupportedImage, error_body
+from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, error_body
 from service.numbers import parse_int
 from service.record import record_of
 from service.schemas import MODEL_NAME, ClassifyOptions, ClassifyReply
@@ -131,8 +131,6 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
 
 async def read_body(request: Request) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it (`Inference-Header-Content-Length`)."""
-    if request.headers.get("content-encoding", "identity") != "identity":
-        raise UnsupportedImage("compressed request bodies are not supported", code="unsupported_media_type")
     body = await request.body()
     if HEADER_LENGTH not in request.headers:
         return body, memoryview(b"")

@@ -59,11 +59,18 @@ class RequestAccounting:
             metrics.set_inflight(1)
         try:
             declared = declared_length(scope)
+            oip = record.endpoint.protocol == "oip"
             if declared is not None and declared > self.max_body:
                 record.reason = "too_large"
-                body = error_body("too_large", self._too_large_message(), record.request_id,
-                                  oip=record.endpoint.protocol == "oip")
-                await send_json(send_status, 413, body)
+                await send_json(send_status, 413, error_body("too_large", self._too_large_message(), record.request_id,
+                                                             oip=oip))
+            elif work and header(scope, b"content-encoding", b"identity").lower() != b"identity":
+                # RFC 9110 section 15.5.16: 415, and Accept-Encoding says which codings would do. Parsed as
+                # it is, a gzipped form was 400 `malformed_multipart`, which sent the client looking elsewhere.
+                record.reason = "unsupported_media_type"
+                body = error_body("unsupported_media_type", "compressed request bodies are not supported: send "
+                                  "the body as it is (Content-Encoding: identity)", record.request_id, oip=oip)
+                await send_json(send_status, 415, body, headers=[(b"accept-encoding", b"identity")])
             else:
                 await self.app(scope, self._limited(receive), send_status)
         except Exception:  # a bug, never a client's doing: one traceback, a JSON 500, and serving goes on
@@ -199,10 +206,11 @@ def declared_length(scope: Scope) -> int | None:
     return parse_int(header(scope, b"content-length"))
 
 
-async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True) -> None:
+async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True,
+                    headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     """A whole JSON reply sent straight through ASGI, for answers given before (or instead of) the app."""
     payload = orjson.dumps(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
     if close:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+import json
+
+import httpx
 import pytest
 
 from tests.service import images
@@ -81,6 +86,31 @@ def test_no_image_field(server) -> None:
         assert garbage["code"] == "malformed_multipart"
         two = [("image", ("a.png", PNG, "image/png")), ("image", ("b.png", PNG, "image/png"))]
         assert assert_error(c.post("/classify", files=two), 422)["code"] == "too_many_images"
+    assert_still_serving(server)
+
+
+def test_a_compressed_body_is_415_with_the_codings_accepted(server) -> None:
+    """A client that gzips its upload (RFC 9110 allows it) is told the coding is the problem, on every work
+    endpoint and in each protocol's shape, with Accept-Encoding naming what would do; read as it came, a
+    gzipped form was 400 `malformed_multipart`."""
+    form = httpx.Request("POST", "http://x/classify", files={"image": ("a.png", PNG, "image/png")})
+    oip = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(PNG).decode()]}]}
+    with server.client() as c:
+        for encoding in ("gzip", "br", "GZIP"):
+            for path, body, content_type in (
+                    ("/classify", gzip.compress(form.read()), form.headers["content-type"]),
+                    ("/classify/batch", gzip.compress(form.read()), form.headers["content-type"]),
+                    ("/classify", gzip.compress(PNG), "image/png"),
+                    ("/v2/models/toy/infer", gzip.compress(json.dumps(oip).encode()), "application/json")):
+                r = c.post(path, content=body, headers={"content-type": content_type, "content-encoding": encoding})
+                assert r.status_code == 415 and r.headers["accept-encoding"] == "identity", (path, r.text)
+                if path.startswith("/v2"):
+                    assert "compressed" in r.json()["error"]
+                else:
+                    assert assert_error(r, 415)["code"] == "unsupported_media_type"
+        plain = c.post("/classify", files={"image": ("a.png", PNG, "image/png")},
+                       headers={"content-encoding": "identity"})
+        assert plain.status_code == 200, plain.text
     assert_still_serving(server)
 
 
