@@ -158,6 +158,12 @@ class Settings(BaseSettings):
         return self
 
 
+    def shares_processes(self, device: str) -> bool:
+        """Whether one inference process per model version serves every worker on `device` (ERDE_ENGINE;
+        auto: on a GPU with several workers), or each worker starts its own."""
+        return self.engine == "shared" or (self.engine == "auto" and self.workers > 1 and device.startswith("cuda"))
+
+
 # Set by the supervisor of several workers (service/server/main.py): they find the inference processes they
 # share by it (service/engine/worker.py, `shared_address`).
 ENGINE_GROUP = "ERDE_ENGINE_GROUP"

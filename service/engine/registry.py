@@ -154,7 +154,7 @@ class ModelRegistry:
                            enabled=s.drift == "on")
         drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
         device = str(pick_device(s.device))
-        shared = s.engine == "shared" or (s.engine == "auto" and s.workers > 1 and device.startswith("cuda"))
+        shared = s.shares_processes(device)
         address = shared_address(str(s.store.resolve()), name, version, device) if shared else None
         worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,

@@ -40,7 +40,7 @@ import numpy as np
 
 from erde.data import InputSpec
 from erde.nets import EarlyExitResNet
-from service.engine import process
+from service.engine import forkserver, process
 from service.engine.batcher import Job, put_back, take_batch
 from service.engine.decode import ImageLimits
 from service.engine.sojourn import IntervalLow, Queue, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
@@ -59,10 +59,7 @@ SPARE_LAG_S = 0.002
 START_TIMEOUT_S = 300.0
 RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
 MAX_BACKOFF_S = 30.0
-# Inference processes are forked from a server process that has imported torch once, not spawned
-# afresh (seconds each) and not forked from the server itself (threads, event loop, sockets).
-_context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["service.engine.process"])
+_context = forkserver.context  # inference processes are forked from a process that imported torch once
 _running: weakref.WeakSet[ModelWorker] = weakref.WeakSet()
 
 

@@ -33,6 +33,7 @@ from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Process
 
+from service.engine import forkserver
 from service.server.accept import AcceptQueued
 from service.server.multiproc import prepare_metrics_dir
 from service.settings import ENGINE_GROUP, Settings, get_settings
@@ -142,6 +143,8 @@ class DrainingServer(uvicorn.Server):
 def draining_server(settings: Settings) -> DrainingServer:
     # After the multiprocess directory is set, never before; and never in a supervisor of several workers,
     # which binds the socket and forwards signals: importing the app there (torch with it) cost 341 MB PSS.
+    if not settings.shares_processes("cuda"):  # its own inference processes, whatever the device: its own
+        forkserver.start()  # fork server, importing torch beside the app's import instead of after it
     from service.edge.protocol import uvicorn_options
     from service.server.app import create_app
 
