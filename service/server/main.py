@@ -116,6 +116,8 @@ class DrainingServer(uvicorn.Server):
             self.runtime.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout
             return
+        log.info("another signal: %s", "not waiting for the requests running" if self.should_exit else
+                 "shutting down now, without the rest of the drain")
         self.force_exit = self.should_exit
         self.should_exit = True
 

@@ -86,6 +86,7 @@ def test_a_second_signal_skips_the_drain_and_exits_cleanly(make_server, workers)
     assert server.proc.wait(15) == 0
     log = server.log.read_text()
     assert "Traceback" not in log and "no new connections" not in log, log[-2000:]
+    assert log.count("another signal: shutting down now") == workers
     assert log.count("Application shutdown complete") == workers  # the app's own shutdown ran
 
 
