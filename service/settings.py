@@ -157,7 +157,6 @@ class Settings(BaseSettings):
         self.image_formats = tuple(f.upper() for f in self.image_formats)
         return self
 
-
     def shares_processes(self, device: str) -> bool:
         """Whether one inference process per model version serves every worker on `device` (ERDE_ENGINE;
         auto: on a GPU with several workers), or each worker starts its own."""

@@ -218,9 +218,7 @@ class DriftGuard:
         (tests/service/test_drift.py; docs/budgets.md, "How it is quoted and used")."""
         if rule.min_accuracy is None:
             return dataclasses.replace(rule, threshold=theta)
-        offline = self.curve.point_at(theta).accuracy
-        live = self._live(theta)
-        quoted = Estimate(live, offline, "live" if live is not None and self._departs(live, offline) else "offline")
+        quoted = self.estimate_at(self.curve.point_at(theta), theta)
         if quoted.used < rule.min_accuracy - EPS:
             return rule
         return dataclasses.replace(rule, threshold=theta, quoted=quoted)
