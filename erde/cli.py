@@ -43,7 +43,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_arch: str, default
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--max-train-batches", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--channels-last", action="store_true", help="NHWC tensors (faster convolutions on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC tensors (GPU only; ignored on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward passes (GPU; slow to start)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                    "(its own options; only --device, --threads, --channels-last and --compile come from here)")

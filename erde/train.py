@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from erde.data import InputSpec, TensorData, iterate_batches
+from erde.artifact import InputSpec
+from erde.data import TensorData, iterate_batches
 from erde.device import pick_device
 from erde.losses import distillation_loss
 from erde.nets import EarlyExitResNet, NetConfig, build_model, model_config
@@ -47,8 +48,11 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def memory_format(cfg: TrainConfig) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """Channels-last on a GPU only, where it is asked for: on the CPU it buys nothing for these small nets,
+    and oneDNN's channels-last backward pass crashed the process there (a double free, torch 2.14.1 on an
+    AVX2 AMD EPYC without AVX-512; README, "Training")."""
+    return torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 @torch.inference_mode()
@@ -131,7 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     on_cuda = device.type == "cuda"
-    fmt = memory_format(cfg)
+    fmt = memory_format(cfg, device)
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
 
