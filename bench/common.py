@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from erde.artifact import list_versions
 from erde.data import FASHION_MNIST_DIR, load_fashion_mnist
-from erde.store import Artifact, list_versions, read_artifact
+from erde.store import Artifact, read_artifact
 
 STORE = Path(os.environ.get("ERDE_STORE", "model_store"))
 MODEL = os.environ.get("ERDE_DEFAULT_MODEL", "fashion-mnist")

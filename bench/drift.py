@@ -29,9 +29,10 @@ from PIL import Image
 from bench import shifts
 from bench.common import table
 from bench.load import ROOT, launch, server_port, stop
-from erde.confidence import AccuracyEstimator
+from erde.artifact import list_versions
 from erde.data import load_fashion_mnist
-from erde.store import list_versions, read_artifact
+from erde.estimator import AccuracyEstimator
+from erde.store import read_artifact
 from service.engine.drift import DriftGuard, DriftLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.registry import report_drift

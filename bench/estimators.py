@@ -27,11 +27,12 @@ import torch
 from bench import shifts
 from bench.common import table
 from bench.load import ROOT
+from erde.artifact import list_versions
 from erde.calibrate import ExitOutputs, exit_outputs
-from erde.confidence import AccuracyEstimator
 from erde.data import TensorData, load_dataset, load_fashion_mnist, train_val_split
+from erde.estimator import AccuracyEstimator
 from erde.exits import exit_taken
-from erde.store import Artifact, list_versions, read_artifact
+from erde.store import Artifact, read_artifact
 
 BUDGETS = {"fashion-mnist": (0.25, 0.5), "fashion-mnist-teacher": (0.4, 0.5)}  # as bench/drift.py mixes them
 TARGET_POINTS = 5.0  # issue 19: the live estimate within 5 points of the truth

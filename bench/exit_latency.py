@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import default_artifact, table
-from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.curve import CalibrationCurve, OperatingPoint
 from erde.latency import choose_stage_backends, exit_latency, machine_description
 from erde.macs import macs_per_exit
 from erde.nets import build_model, fuse_for_inference, model_config

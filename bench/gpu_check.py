@@ -38,12 +38,13 @@ import torch
 
 from bench.common import children, memory_kb, table
 from bench.engine import run_for
+from erde.artifact import list_versions
 from erde.calibrate import exit_outputs
 from erde.data import load_fashion_mnist
 from erde.device import describe, pick_device
 from erde.exits import exit_taken
 from erde.nets import fuse_for_inference
-from erde.store import list_versions, read_artifact
+from erde.store import read_artifact
 from service.engine.compute import choose_stage_backends
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ from PIL import Image
 from bench.common import default_artifact, sample_images, table
 from erde.nets import fuse_for_inference
 from service.engine.compute import _set_mkldnn
-from service.engine.decode import ImageLimits, _normalization_table, decode_budget, decode_image
+from service.engine.decode import _normalization_table, decode_budget, decode_image
+from service.engine.limits import ImageLimits
 
 REPLY = {"model": "fashion-mnist", "version": "1", "label": "Ankle boot", "class_id": 9, "confidence": 0.9871,
          "top_k": [{"label": "Ankle boot", "class_id": 9, "probability": 0.9871}], "exit": 0, "exits": 3,

@@ -38,8 +38,9 @@ from PIL import Image
 from bench.common import table
 from bench.load import BOUNDARY, ROOT, launch, multipart, server_port, stop
 from bench.openloop import NOT_SENT, Outcome, Phase, generate
+from erde.artifact import list_versions
 from erde.data import load_fashion_mnist
-from erde.store import list_versions, read_artifact
+from erde.store import read_artifact
 from service.settings import Settings
 
 SLO_S = 0.100  # the p99 latency target

@@ -20,7 +20,8 @@ import httpx
 
 from bench.common import STORE, table
 from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies, wrk_with_cpu
-from erde.store import list_versions, read_artifact
+from erde.artifact import list_versions
+from erde.store import read_artifact
 
 MODELS = ("fashion-mnist", "fashion-mnist-teacher")
 BUDGETS = ("0.25", "1.0")

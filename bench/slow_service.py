@@ -17,6 +17,7 @@ import os
 import time
 
 from service.engine import process, worker
+from service.engine.compute import Shadows
 
 SLOW_S = float(os.environ.get("SLOW_BATCH_MS", "0")) / 1000
 STALL_S = float(os.environ.get("SLOW_LOOP_MS", "0")) / 1000
@@ -25,7 +26,7 @@ _run_rows = process.run_rows
 _start_lag = worker.LoopLag.start
 
 
-def slow_run_rows(*args, **kwargs) -> process.Shadows | None:
+def slow_run_rows(*args, **kwargs) -> Shadows | None:
     time.sleep(SLOW_S)
     return _run_rows(*args, **kwargs)
 

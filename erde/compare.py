@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from erde.calibrate import CalibrationCurve, ExitOutputs, answers, exit_outputs
+from erde.calibrate import ExitOutputs, answers, exit_outputs
+from erde.curve import CalibrationCurve
 from erde.data import TensorData, load_dataset
 from erde.evaluate import DEFAULT_BUDGETS, metrics_from_outputs
 from erde.runs import TrainConfig, load_trained, read_calibration

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gzip
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from erde.artifact import InputSpec
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -24,30 +25,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 NOISE = 70  # noise amplitude of the synthetic set (the pattern's is 150)
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How a raw image becomes the network's input; stored in the artifact's manifest."""
-
-    mode: str  # PIL mode the image is converted to: "L" (grayscale) or "RGB"
-    size: int  # square side in pixels the image is resized to
-    mean: tuple[float, ...]  # per-channel mean on the 0..1 scale
-    std: tuple[float, ...]  # per-channel std on the 0..1 scale
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.mode == "L" else 3
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        if data.get("mode") not in ("L", "RGB"):
-            raise ValueError(f"input mode must be 'L' or 'RGB', got {data.get('mode')!r}")
-        return cls(mode=data["mode"], size=int(data["size"]),
-                   mean=tuple(float(m) for m in data["mean"]), std=tuple(float(s) for s in data["std"]))
 
 
 @dataclass

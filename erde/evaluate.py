@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from erde.calibrate import CalibrationCurve, ExitOutputs, exit_outputs, simulate
+from erde.calibrate import ExitOutputs, exit_outputs, simulate
+from erde.curve import CalibrationCurve
 from erde.data import TensorData, load_dataset
 from erde.nets import EarlyExitResNet
 from erde.store import Artifact, read_artifact

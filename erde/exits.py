@@ -10,8 +10,12 @@ serving alike: a θ stored in a calibration curve means the same thing wherever 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the rule itself is numpy: the server, which imports no torch, runs it too
+    import torch
 
 
 def exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +25,7 @@ def exit_scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     than torch's per-op dispatch. Logits on a device are copied to the host here, the one sync a stage
     needs, so the rule is the same float64 arithmetic wherever the network ran.
     """
-    z = logits.detach().to("cpu", torch.float64).numpy()  # (B, K)
+    z = logits.detach().cpu().double().numpy()  # (B, K)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     probs = np.exp(logp)

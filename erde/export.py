@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from erde.artifact import InputSpec
 from erde.calibrate import exit_outputs
 from erde.confidence import fit_estimator
-from erde.data import InputSpec, load_dataset
+from erde.data import load_dataset
 from erde.evaluate import markdown_table, measure_test_split
 from erde.latency import measure as measure_latency
 from erde.macs import macs_per_exit

@@ -15,8 +15,10 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from erde.calibrate import CalibrationCurve, exit_outputs, sweep
-from erde.data import InputSpec, TensorData, load_dataset, train_val_split
+from erde.artifact import InputSpec
+from erde.calibrate import exit_outputs, sweep
+from erde.curve import CalibrationCurve
+from erde.data import TensorData, load_dataset, train_val_split
 from erde.losses import LossConfig
 from erde.macs import macs_per_exit
 from erde.nets import EarlyExitResNet, build_model, model_config

@@ -12,13 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from erde.artifact import list_versions
 from erde.calibrate import exit_outputs, simulate
 from erde.data import load_fashion_mnist
 from erde.evaluate import DEFAULT_BUDGETS
 from erde.exits import exit_scores, exit_taken, last_exit
 from erde.runs import TrainConfig, load_run_data
-from erde.store import list_versions, read_artifact
-from service.engine.decode import ImageLimits, decode_image
+from erde.store import read_artifact
+from service.engine.decode import decode_image
+from service.engine.limits import ImageLimits
 from tests.service.conftest import start_server
 
 STORE = Path(__file__).resolve().parents[1] / "model_store"

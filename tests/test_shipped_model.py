@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from erde.artifact import list_versions
 from erde.data import load_fashion_mnist
 from erde.evaluate import DEFAULT_BUDGETS, metrics_from_outputs
-from erde.store import list_versions, read_artifact
+from erde.store import read_artifact
 from tests.service.conftest import start_server
 
 STORE = Path(__file__).resolve().parents[1] / "model_store"

@@ -41,7 +41,8 @@ from bench.load import launch, lua, require_wrk, server_port, stop, write_bodies
 from erde.data import normalize
 from erde.nets import fuse_for_inference
 from service.engine.compute import Sample, choose_stage_backends, run_batch
-from service.engine.decode import ImageLimits, decode_image
+from service.engine.decode import decode_image
+from service.engine.limits import ImageLimits
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,8 +21,10 @@ import torch
 
 from bench.common import default_artifact
 from erde.nets import fuse_for_inference
-from service.engine.compute import ExitResult, Sample, choose_stage_backends, run_batch
-from service.engine.decode import ImageLimits, decode_image
+from service.engine.compute import Sample, choose_stage_backends, run_batch
+from service.engine.decode import decode_image
+from service.engine.limits import ImageLimits
+from service.engine.wire import ExitResult
 from service.settings import Settings
 
 # The service runs its network on one intra-op thread (ERDE_TORCH_THREADS=1); the peers get the same.

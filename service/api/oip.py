@@ -28,7 +28,7 @@ from service.api.deps import runtime_of
 from service.api.pipeline import Answer, Order, encode, infer, resolve
 from service.api.routes import RequestOnlyRoute
 from service.endpoints import V2, V2_INFER
-from service.engine.decode import check_request_pixels
+from service.engine.limits import check_request_pixels
 from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime
 from service.errors import BadOptions, ServiceError, Unavailable, UnknownModel, error_body

@@ -16,11 +16,11 @@ from starlette.requests import Request
 from service import metrics
 from service.edge.multipart import split_upload
 from service.engine.batcher import Job
-from service.engine.compute import ExitResult
-from service.engine.decode import check_request_pixels
+from service.engine.limits import check_request_pixels
 from service.engine.policy import Decision
 from service.engine.registry import ServedModel
 from service.engine.runtime import Runtime, time_allowed
+from service.engine.wire import ExitResult
 from service.engine.worker import release
 from service.errors import DeadlineExceeded, ServiceError
 from service.record import record_of
@@ -113,9 +113,9 @@ def encode(served: ServedModel, answer: Answer, started: float) -> ClassifyReply
         model=art.name, version=art.version,
         label=classes[result.top_ids[0]], class_id=result.top_ids[0], confidence=result.top_probs[0],
         top_k=[TopClass(classes[c], c, p) for c, p in zip(result.top_ids, result.top_probs, strict=True)],
-        exit=result.exit, exits=art.model.num_exits, entropy=result.entropy,
+        exit=result.exit, exits=art.num_exits, entropy=result.entropy,
         threshold=decision.threshold, budget=decision.budget, budget_clamped=decision.clamped,
-        max_exit=decision.cap if decision.cap < art.model.num_exits - 1 else None,
+        max_exit=decision.cap if decision.cap < art.num_exits - 1 else None,
         min_accuracy=decision.min_accuracy, requested_budget=decision.requested_budget,
         degraded=decision.degraded, expected_accuracy=estimate.used,
         expected_accuracy_offline=estimate.offline, expected_accuracy_live=estimate.live,

@@ -17,6 +17,7 @@ from erde.exits import exit_scores, last_exit, stops
 from erde.latency import choose_stage_backends  # noqa: F401  (one backend choice for serving and `erde export`)
 from erde.latency import set_mkldnn as _set_mkldnn
 from erde.nets import EarlyExitResNet
+from service.engine.wire import ExitResult
 
 CPU = torch.device("cpu")
 
@@ -31,17 +32,6 @@ class Sample:
     top_k: int  # how many classes the reply lists
     enqueued: float  # monotonic seconds when it entered the server's queue
     shadow: bool = False  # run on to the last exit after its answer is released (docs/budgets.md)
-
-
-@dataclass(frozen=True)
-class ExitResult:
-    exit: int
-    entropy: float
-    top_probs: list[float]  # descending
-    top_ids: list[int]
-    queue_s: float  # enqueue -> batch start
-    inference_s: float  # batch start -> release
-    decode_s: float = 0.0  # this image's decode, in the inference process
 
 
 @dataclass(frozen=True)

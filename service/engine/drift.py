@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from erde.calibrate import CalibrationCurve, OperatingPoint
-from erde.confidence import AccuracyEstimator, AccuracyTable
+from erde.curve import CalibrationCurve, OperatingPoint
+from erde.estimator import AccuracyEstimator, AccuracyTable
 from service.engine.batcher import Job
 from service.engine.policy import EPS, Decision, Estimate
 from service.settings import Settings

@@ -13,7 +13,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.curve import CalibrationCurve, OperatingPoint
 from service.errors import BadOptions, Unsatisfiable
 from service.schemas import ClassifyOptions
 

@@ -15,23 +15,6 @@ abstract Unix socket and serves each worker that connects over its own connectio
 It takes one batch from every worker that sent one and runs them as one, answering each its own rows:
 the workers keep their own queues, deadlines and refusals (docs/architecture.md).
 
-Wire format (the encoded images go through shared memory, one arena per slot of each worker):
-  server -> process  H: hello, on a shared process's connection only: the worker's arena (bytes per slot,
-                        file path)
-                     B: a batch in slot `slot`: per row θ, enqueue time, cap, top_k, and where its
-                        bytes lie in the slot's arena
-                     S: stop (a shared process: this worker is done)
-  process -> server  R: ready (model loaded, backends chosen, warmed up); a shared process adds its pid
-                     X: one row's image was refused by the decoder (HTTP status, code, reason, message)
-                     P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
-                        slow but admissible images is progress, not a hang, to the watchdog)
-                     E: rows that left at one exit, with entropy, queue and decode time and top-k
-                     W: a batch's shadow rows, run on to the last exit once the batch was done and while
-                        no other batch waited: the exit each answered at, every exit's entropy and
-                        prediction (docs/budgets.md)
-                     D: the batch is finished and its slot is free, with the seconds it took here, the
-                        device memory in use and the seconds each stage that ran took
-                     F: the batch failed (its unreleased rows get an error), with the same
 """
 
 from __future__ import annotations
@@ -39,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import mmap
 import multiprocessing
@@ -49,220 +33,49 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
-import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
-from erde.data import InputSpec
-from erde.nets import EarlyExitResNet, NetConfig, build_model, fuse_for_inference
-from service.engine.compute import ExitResult, Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
-from service.engine.decode import DecodeTooSlow, ImageLimits, decode_budget, decode_image, too_slow
+from erde.artifact import InputSpec
+from erde.device import describe, pick_device
+from erde.nets import EarlyExitResNet, fuse_for_inference
+from erde.store import build_network
+from service.engine.compute import Sample, Shadows, choose_stage_backends, finish_shadows, run_batch
+from service.engine.decode import DecodeTooSlow, decode_budget, decode_image, too_slow
+from service.engine.limits import ImageLimits
+from service.engine.wire import (
+    ADDRESS_TAKEN,
+    HELLO,
+    ID,
+    LOAD_FAILED,
+    PID,
+    READY,
+    STOP,
+    ExitResult,
+    ModelBlob,
+    Row,
+    abstract,
+    decode_batch,
+    encode_exited,
+    encode_finished,
+    encode_refused,
+    encode_witnessed,
+    peer_credentials,
+)
 from service.errors import ServiceError
 
 log = logging.getLogger("erde.service")
 
-BATCH = struct.Struct("<cIII")  # kind, batch id, slot, rows
-EXITED = struct.Struct("<cIIId")  # kind, batch id, exit, rows, inference seconds
-REFUSED = struct.Struct("<cIIH")  # kind, batch id, row, HTTP status; then code, reason, message
-ID = struct.Struct("<cI")  # kind, batch id (P)
-DONE = struct.Struct("<cIdQB")  # kind, batch id, seconds spent on it, device bytes in use, stages; then per stage s
-WITNESSED = struct.Struct("<cII")  # kind, rows, exits
 SHADOW_CREDIT_MAX_S = 1.0  # most shadow work an idle spell may save up (seconds)
 # Batches of shadow rows waiting for idle time (`keep_witness`). The evidence is about today's images only if it
 # is fresh: with 64 kept, a student stream at budget 0.25, whose shadow work outgrew the process's idle time, was
 # witnessed 1,000-2,000 replies late, and every change of images showed that late.
 SHADOWS_KEPT = 4
-READY, STOP = b"R", b"S"
-HELLO = struct.Struct("<cQ")  # kind, bytes per slot of the worker's arena; then the arena file's path
-PID = struct.Struct("<Q")
 HELLO_TIMEOUT_S = 1.0  # a worker sends its hello as it connects; the process serves no one meanwhile
-CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-ADDRESS_TAKEN = 3  # a shared process's exit code when another already holds its address
 PR_SET_NAME = 15
 WARM_UP_S = 2.0  # most of a load spent running each batch size once (`warm_up`)
 HEARTBEAT_S = 0.1  # at most this long between messages while a batch decodes: well under any hang timeout
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelBlob:
-    """A network as plain data for the process: its config and safetensors bytes (never pickle)."""
-
-    config: dict
-    weights: bytes
-
-    @classmethod
-    def of(cls, model: EarlyExitResNet) -> ModelBlob:
-        return cls(dataclasses.asdict(model.config), save_tensors(model.state_dict()))
-
-    def build(self) -> EarlyExitResNet:
-        model = build_model(NetConfig.from_dict(self.config))
-        model.load_state_dict(load_tensors(self.weights))
-        return model.eval()
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One image of a batch as the process receives it: its rule and where its bytes are."""
-
-    threshold: float
-    enqueued: float
-    cap: int
-    top_k: int
-    offset: int  # in the slot's arena
-    size: int
-    shadow: int = 0  # 1: run on to the last exit after its answer (a shadow pass)
-
-
-def encode_batch(batch_id: int, slot: int, rows: list[Row]) -> bytes:
-    floats = np.array([[r.threshold for r in rows], [r.enqueued for r in rows]], dtype=np.float64)
-    ints = np.array([[r.cap for r in rows], [r.top_k for r in rows], [r.offset for r in rows],
-                     [r.size for r in rows], [r.shadow for r in rows]], dtype=np.int64)
-    return BATCH.pack(b"B", batch_id, slot, len(rows)) + floats.tobytes() + ints.tobytes()
-
-
-def decode_batch(message: bytes) -> tuple[int, int, list[Row]]:
-    _, batch_id, slot, n = BATCH.unpack_from(message)
-    floats = np.frombuffer(message, dtype=np.float64, count=2 * n, offset=BATCH.size).reshape(2, n).tolist()
-    ints = np.frombuffer(message, dtype=np.int64, count=5 * n, offset=BATCH.size + 16 * n).reshape(5, n).tolist()
-    return batch_id, slot, [Row(*r) for r in zip(*floats, *ints, strict=True)]
-
-
-def encode_refused(batch_id: int, row: int, error: ServiceError) -> bytes:
-    text = "\0".join([error.code, error.reason, error.message]).encode()
-    return REFUSED.pack(b"X", batch_id, row, error.status) + text
-
-
-def decode_refused(message: bytes) -> tuple[int, int, ServiceError]:
-    _, batch_id, row, status = REFUSED.unpack_from(message)
-    code, reason, text = message[REFUSED.size:].decode().split("\0", 2)
-    return batch_id, row, ServiceError(text, code=code, status=status, reason=reason)
-
-
-def encode_exited(batch_id: int, rows: list[int], results: list[ExitResult], decode_s: list[float]) -> bytes:
-    """Rows that left at one exit; top-k lists are concatenated (the server knows each row's k)."""
-    first = results[0]
-    return b"".join([
-        EXITED.pack(b"E", batch_id, first.exit, len(rows), first.inference_s),
-        np.array(rows, dtype=np.int64).tobytes(),
-        np.array([[r.entropy for r in results], [r.queue_s for r in results], decode_s], dtype=np.float64).tobytes(),
-        np.array([c for r in results for c in r.top_ids], dtype=np.int64).tobytes(),
-        np.array([p for r in results for p in r.top_probs], dtype=np.float64).tobytes(),
-    ])
-
-
-def decode_exited(message: bytes, top_k: list[int]) -> tuple[int, list[tuple[int, ExitResult]]]:
-    """(batch id, [(row, result)]); `top_k` gives each row's k, by row index in the batch."""
-    _, batch_id, exit_index, n, inference_s = EXITED.unpack_from(message)
-    offset = EXITED.size
-    rows = np.frombuffer(message, dtype=np.int64, count=n, offset=offset).tolist()
-    entropy, queue_s, decode_s = np.frombuffer(message, dtype=np.float64, count=3 * n,
-                                               offset=offset + 8 * n).reshape(3, n).tolist()
-    total = sum(top_k[r] for r in rows)
-    ids = np.frombuffer(message, dtype=np.int64, count=total, offset=offset + 32 * n).tolist()
-    probs = np.frombuffer(message, dtype=np.float64, count=total, offset=offset + 32 * n + 8 * total).tolist()
-    out, at = [], 0
-    for row, ent, queued, decoded in zip(rows, entropy, queue_s, decode_s, strict=True):
-        k = top_k[row]
-        out.append((row, ExitResult(exit_index, ent, probs[at:at + k], ids[at:at + k], queued, inference_s,
-                                    decoded)))
-        at += k
-    return batch_id, out
-
-
-def encode_witnessed(answered: list[int], entropy: np.ndarray, prediction: np.ndarray) -> bytes:
-    return b"".join([WITNESSED.pack(b"W", *entropy.shape), np.array(answered, dtype=np.int64).tobytes(),
-                     entropy.astype(np.float64).tobytes(), prediction.astype(np.int64).tobytes()])
-
-
-def decode_witnessed(message: bytes) -> Witnessed:
-    _, n, exits = WITNESSED.unpack_from(message)
-    if len(message) != WITNESSED.size + 8 * n * (1 + 2 * exits):
-        raise ProtocolError(f"a shadow message of {len(message)} bytes for {n} rows and {exits} exits")
-    answered = np.frombuffer(message, dtype=np.int64, count=n, offset=WITNESSED.size).tolist()
-    at = WITNESSED.size + 8 * n
-    entropy = np.frombuffer(message, dtype=np.float64, count=n * exits, offset=at).reshape(n, exits)
-    prediction = np.frombuffer(message, dtype=np.int64, count=n * exits, offset=at + 8 * n * exits).reshape(n, exits)
-    return Witnessed(answered, entropy, prediction)
-
-
-@dataclasses.dataclass(frozen=True)
-class Witnessed:
-    """Shadow rows run to the last exit: the exit each answered at, every exit's entropy and prediction."""
-
-    answered: list[int]
-    entropy: np.ndarray  # (rows, exits)
-    prediction: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class Exited:
-    """Rows of a batch that left at one exit."""
-
-    batch_id: int
-    results: list[tuple[int, ExitResult]]  # (row in the batch, its result)
-
-
-@dataclasses.dataclass(frozen=True)
-class Refused:
-    """One row whose image the decoder refused."""
-
-    batch_id: int
-    row: int
-    error: ServiceError
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """The batch is over and its slot free; `failed`: its unreleased rows get an error."""
-
-    batch_id: int
-    failed: bool
-    busy_s: float = 0.0  # what the batch cost this process, not counting the server's wait to read the reply
-    device_bytes: int = 0  # the device memory torch holds for this process (0 on the CPU)
-    stage_s: list[float] = dataclasses.field(default_factory=list)  # each stage that ran, on the device
-
-
-def encode_finished(kind: bytes, batch_id: int, busy_s: float, device_bytes: int = 0,
-                    stage_s: list[float] | None = None) -> bytes:
-    stage_s = stage_s or []
-    return DONE.pack(kind, batch_id, busy_s, device_bytes, len(stage_s)) + np.array(stage_s, np.float64).tobytes()
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    """The process is still decoding the batch."""
-
-    batch_id: int
-
-
-class ProtocolError(Exception):
-    """A message from the process that the server does not understand: the process is not trusted further."""
-
-
-def decode_reply(message: bytes,
-                 top_k: Callable[[int], list[int]]) -> Exited | Refused | Finished | Progress | Witnessed:
-    """One message from the process, typed; `top_k(batch_id)` gives each row's k for that batch."""
-    kind = message[:1]
-    if kind == b"E":
-        batch_id = EXITED.unpack_from(message)[1]
-        return Exited(*decode_exited(message, top_k(batch_id)))
-    if kind == b"X":
-        return Refused(*decode_refused(message))
-    if kind == b"W":
-        return decode_witnessed(message)
-    if kind in (b"D", b"F") and len(message) >= DONE.size:
-        _, batch_id, busy_s, device_bytes, stages = DONE.unpack_from(message)
-        if len(message) != DONE.size + 8 * stages:
-            raise ProtocolError(f"a finished message of {len(message)} bytes for {stages} stages")
-        stage_s = np.frombuffer(message, dtype=np.float64, count=stages, offset=DONE.size).tolist()
-        return Finished(batch_id, kind == b"F", busy_s, device_bytes, stage_s)
-    if kind == b"P" and len(message) == ID.size:
-        return Progress(ID.unpack(message)[1])
-    raise ProtocolError(f"unknown reply kind {kind!r}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -333,14 +146,18 @@ class Engine:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         name_process(multiprocessing.current_process().name)
         torch.set_num_threads(threads)
-        where = torch.device(device)
-        model = fuse_for_inference(blob.build()).to(where)
+        where = pick_device(device)  # ValueError, saying what is missing, when it is not here
+        model = fuse_for_inference(build_network(blob.manifest, blob.weights)).to(where)
         backends = choose_stage_backends(model, max_rows) if where.type == "cpu" else None
         rows = warm_rows or max_rows
         warmed = warm_up(model, spec, backends, where, rows)
         if warmed < rows:
             log.warning("warmed %d of %d batch sizes within %.0f s; the others run cold once", warmed, rows, WARM_UP_S)
         return cls(model, backends, spec, limits, where, shadow_cpu)
+
+    def placed(self) -> bytes:
+        """Where the network runs, for the ready message: the device and how /models names it."""
+        return json.dumps({"device": str(self.device), "description": describe(self.device)}).encode()
 
 
 def warm_up(model: EarlyExitResNet, spec: InputSpec, backends: list[bool] | None, device: torch.device,
@@ -365,10 +182,15 @@ def warm_up(model: EarlyExitResNet, spec: InputSpec, backends: list[bool] | None
 def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: InputSpec, limits: ImageLimits,
           arena_path: str, arena_bytes: int, threads: int, max_rows: int, shadow_cpu: float = 0.0,
           device: str = "cpu") -> None:
-    """The main of a worker's own process: load, then serve that worker on its pipes until it stops or goes."""
-    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
+    """The main of a worker's own process: load, then serve that worker on its pipes until it stops or goes.
+    A model that cannot be loaded is told to the worker, with the reason, and the process ends."""
+    try:
+        engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
+    except Exception as exc:
+        replies.send_bytes(LOAD_FAILED + str(exc).encode())
+        raise
     client = Client(requests, replies, map_arena(arena_path), arena_bytes)  # before READY: then the file goes
-    replies.send_bytes(READY)
+    replies.send_bytes(READY + engine.placed())
     run_clients(engine, [client])
 
 
@@ -383,19 +205,40 @@ def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLi
     except OSError:
         sys.exit(ADDRESS_TAKEN)
     listener.listen(64)
-    engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device,
-                         warm_rows=max_rows * sharers)  # a run merges a batch from each worker
+    try:
+        engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device,
+                             warm_rows=max_rows * sharers)  # a run merges a batch from each worker
+    except Exception as exc:
+        refuse_clients(listener, LOAD_FAILED + str(exc).encode())
+        raise
     run_clients(engine, [], listener)
 
 
-def abstract(address: str) -> str:
-    """A name in Linux's abstract socket namespace: no file to leave behind, gone when its holder exits."""
-    return "\0" + address
+def refuse_clients(listener: socket.socket, message: bytes) -> None:
+    """Tell every worker that connects why the model could not be loaded, until none has for HELLO_TIMEOUT_S:
+    those waiting for this process then fail with the reason rather than a closed connection."""
+    listener.settimeout(HELLO_TIMEOUT_S)
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError:
+            return
+        with Connection(sock.detach()) as conn, contextlib.suppress(OSError):
+            conn.send_bytes(message)
 
 
-def accept(listener: socket.socket) -> Client | None:
+def report_device(name: str, answer: Connection) -> None:
+    """The main of a short-lived process that tells the server what ERDE_DEVICE `name` resolves to here, or
+    why it is not there (erde/device.py): the server imports no torch to ask."""
+    try:
+        answer.send_bytes(json.dumps({"device": str(pick_device(name))}).encode())
+    except ValueError as exc:
+        answer.send_bytes(json.dumps({"error": str(exc)}).encode())
+
+
+def accept(listener: socket.socket, placed: bytes) -> Client | None:
     """A worker that connected: its hello names its arena (HELLO, then the arena file's path); answered with
-    READY and this process's id (the worker's watchdog kills a hung process by it)."""
+    READY, this process's id (the worker's watchdog kills a hung process by it) and where it runs (`placed`)."""
     try:
         sock, _ = listener.accept()
     except OSError as exc:  # the worker left already, or no descriptor is left (EMFILE): it will retry
@@ -413,17 +256,12 @@ def accept(listener: socket.socket) -> Client | None:
         if kind != b"H":
             raise OSError(f"a hello of kind {kind!r}")
         arena = map_arena(message[HELLO.size:].decode())
-        conn.send_bytes(READY + PID.pack(os.getpid()))
+        conn.send_bytes(READY + PID.pack(os.getpid()) + placed)
     except (EOFError, OSError, ValueError, struct.error) as exc:  # ValueError: an empty arena, a NUL in its path
         log.error("a worker's connection was dropped before it was served: %s", exc)
         conn.close()
         return None
     return Client(conn, conn, arena, arena_bytes)
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket, as the kernel saw it connect."""
-    return CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDENTIALS.size))
 
 
 def map_arena(path: str) -> memoryview:
@@ -447,7 +285,7 @@ def run_clients(engine: Engine, clients: list[Client], listener: socket.socket |
         parts = []
         for source in ready:
             if source is listener:
-                client = accept(listener)
+                client = accept(listener, engine.placed())
                 if client is not None:
                     clients.append(client)
                     served = True

@@ -1,5 +1,9 @@
 """The served models: load the newest version of each from the store, warm it, swap on reload.
 
+The server reads each artifact as data (erde/artifact.py) and never builds its network: the model's own
+process does, from the verified bytes, and says why when it cannot (docs/architecture.md, "No torch in the
+server").
+
 A reload verifies and warms every new version before it replaces the old one; the old worker
 then finishes what it has queued. A broken version is refused (logged and counted) and the old
 one keeps serving. Nothing here ever takes a path from a client.
@@ -13,19 +17,19 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from erde.confidence import AccuracyEstimator
-from erde.device import describe, pick_device
-from erde.store import Artifact, list_versions, read_artifact
+from erde.artifact import StoredArtifact, list_versions, read_stored
+from erde.estimator import AccuracyEstimator
 from service import metrics
+from service.engine import forkserver
 from service.engine.adaptive import AdaptiveBudgets
 from service.engine.batcher import Job
-from service.engine.decode import ImageLimits
 from service.engine.drift import Cell, DriftGuard, DriftLaw
+from service.engine.limits import ImageLimits
 from service.engine.overload import OverloadLaw
 from service.engine.policy import BudgetPolicy
 from service.engine.sojourn import WaitLaw
+from service.engine.wire import ModelBlob
 from service.engine.worker import LoopLag, ModelWorker, Steering, shared_address
 from service.errors import UnknownModel
 from service.schemas import ModelInfo, OperatingPointOut
@@ -36,7 +40,7 @@ log = logging.getLogger("erde.service")
 
 @dataclass
 class ServedModel:
-    artifact: Artifact
+    artifact: StoredArtifact
     worker: ModelWorker
     policy: BudgetPolicy
     versions: list[str]  # every version in the store when this one was loaded
@@ -59,10 +63,10 @@ class ServedModel:
             curve.append(OperatingPointOut(budget=budget, threshold=point.threshold, expected_accuracy=point.accuracy,
                                            expected_macs_fraction=point.macs_fraction))
         return ModelInfo(name=art.name, version=art.version, versions=self.versions, classes=art.classes,
-                         input=art.spec.to_dict(), arch=art.manifest.get("arch", ""), exits=art.model.num_exits,
+                         input=art.spec.to_dict(), arch=art.manifest.get("arch", ""), exits=art.num_exits,
                          macs_per_exit=art.macs_per_exit, test_metrics=art.manifest.get("test_metrics"),
                          calibration=curve, live_calibration=self.drift.live_curve(),
-                         device=describe(torch.device(self.worker.device)),
+                         device=self.worker.placed["description"],
                          exit_latency=art.manifest.get("exit_latency"))
 
 
@@ -118,6 +122,7 @@ class ModelRegistry:
         self._lock = threading.Lock()  # one reload at a time
         self.loop: asyncio.AbstractEventLoop | None = None  # where the workers answer; set before reload
         self.lag = LoopLag()  # that loop's lag, which admission adds to every predicted wait
+        self._device: str | None = None  # ERDE_DEVICE "auto" resolved, where it decides the process layout
 
     @property
     def names(self) -> list[str]:
@@ -141,11 +146,11 @@ class ModelRegistry:
         return self.names[0] if self.names else None
 
     def _load(self, name: str, version: str, versions: list[str]) -> ServedModel:
-        artifact = read_artifact(self.settings.store / name / version)
+        artifact = read_stored(self.settings.store / name / version)
         if artifact.name != name or artifact.version != version:
             raise ValueError(f"manifest says {artifact.name}/{artifact.version}, folder is {name}/{version}")
         s = self.settings
-        policy = BudgetPolicy(artifact.calibration, artifact.model.num_exits, len(artifact.classes),
+        policy = BudgetPolicy(artifact.calibration, artifact.num_exits, len(artifact.classes),
                               s.default_budget, s.max_top_k, s.min_accuracy)
         adaptive = AdaptiveBudgets(policy, OverloadLaw.from_settings(s), degrade=s.overload == "degrade",
                                    on_pressure=lambda pressure: metrics.set_load_pressure(name, pressure))
@@ -153,10 +158,14 @@ class ModelRegistry:
         drift = DriftGuard(artifact.calibration, estimator, DriftLaw.from_settings(s, len(artifact.classes)),
                            enabled=s.drift == "on")
         drift.on_change = lambda point, budget, cell: report_drift(name, drift, policy, budget, cell)
-        device = str(pick_device(s.device))
+        device = s.device
+        if s.engine == "auto" and s.workers > 1 and device == "auto":  # whether they share depends on what torch sees
+            if self._device is None:  # asked once, of a child of the fork server: this process has no torch
+                self._device = forkserver.resolve_device(device)
+            device = self._device
         shared = s.shares_processes(device)
         address = shared_address(str(s.store.resolve()), name, version, device) if shared else None
-        worker = ModelWorker(artifact.model, artifact.spec, self.limits, max_batch_size=s.max_batch_size,
+        worker = ModelWorker(ModelBlob.of(artifact), artifact.spec, self.limits, max_batch_size=s.max_batch_size,
                              max_batch_delay_s=s.max_batch_delay_ms / 1000, queue_size=s.queue_size,
                              max_image_bytes=s.max_upload_bytes, retry_after=s.retry_after_s, name=name,
                              threads=s.torch_threads, hang_timeout_s=s.hang_timeout_s,
@@ -194,12 +203,12 @@ class ModelRegistry:
                 if served is None:
                     continue
                 self._models[name] = served  # atomic swap: new requests go to the new version
-                metrics.set_model_info(name, served.artifact.version, True, served.worker.device)
+                metrics.set_model_info(name, served.artifact.version, True, served.worker.placed["device"])
                 metrics.observe_reload("ok")
                 outcome[name] = f"loaded {served.artifact.version}"
                 log.info("serving %s/%s", name, served.artifact.version)
                 if current is not None:
-                    metrics.set_model_info(name, current.artifact.version, False, current.worker.device)
+                    metrics.set_model_info(name, current.artifact.version, False, current.worker.placed["device"])
                     threading.Thread(target=current.worker.close, args=(self.settings.drain_timeout_s,),
                                      daemon=True).start()
         return outcome

@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import mmap
@@ -38,11 +39,10 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from erde.data import InputSpec
-from erde.nets import EarlyExitResNet
-from service.engine import forkserver, process
+from erde.artifact import InputSpec
+from service.engine import forkserver, wire
 from service.engine.batcher import Job, put_back, take_batch
-from service.engine.decode import ImageLimits
+from service.engine.limits import ImageLimits
 from service.engine.sojourn import IntervalLow, Queue, RowCost, Wait, WaitLaw, measured, retry_after, seen, standing
 from service.engine.sojourn import late as is_late
 from service.engine.sojourn import refusal as wait_refusal
@@ -56,7 +56,6 @@ SLOTS = 2  # batches in the process at once: the one running and the next (full)
 # An event loop later than this on its 5 ms timer (LoopLag) is busy enough that the CPU a shadow pass takes
 # would delay it: no shadow passes then (docs/budgets.md).
 SPARE_LAG_S = 0.002
-START_TIMEOUT_S = 300.0
 RESTART_TRIES = 3  # failed restarts in a row before the model is reported down (retries go on)
 MAX_BACKOFF_S = 30.0
 _context = forkserver.context  # inference processes are forked from a process that imported torch once
@@ -127,12 +126,12 @@ class Steering:
 
 
 class ModelWorker:
-    def __init__(self, model: EarlyExitResNet, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
+    def __init__(self, blob: wire.ModelBlob, spec: InputSpec, limits: ImageLimits, *, max_batch_size: int,
                  max_batch_delay_s: float, queue_size: int, max_image_bytes: int, retry_after: int = 1,
                  name: str = "model", threads: int = 1, hang_timeout_s: float = 2.0,
                  law: WaitLaw | None = None, lag: LoopLag | None = None, steer: Steering | None = None,
                  shadow_cpu: float = 0.0, device: str = "cpu", address: str | None = None, sharers: int = 1) -> None:
-        self.blob = process.ModelBlob.of(model)
+        self.blob = blob
         self.spec = spec
         self.limits = limits
         self.arena_bytes = max_image_bytes  # per slot: any one image fits; a batch takes what fits
@@ -147,7 +146,8 @@ class ModelWorker:
         self.lag = lag
         self.steer = steer or Steering()
         self.shadow_cpu = shadow_cpu  # of the process's batch time, at most, for shadow passes (docs/budgets.md)
-        self.device = device  # where the process runs the network (erde/device.py), e.g. "cpu" or "cuda:0"
+        self.device = device  # ERDE_DEVICE for the process (erde/device.py): "auto", "cpu", "cuda" or "cuda:N"
+        self.placed = {"device": device, "description": device}  # where the process said it runs, once started
         self.address = address  # of the process every worker shares (`shared_address`); None: one of its own
         self.sharers = sharers  # workers that may share it: a run merges a batch from each (its warm-up's sizes)
         self._pending: deque[Job] = deque()
@@ -235,7 +235,7 @@ class ModelWorker:
 
         def attach() -> None:
             if self._closed and not self._pending:  # closed while it started: nothing left for it
-                requests_w.send_bytes(process.STOP)
+                requests_w.send_bytes(wire.STOP)
                 requests_w.close()
                 replies_r.close()
                 return
@@ -254,17 +254,18 @@ class ModelWorker:
         """Start this worker's own process on two pipes, its arena at `path`; wait until it is ready."""
         requests_r, requests_w = _context.Pipe(duplex=False)
         replies_r, replies_w = _context.Pipe(duplex=False)
-        proc = _context.Process(target=process.serve, name=f"erde-{self.name}", daemon=True,
-                                args=(requests_r, replies_w, self.blob, self.spec, self.limits, path,
+        proc = _context.Process(target=wire.run, name=f"erde-{self.name}", daemon=True,
+                                args=("serve", requests_r, replies_w, self.blob, self.spec, self.limits, path,
                                       self.arena_bytes, self.threads, self.max_batch_size, self.shadow_cpu,
                                       self.device))
         proc.start()
         requests_r.close()
         replies_w.close()
         try:
-            if not replies_r.poll(START_TIMEOUT_S) or replies_r.recv_bytes() != process.READY:
+            if not replies_r.poll(wire.START_TIMEOUT_S):
                 raise RuntimeError("no ready signal")
-        except (EOFError, OSError, RuntimeError):
+            self.placed = ready(replies_r.recv_bytes())
+        except (EOFError, OSError, RuntimeError, ValueError):
             if proc.is_alive():
                 proc.kill()
             raise
@@ -277,23 +278,24 @@ class ModelWorker:
         (a socket of its own, freed when it closes or dies) starts it, the others wait to connect, so one
         process starts (and one forkserver: a worker that loses the race starts none). The process outlives
         the worker that started it while other workers use it."""
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + wire.START_TIMEOUT_S
         starts = 0
         while (conn := connect(self.address)) is None:
             if time.monotonic() > deadline or starts == RESTART_TRIES:
                 raise RuntimeError(f"nothing listens at the shared process's address {self.address!r}")
             claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                claim.bind(process.abstract(f"{self.address}-start"))
+                claim.bind(wire.abstract(f"{self.address}-start"))
             except OSError:  # another worker is starting it
                 claim.close()
                 time.sleep(0.01)
                 continue
             with claim:
                 starts += 1
-                proc = _context.Process(target=process.serve_shared, name=f"erde-{self.name}", daemon=True,
-                                        args=(self.address, self.blob, self.spec, self.limits, self.threads,
-                                              self.max_batch_size, self.shadow_cpu, self.device, self.sharers))
+                proc = _context.Process(target=wire.run, name=f"erde-{self.name}", daemon=True,
+                                        args=("serve_shared", self.address, self.blob, self.spec, self.limits,
+                                              self.threads, self.max_batch_size, self.shadow_cpu, self.device,
+                                              self.sharers))
                 proc.start()
                 # Not this worker's to wait for at exit: multiprocessing's exit hook joins its children, and
                 # this one serves the other workers as long as they live (a review found a worker's exit
@@ -305,15 +307,13 @@ class ModelWorker:
                 break
         try:
             with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                pid, uid, _ = process.peer_credentials(sock)
+                pid, uid, _ = wire.peer_credentials(sock)
             if uid != os.getuid():  # an abstract name anyone may bind: only a process of our own user
                 raise RuntimeError(f"the process at {self.address!r} runs as user {uid}, not {os.getuid()}")
-            conn.send_bytes(process.HELLO.pack(b"H", self.arena_bytes) + path.encode())
-            if not conn.poll(START_TIMEOUT_S):
+            conn.send_bytes(wire.HELLO.pack(b"H", self.arena_bytes) + path.encode())
+            if not conn.poll(wire.START_TIMEOUT_S):
                 raise RuntimeError("no ready signal")
-            reply = conn.recv_bytes()
-            if reply[:1] != process.READY or len(reply) != 1 + process.PID.size:
-                raise RuntimeError(f"a ready signal of {len(reply)} bytes")
+            self.placed = ready(conn.recv_bytes(), wire.PID.size)
         except BaseException:
             conn.close()
             raise
@@ -439,14 +439,14 @@ class ModelWorker:
                 break
             self._arena[base + at:base + at + size] = job.image
             rule = job.rule
-            rows.append(process.Row(rule.threshold, job.enqueued, rule.cap, rule.top_k, at, size, int(job.shadow)))
+            rows.append(wire.Row(rule.threshold, job.enqueued, rule.cap, rule.top_k, at, size, int(job.shadow)))
             at += size
         if not self._inflight:
             self._progress_at = now  # the watchdog's clock starts when an idle process gets work
         batch_id = next(self._batch_ids)
         self._inflight[batch_id] = (slot, jobs)
         self._running += len(jobs)
-        self._requests.send_bytes(process.encode_batch(batch_id, slot, rows))
+        self._requests.send_bytes(wire.encode_batch(batch_id, slot, rows))
         self.steer.on_batch(len(jobs))
 
     def _on_replies(self) -> None:
@@ -456,27 +456,27 @@ class ModelWorker:
                 self._handle(replies.recv_bytes())
         except (EOFError, OSError):
             self._lost()
-        except (process.ProtocolError, KeyError):
+        except (wire.ProtocolError, KeyError):
             log.exception("the inference process for %s sent a reply the server cannot place; replacing it",
                           self.name)
             self._kill()
 
     def _handle(self, message: bytes) -> None:
         self._progress_at = time.monotonic()
-        reply = process.decode_reply(message, self._top_k)
-        if isinstance(reply, process.Exited):
+        reply = wire.decode_reply(message, self._top_k)
+        if isinstance(reply, wire.Exited):
             jobs = self._inflight[reply.batch_id][1]
             for row, result in reply.results:
                 future = jobs[row].future
                 if future is not None and not future.done():
                     future.set_result(result)
-        elif isinstance(reply, process.Refused):
+        elif isinstance(reply, wire.Refused):
             future = self._inflight[reply.batch_id][1][reply.row].future
             if future is not None and not future.done():
                 future.set_exception(reply.error)
-        elif isinstance(reply, process.Progress):
+        elif isinstance(reply, wire.Progress):
             pass  # its arrival is the progress the watchdog looks for
-        elif isinstance(reply, process.Witnessed):  # after its batch's Finished: not a sign of work either
+        elif isinstance(reply, wire.Witnessed):  # after its batch's Finished: not a sign of work either
             self.steer.witness(reply.answered, reply.entropy, reply.prediction)
         else:
             slot, jobs = self._inflight.pop(reply.batch_id)
@@ -551,7 +551,7 @@ class ModelWorker:
         while not self._stop.is_set():
             try:
                 attach = self._spawn()
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 failures += 1
                 log.exception("could not restart the inference process for %s (try %d)", self.name, failures)
                 if failures == RESTART_TRIES:
@@ -590,7 +590,7 @@ class ModelWorker:
             self._watchdog.cancel()
             self._watchdog = None
         if self._requests is not None:
-            self._requests.send_bytes(process.STOP)
+            self._requests.send_bytes(wire.STOP)
         self._drained.set()
 
 
@@ -602,11 +602,26 @@ def shared_address(store: str, name: str, version: str, device: str) -> str:
     return f"erde-engine-{key}"
 
 
+def ready(reply: bytes, skip: int = 0) -> dict[str, str]:
+    """A process's first message: READY, `skip` bytes, then where it runs ({"device", "description"}). One
+    that could not load the model says why (ValueError, with its reason: the registry refuses that version
+    and logs it)."""
+    if reply[:1] == wire.LOAD_FAILED:
+        raise ValueError(f"the inference process could not load it: {reply[1:].decode(errors='replace')}")
+    try:
+        if reply[:1] != wire.READY:
+            raise ValueError
+        placed = json.loads(reply[1 + skip:])
+        return {"device": str(placed["device"]), "description": str(placed["description"])}
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"a ready signal of {len(reply)} bytes") from None
+
+
 def connect(address: str) -> Connection | None:
     """A connection to the shared process at `address`, or None when nothing listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(process.abstract(address))
+        sock.connect(wire.abstract(address))
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         return None

@@ -8,7 +8,7 @@ import pytest
 
 from bench.estimators import answered, estimators
 from erde.calibrate import ExitOutputs
-from erde.confidence import AccuracyEstimator
+from erde.estimator import AccuracyEstimator
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.exit_latency import mix_at_budget, rows_per_exit, tracking_gap
-from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.curve import CalibrationCurve, OperatingPoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from erde.calibrate import CalibrationCurve, ExitOutputs, OperatingPoint, simulate, sweep
+from erde.calibrate import ExitOutputs, simulate, sweep
+from erde.curve import CalibrationCurve, OperatingPoint
 
 MACS = [10, 20, 40]
 

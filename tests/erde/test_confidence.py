@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from erde.calibrate import ExitOutputs, answers, sweep
-from erde.confidence import AccuracyEstimator, fit_estimator
+from erde.confidence import fit_estimator
+from erde.estimator import AccuracyEstimator
 
 SHIPPED = ["fashion-mnist/2", "fashion-mnist-teacher/1"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erde.train
-from erde.calibrate import CalibrationCurve
+from erde.curve import CalibrationCurve
 from erde.data import iterate_batches, load_dataset
 from erde.runs import TrainConfig, load_trained
 from erde.store import read_artifact

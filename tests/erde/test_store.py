@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from erde.store import ArtifactError, list_versions, read_artifact, sha256_file
+from erde.artifact import ArtifactError, list_versions, sha256_file
+from erde.store import read_artifact
 
 
 @pytest.fixture

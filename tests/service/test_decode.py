@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.data import InputSpec, normalize
-from service.engine.decode import DecodeTooSlow, ImageLimits, check_request_pixels, decode_budget, decode_image
+from erde.artifact import InputSpec
+from erde.data import normalize
+from service.engine.decode import DecodeTooSlow, decode_budget, decode_image
+from service.engine.limits import ImageLimits, check_request_pixels
 from service.errors import PayloadTooLarge
 from tests.service import images
 

@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from erde.calibrate import CalibrationCurve, OperatingPoint
-from erde.confidence import AccuracyEstimator
+from erde.curve import CalibrationCurve, OperatingPoint
+from erde.estimator import AccuracyEstimator
 from service.engine.batcher import Job
 from service.engine.drift import Cell, DriftGuard, DriftLaw, ceiling_of, change_point, start, step
 from service.engine.policy import BudgetPolicy, Estimate

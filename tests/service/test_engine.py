@@ -10,15 +10,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as save_tensors
 
-from erde.calibrate import OperatingPoint
-from erde.data import InputSpec
+from erde.artifact import InputSpec
+from erde.curve import OperatingPoint
 from erde.nets import NetConfig, build_model
-from service.engine import process
+from service.engine import process, wire
 from service.engine.batcher import Job, put_back, take_batch
-from service.engine.compute import ExitResult, Sample, Shadows, finish_shadows, run_batch
-from service.engine.decode import ImageLimits, decode_image
+from service.engine.compute import Sample, Shadows, finish_shadows, run_batch
+from service.engine.decode import decode_image
+from service.engine.limits import ImageLimits
 from service.engine.policy import Decision
+from service.engine.wire import ExitResult, ModelBlob
 from service.engine.worker import ModelWorker, Steering
 from service.errors import PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
 from tests.service import images
@@ -134,9 +137,16 @@ SPEC = InputSpec("L", 16, (0.5,), (0.25,))
 LIMITS = ImageLimits(max_pixels=10_000, min_side=8, formats=("PNG",))
 
 
+def blob_of(model) -> ModelBlob:
+    """The model as its process receives it: what the build checks of a manifest, and safetensors bytes."""
+    manifest = {"net": model.config.to_dict(), "input": SPEC.to_dict(), "macs_per_exit": [1] * model.num_exits,
+                "classes": [str(c) for c in range(model.config.num_classes)]}
+    return ModelBlob(manifest, save_tensors(model.state_dict()))
+
+
 def make_worker(model, **kwargs) -> ModelWorker:
     settings = {"max_batch_size": 4, "max_batch_delay_s": 0.0, "queue_size": 64, "max_image_bytes": 4096} | kwargs
-    return ModelWorker(model, SPEC, LIMITS, **settings)
+    return ModelWorker(blob_of(model), SPEC, LIMITS, **settings)
 
 
 def upload(seed: int) -> bytes:
@@ -173,31 +183,31 @@ def test_worker_answers_and_drains_on_close(model) -> None:
 
 
 def test_wire_format_round_trips_batches_refusals_and_exits() -> None:
-    sent_rows = [process.Row(0.5, 1.25, 2, 1, 0, 5), process.Row(0.0, 2.5, 0, 3, 5, 7, 1),
-                 process.Row(1e9, 3.75, 1, 2, 12, 9)]
-    batch_id, slot, rows = process.decode_batch(process.encode_batch(7, 1, sent_rows))
+    sent_rows = [wire.Row(0.5, 1.25, 2, 1, 0, 5), wire.Row(0.0, 2.5, 0, 3, 5, 7, 1),
+                 wire.Row(1e9, 3.75, 1, 2, 12, 9)]
+    batch_id, slot, rows = wire.decode_batch(wire.encode_batch(7, 1, sent_rows))
     assert (batch_id, slot, rows) == (7, 1, sent_rows)
     refused = UnsupportedImage("not a supported image", code="corrupt_image")
-    batch_id, row, error = process.decode_refused(process.encode_refused(7, 2, refused))
+    batch_id, row, error = wire.decode_refused(wire.encode_refused(7, 2, refused))
     assert (batch_id, row, error.status, error.code, error.reason, error.message) == \
         (7, 2, 415, "corrupt_image", "corrupt_image", "not a supported image")
     sent = [ExitResult(1, 0.25, [0.7, 0.2, 0.1], [4, 0, 9], 0.01, 0.002), ExitResult(1, 0.5, [0.6, 0.3], [2, 1], 0.02,
                                                                                     0.002)]
-    reply = process.decode_reply(process.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
+    reply = wire.decode_reply(wire.encode_exited(7, [1, 2], sent, [0.003, 0.004]),
                                  lambda batch: [r.top_k for r in sent_rows])
-    assert reply == process.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
-    finished = process.encode_finished(b"F", 7, 0.25, 4096, [0.001, 0.0025])
-    assert process.decode_reply(finished, list) == process.Finished(7, True, 0.25, 4096, [0.001, 0.0025])
-    with pytest.raises(process.ProtocolError, match="finished message"):  # its stage times cut short
-        process.decode_reply(finished[:-8], list)
+    assert reply == wire.Exited(7, [(1, replace(sent[0], decode_s=0.003)), (2, replace(sent[1], decode_s=0.004))])
+    finished = wire.encode_finished(b"F", 7, 0.25, 4096, [0.001, 0.0025])
+    assert wire.decode_reply(finished, list) == wire.Finished(7, True, 0.25, 4096, [0.001, 0.0025])
+    with pytest.raises(wire.ProtocolError, match="finished message"):  # its stage times cut short
+        wire.decode_reply(finished[:-8], list)
     entropy, prediction = np.array([[1.5, 0.5, 0.25], [2.0, 1.0, 0.125]]), np.array([[3, 1, 1], [0, 2, 9]])
-    witnessed = process.decode_reply(process.encode_witnessed([2, 0], entropy, prediction), list)
-    assert isinstance(witnessed, process.Witnessed) and witnessed.answered == [2, 0]
+    witnessed = wire.decode_reply(wire.encode_witnessed([2, 0], entropy, prediction), list)
+    assert isinstance(witnessed, wire.Witnessed) and witnessed.answered == [2, 0]
     assert (witnessed.entropy == entropy).all() and (witnessed.prediction == prediction).all()
-    with pytest.raises(process.ProtocolError, match="shadow message"):  # a truncated one is refused
-        process.decode_reply(process.encode_witnessed([2, 0], entropy, prediction)[:-8], list)
-    with pytest.raises(process.ProtocolError):  # an unknown message is an error, never a silent "done"
-        process.decode_reply(process.ID.pack(b"Z", 7), list)
+    with pytest.raises(wire.ProtocolError, match="shadow message"):  # a truncated one is refused
+        wire.decode_reply(wire.encode_witnessed([2, 0], entropy, prediction)[:-8], list)
+    with pytest.raises(wire.ProtocolError):  # an unknown message is an error, never a silent "done"
+        wire.decode_reply(wire.ID.pack(b"Z", 7), list)
 
 
 def test_process_decodes_and_answers_every_row_with_its_own_top_k(model) -> None:
@@ -291,7 +301,7 @@ def test_loading_a_model_runs_every_batch_size_to_the_last_exit_once(model, monk
     monkeypatch.setattr(process, "run_batch", counted)
     monkeypatch.setattr(process, "name_process", lambda name: None)
     monkeypatch.setattr(process.signal, "signal", lambda *args: None)  # the test runner keeps its own handlers
-    process.Engine.load(process.ModelBlob.of(model), SPEC, LIMITS, threads=1, max_rows=6, shadow_cpu=0.0,
+    process.Engine.load(blob_of(model), SPEC, LIMITS, threads=1, max_rows=6, shadow_cpu=0.0,
                         device="cpu")
     assert ran == [(rows, {model.num_exits - 1}, {0.0}) for rows in (6, 1, 2, 3, 4, 5)]  # the loaded size first
 
@@ -303,7 +313,7 @@ def test_warming_up_stops_once_its_time_is_spent(model, monkeypatch) -> None:
     monkeypatch.setattr(process, "run_batch", lambda net, jobs, *args, **kwargs: ran.append(len(jobs)))
     monkeypatch.setattr(process, "name_process", lambda name: None)
     monkeypatch.setattr(process.signal, "signal", lambda *args: None)
-    process.Engine.load(process.ModelBlob.of(model), SPEC, LIMITS, threads=1, max_rows=4, shadow_cpu=0.0,
+    process.Engine.load(blob_of(model), SPEC, LIMITS, threads=1, max_rows=4, shadow_cpu=0.0,
                         device="cpu", warm_rows=8)  # a shared process: a run merges a batch from each of 2 workers
     assert ran == [8, 1, 2, 3, 4, 5, 6, 7]
 

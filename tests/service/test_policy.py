@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.curve import CalibrationCurve, OperatingPoint
 from service.engine.policy import BudgetPolicy, Decision
 from service.errors import BadOptions, Unsatisfiable
 from service.schemas import parse_options

@@ -32,7 +32,7 @@ from bench.probes import (
     peak_rss_growth,
     request,
 )
-from erde.store import list_versions
+from erde.artifact import list_versions
 from service.edge.middleware import AllowedHosts
 from service.edge.multipart import MAX_NAME, header_params
 from service.endpoints import endpoint_of

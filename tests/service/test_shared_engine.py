@@ -20,8 +20,9 @@ import torch
 from bench.common import children, inference_processes
 from erde.nets import NetConfig, build_model
 from service.engine.batcher import Job
-from service.engine.compute import ExitResult, run_batch
+from service.engine.compute import run_batch
 from service.engine.decode import decode_image
+from service.engine.wire import ExitResult
 from service.engine.worker import ModelWorker, Steering, shared_address
 from service.errors import ServiceError
 from tests.service import images

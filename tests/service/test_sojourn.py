@@ -8,7 +8,7 @@ from collections import deque
 
 import pytest
 
-from erde.calibrate import CalibrationCurve, OperatingPoint
+from erde.curve import CalibrationCurve, OperatingPoint
 from service.engine.adaptive import AdaptiveBudgets
 from service.engine.batcher import Job, take_batch
 from service.engine.overload import OverloadLaw
