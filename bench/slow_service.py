@@ -7,8 +7,9 @@ variable of this entry point, not a setting). With `SLOW_LOOP_MS`, the server's 
 that long every `STALL_PERIOD_MS` (10 ms; 0: at every turn of the loop, so that each turn takes that
 long, as a loop saturated by more requests than it can read would be).
 The inference processes are forked from a fork server that preloads the engine's process module;
-preloading this module there too puts the slow batches into every one of them. Spawned server
-workers (ERDE_WORKERS > 1) import this module as their main, so it runs there too.
+preloading `bench.slow_batches` there too puts the slow batches into every one of them, and the server
+imports no torch, as the service's does not. Spawned server workers (ERDE_WORKERS > 1) import this
+module as their main, so it runs there too.
 """
 
 from __future__ import annotations
@@ -16,19 +17,11 @@ from __future__ import annotations
 import os
 import time
 
-from service.engine import process, worker
-from service.engine.compute import Shadows
+from service.engine import worker
 
-SLOW_S = float(os.environ.get("SLOW_BATCH_MS", "0")) / 1000
 STALL_S = float(os.environ.get("SLOW_LOOP_MS", "0")) / 1000
 STALL_PERIOD_S = float(os.environ.get("STALL_PERIOD_MS", "10")) / 1000
-_run_rows = process.run_rows
 _start_lag = worker.LoopLag.start
-
-
-def slow_run_rows(*args, **kwargs) -> Shadows | None:
-    time.sleep(SLOW_S)
-    return _run_rows(*args, **kwargs)
 
 
 def stalling_start(self: worker.LoopLag, loop) -> None:
@@ -42,9 +35,8 @@ def stalling_start(self: worker.LoopLag, loop) -> None:
         loop.call_later(STALL_PERIOD_S, stall)
 
 
-process.run_rows = slow_run_rows
 worker.LoopLag.start = stalling_start
-worker._context.set_forkserver_preload(["service.engine.process", __name__])
+worker._context.set_forkserver_preload(["service.engine.process", "bench.slow_batches"])
 
 if __name__ == "__main__":
     from service.server.main import run

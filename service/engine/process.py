@@ -13,8 +13,9 @@ server's loop (15-17% of it), and this process has a core of its own.
 A process of its own per worker is served over two one-way pipes; a shared process listens on an
 abstract Unix socket and serves each worker that connects over its own connection (`serve_shared`).
 It takes one batch from every worker that sent one and runs them as one, answering each its own rows:
-the workers keep their own queues, deadlines and refusals (docs/architecture.md).
-
+the workers keep their own queues, deadlines and refusals (docs/architecture.md). What the two sides
+say to each other is service/engine/wire.py; the network is built here, from the verified manifest and
+weights' bytes the server hands over (docs/architecture.md, "No torch in the server").
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Wire format (the encoded images go through shared memory, one arena per slot of 
                      B: a batch in slot `slot`: per row θ, enqueue time, cap, top_k, and where its
                         bytes lie in the slot's arena
                      S: stop (a shared process: this worker is done)
-  process -> server  R: ready (model loaded, backends chosen, warmed up); a shared process adds its pid
+  process -> server  R: ready (model loaded, backends chosen, warmed up); a shared process adds its pid;
+                        then where the network runs (JSON: the device and how /models names it)
                      L: the model could not be loaded (the reason, as text); the process then exits
                      X: one row's image was refused by the decoder (HTTP status, code, reason, message)
                      P: still decoding the batch (sent between rows at most every HEARTBEAT_S: a batch of
@@ -72,6 +73,8 @@ class ModelBlob:
 
 @dataclasses.dataclass(frozen=True)
 class ExitResult:
+    """One row's answer at the exit it took, as its process reports it."""
+
     exit: int
     entropy: float
     top_probs: list[float]  # descending
