@@ -150,10 +150,6 @@ class Settings(BaseSettings):
         if self.decode_timeout_ms >= self.hang_timeout_s * 1000:
             raise ValueError("decode_timeout_ms must be below hang_timeout_s: a slow image is refused, "
                              "never taken for a hang")
-        if self.device.startswith("cuda"):  # auto and cpu are always there: no torch for them here (a supervisor)
-            from erde.device import pick_device  # torch, only once the cheap checks passed
-
-            pick_device(self.device)  # refuses a device this machine does not have, saying what is missing
         self.image_formats = tuple(f.upper() for f in self.image_formats)
         return self
 

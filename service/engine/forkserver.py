@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
 
 from service.engine import wire
 
@@ -25,12 +26,12 @@ def start() -> None:
 
 
 
-def resolve_device(name: str) -> str:
-    """What ERDE_DEVICE `name` resolves to here ("auto": "cuda" or "cpu"), from a child of the fork server,
-    which has torch: the server asks instead of importing it. ValueError, saying what is missing, when the
-    device is not on this machine."""
-    answer, send = context.Pipe(duplex=False)
-    child = context.Process(target=wire.run, args=("report_device", name, send), name="erde-device", daemon=True)
+def resolve_device(name: str, via: BaseContext = context) -> str:
+    """What ERDE_DEVICE `name` resolves to here ("auto": "cuda" or "cpu"), from a short-lived child with
+    torch (of the fork server, or `via` another start method): the server asks instead of importing it.
+    ValueError, saying what is missing, when the device is not on this machine."""
+    answer, send = via.Pipe(duplex=False)
+    child = via.Process(target=wire.run, args=("report_device", name, send), name="erde-device", daemon=True)
     child.start()
     send.close()
     try:

@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -258,8 +259,20 @@ class Supervisor:
             self.processes.append(self._start(sockets))
 
 
+def check_device(settings: Settings) -> None:
+    """A GPU named in ERDE_DEVICE that is not there stops the service before it binds, saying what is
+    missing. Asked of a short-lived spawned process, so that this one imports no torch (docs/architecture.md,
+    "No torch in the server") and holds no fork server; `auto` and `cpu` are always there."""
+    if settings.device.startswith("cuda"):
+        try:
+            forkserver.resolve_device(settings.device, via=multiprocessing.get_context("spawn"))
+        except ValueError as exc:
+            raise SystemExit(f"ERDE_DEVICE={settings.device}: {exc}") from None
+
+
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
+    check_device(settings)
     if settings.workers > 1:
         prepare_metrics_dir(fresh_if_unset=True)  # before the workers start; they inherit the variable
         Supervisor(settings).run()
