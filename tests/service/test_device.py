@@ -4,6 +4,7 @@ CPU runs the same device path (one run_batch for every device); the CUDA check r
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from erde.data import load_fashion_mnist
 from erde.device import pick_device
 from erde.exits import exit_taken
 from erde.store import read_artifact
+from service.engine import forkserver
 from tests.service import images
 from tests.service.conftest import ROOT
 
@@ -32,6 +34,15 @@ def test_devices_are_taken_as_asked_or_refused_with_what_is_missing() -> None:
         with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
             pick_device(bad)
 
+
+
+def test_the_server_asks_a_child_with_torch_what_a_device_is() -> None:
+    """The server imports no torch: a short-lived child of the fork server (or, before a service starts, a
+    spawned one) answers for it, with pick_device's answer and its reason when the device is not there."""
+    assert forkserver.resolve_device("auto") == str(pick_device("auto"))
+    for via in (forkserver.context, multiprocessing.get_context("spawn")):
+        with pytest.raises(ValueError, match=f"device '{MISSING}'"):
+            forkserver.resolve_device(MISSING, via=via)
 
 @pytest.mark.parametrize("device, says", [(MISSING, "CUDA device"), ("tpu", "String should match pattern")])
 def test_a_server_asked_for_a_missing_device_refuses_to_start(device: str, says: str, toy_store: Path) -> None:
