@@ -189,7 +189,7 @@ def serve(requests: Connection, replies: Connection, blob: ModelBlob, spec: Inpu
         engine = Engine.load(blob, spec, limits, threads, max_rows, shadow_cpu, device)
     except Exception as exc:
         replies.send_bytes(LOAD_FAILED + str(exc).encode())
-        raise
+        quit_or_raise(exc)
     client = Client(requests, replies, map_arena(arena_path), arena_bytes)  # before READY: then the file goes
     replies.send_bytes(READY + engine.placed())
     run_clients(engine, [client])
@@ -211,9 +211,18 @@ def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLi
                              warm_rows=max_rows * sharers)  # a run merges a batch from each worker
     except Exception as exc:
         refuse_clients(listener, LOAD_FAILED + str(exc).encode())
-        raise
+        quit_or_raise(exc)
     run_clients(engine, [], listener)
 
+
+
+def quit_or_raise(exc: Exception) -> None:
+    """After a failed load has been told: a ValueError (an artifact that does not fit, a device that is not
+    there) has said all there is, and the process exits quietly; anything else is raised, its traceback
+    logged."""
+    if isinstance(exc, ValueError):
+        sys.exit(1)
+    raise exc
 
 def refuse_clients(listener: socket.socket, message: bytes) -> None:
     """Tell every worker that connects why the model could not be loaded, until none has for HELLO_TIMEOUT_S:
