@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from erde.artifact import ArtifactError, list_versions, sha256_file
-from erde.store import read_artifact
+from erde.artifact import ArtifactError, list_versions, read_stored, sha256_file
+from erde.store import build_network, read_artifact
 
 
 @pytest.fixture
@@ -111,3 +111,13 @@ def test_an_artifact_without_latency_still_reads(artifact: Path) -> None:
     """exit_latency is optional: artifacts written before it (the shipped fashion-mnist/1) stay valid."""
     rewrite_manifest(artifact, lambda m: m.pop("exit_latency"))
     assert "exit_latency" not in read_artifact(artifact).manifest
+
+
+def test_the_weights_handed_on_are_the_ones_verified(artifact: Path) -> None:
+    """The server verifies an artifact without torch and hands its weights' bytes to the inference process:
+    bytes that changed after the verification are refused, never built into a network."""
+    stored = read_stored(artifact)
+    assert build_network(stored.manifest, stored.weights()).num_exits == stored.num_exits
+    flip_byte(artifact / "weights.safetensors")
+    with pytest.raises(ArtifactError, match="changed since it was verified"):
+        stored.weights()
