@@ -4,8 +4,8 @@ of the inference process grouped into the parts reports/service-profile.md names
 
 CPU time comes from /proc/<pid>/stat before and after a wrk run, divided by the requests served;
 wrk's own from getrusage of this script's children. The profile samples Python stacks
-(`py-spy record --format raw`, busy samples only) and gives each sample to the part whose pattern
-matches the frame nearest the leaf.
+(`py-spy record --format raw`, busy samples only) and gives each sample to the first part, in the
+order listed, whose pattern matches any frame of its stack.
 
 Usage: .venv/bin/python -m bench.profile [--seconds 8] [--concurrency 64] [--revision REV]
        (py-spy from the dev extra; --revision profiles an earlier version, e.g. 4d9015f: the network in a thread)
@@ -37,13 +37,16 @@ PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 # frame of its stack (frames read "Class.function (path/file.py:line)"), else to "other".
 EVENT_LOOP_PARTS = [
     ("decode (PIL open + load + normalise)", r"decode_image|PIL/"),
+    # The reply's one send(): on loopback the kernel delivers it to the receiver within the call.
+    ("the reply's socket write", r"LingeringTransport\.release"),
     ("access log", r"logging/|\baccount \(service/edge/middleware"),
     ("drift guard (live θ and accuracy)", r"service/engine/drift|report_drift"),
     ("reply building + JSON", r"orjson|\bencode \(service/api/pipeline|json/"),
     ("multipart parsing + options",
      r"service/edge/multipart|read_upload|service/engine/policy|service/schemas|pydantic"),
     ("metrics, queueing, reading the inference replies", r"prometheus_client|service/metrics|service/engine/"),
-    ("the edge: protocol, accounting, admission", r"service/edge/|service/record|service/endpoints"),
+    # Every request runs under the protocol's frames: what no part above took is counted here.
+    ("the edge: protocol, accounting, admission, and the rest", r"service/edge/|service/record|service/endpoints"),
     ("framework stack: uvicorn, Starlette and FastAPI, response send", r"uvicorn/|starlette/|fastapi/|asyncio/"),
 ]
 INFERENCE_PARTS = [
