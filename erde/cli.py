@@ -11,10 +11,10 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from erde.data import DATASETS
-from erde.losses import LossConfig
-from erde.nets import list_models
+if TYPE_CHECKING:
+    from erde.losses import LossConfig
 
 COMMANDS_GROUP = "erde.commands"  # entry points that add verbs (pyproject.toml: the service's `serve`)
 EPILOG = """Typical run on Fashion-MNIST (apt-get install -y dataset-fashion-mnist):
@@ -26,6 +26,9 @@ EPILOG = """Typical run on Fashion-MNIST (apt-get install -y dataset-fashion-mni
 
 
 def _add_training_options(p: argparse.ArgumentParser, default_arch: str, default_epochs: int) -> None:
+    from erde.data import DATASETS
+    from erde.nets import list_models
+
     p.add_argument("--out", required=True, help="run folder (config, checkpoints, log, final weights)")
     p.add_argument("--arch", default=default_arch, choices=list_models(), help="registered architecture")
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
@@ -63,6 +66,7 @@ def _train_config(args: argparse.Namespace, loss: LossConfig, teacher: str | Non
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from erde.losses import LossConfig
     from erde.train import train
 
     out = train(_train_config(args, LossConfig(kind="ce"), None), resume=args.resume)
@@ -70,6 +74,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    from erde.losses import LossConfig
     from erde.train import train
 
     loss = LossConfig(kind=args.loss, temperature=args.temperature, alpha=args.alpha, beta=args.beta,
@@ -115,10 +120,23 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """Every verb; for a verb another package registered (`erde serve`), that verb and the other registered
+    ones only. The training verbs' options need torch (architectures, datasets, loss defaults), and a
+    server started by `erde serve` imports none (docs/architecture.md, "No torch in the server")."""
     parser = argparse.ArgumentParser(prog="erde", description="Early-exit students distilled with ERDE.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    registered = {command.name: command for command in entry_points(group=COMMANDS_GROUP)}
+    if verb not in registered:
+        add_training_commands(sub)
+    for name in sorted(registered):  # the service adds `serve` this way, so erde never imports the service
+        registered[name].load()(sub)
+    return parser
+
+
+def add_training_commands(sub: argparse._SubParsersAction) -> None:
+    from erde.losses import LossConfig
 
     p = sub.add_parser("train-teacher", help="train an early-exit teacher (CE at every exit)")
     _add_training_options(p, "resnet20", 15)
@@ -167,19 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.set_defaults(func=cmd_info)
 
-    add_registered_commands(sub)
-    return parser
-
-
-def add_registered_commands(sub: argparse._SubParsersAction) -> None:
-    """Verbs that installed packages register in the `erde.commands` entry-point group, each a function
-    that adds its subparser: the service adds `serve` this way, so erde never imports the service."""
-    for command in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
-        command.load()(sub)
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:

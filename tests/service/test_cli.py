@@ -14,6 +14,7 @@ from service.server.cli import FLAGS, flag, settings_table, shown_default, varia
 from service.settings import Settings
 from tests.service.conftest import ROOT, free_port, launch
 from tests.service.images import png
+from tests.service.test_registry import maps_torch, server_processes
 
 ERDE = [sys.executable, "-m", "erde.cli"]
 
@@ -59,6 +60,10 @@ def test_flags_override_their_variables_in_every_worker(toy_store, tmp_path) -> 
                 reply = c.post("/classify", files={"image": ("x.png", png(), "image/png")},
                                headers={"Connection": "close"})
                 assert reply.status_code == 200 and reply.json()["model"] == "toy", reply.text
+        # `erde serve`, as the image and `make serve` run it, holds no torch in its supervisor or workers
+        # either: the training verbs, whose options need torch, are not built for a registered verb.
+        own = server_processes(server.proc.pid)
+        assert len(own) == 3 and not any(maps_torch(pid) for pid in own)
     finally:
         server.stop()
 
