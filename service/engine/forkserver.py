@@ -25,7 +25,6 @@ def start() -> None:
     forkserver.ensure_running()
 
 
-
 def resolve_device(name: str, via: BaseContext = context) -> str:
     """What ERDE_DEVICE `name` resolves to here ("auto": "cuda" or "cpu"), from a short-lived child with
     torch (of the fork server, or `via` another start method): the server asks instead of importing it.

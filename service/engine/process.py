@@ -233,6 +233,9 @@ def refuse_clients(listener: socket.socket, message: bytes) -> None:
             sock, _ = listener.accept()
         except TimeoutError:
             return
+        if peer_credentials(sock)[1] != os.getuid():  # as `accept`: only our own user is answered
+            sock.close()
+            continue
         with Connection(sock.detach()) as conn, contextlib.suppress(OSError):
             conn.send_bytes(message)
 
