@@ -29,8 +29,8 @@ from service.schemas import ClassifyOptions, ClassifyReply, Latency, TopClass, p
 
 async def read_upload(request: Request, max_images: int) -> tuple[list[bytes], dict[str, str]]:
     """Images and option fields from a multipart form or a raw image/* body (options in the query)."""
-    return split_upload(request.headers.get("content-type", ""), await request.body(), dict(request.query_params),
-                        max_images)
+    return split_upload(request.headers.get("content-type", ""), await request.body(),
+                        request.scope.get("query_string", b""), max_images)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ its time: a request is refused when it cannot be answered within its timeout_ms,
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.edge.middleware import declared_length, header, send_json
-from service.edge.multipart import ABSENT, boundary_of, simple_field, split_upload
+from service.edge.multipart import ABSENT, boundary_of, query_fields, simple_field, split_upload
 from service.engine.runtime import Runtime, time_allowed
 from service.errors import ServiceError, Unavailable, UnknownModel, error_body
 from service.numbers import parse_decimal
@@ -51,7 +49,7 @@ class Admission:
             return None
         record = record_of(scope)
         oip = record.endpoint.protocol == "oip"  # its path names the model
-        query = query_fields(scope) if b"=" in scope.get("query_string", b"") else {}
+        query = query_fields(scope.get("query_string", b""))
         named = record.path_params["name"] if oip else query.get("model")
         refusal = self.refusal(scope, named, query.get("timeout_ms"))
         if refusal is None:
@@ -96,10 +94,11 @@ class Admission:
             model, timeout = (simple_field(body, boundary, name) for name in ("model", "timeout_ms"))
             if model == ABSENT and timeout == ABSENT:
                 return refusal  # the form names neither: the request line's refusal stands
-            fields = query_fields(scope)
+            query = scope.get("query_string", b"")
             if model is None or timeout is None:  # unsure: only the whole form can tell
-                _, fields = split_upload(content_type, body, fields, self.runtime.settings.max_batch_images)
+                _, fields = split_upload(content_type, body, query, self.runtime.settings.max_batch_images)
             else:  # a form field over the query, as split_upload has it
+                fields = query_fields(query)
                 fields.update({k: v for k, v in (("model", model), ("timeout_ms", timeout)) if v != ABSENT})
         except ServiceError:  # malformed: not refused here, the pipeline answers it with its own error
             return None
@@ -158,11 +157,6 @@ async def read_body(receive: Receive) -> bytes:
         body += message.get("body", b"")
         if message["type"] != "http.request" or not message.get("more_body"):
             return bytes(body)
-
-
-def query_fields(scope: Scope) -> dict[str, str]:
-    query = scope.get("query_string", b"")
-    return {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()} if query else {}
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

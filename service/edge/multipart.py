@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from service.errors import BadOptions, ServiceError, UnsupportedImage
 
@@ -124,12 +125,21 @@ def simple_field(body: bytes, boundary: bytes, name: str) -> str | None:
     return value.decode("ascii")
 
 
-def split_upload(content_type: str, body: bytes, query: dict[str, str],
+def query_fields(query_string: bytes) -> dict[str, str]:
+    """A request's query options, read as the framework reads them (`parse_qsl`, blank values kept): a
+    name given twice has its last value. Admission and the pipeline both read the query here, so that a
+    request is weighed against the queue of the model that will serve it (`?model=a&model=b` was weighed
+    against `a`'s and served by `b`)."""
+    return dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)) if query_string else {}
+
+
+def split_upload(content_type: str, body: bytes, query_string: bytes,
                  max_images: int) -> tuple[list[bytes], dict[str, str]]:
     """Images and option fields of a classify request: a multipart form's file parts named `image` and
-    its text fields over the query's, or a raw image/* body with the query's options. The one place the
-    options (the model among them) are read from a request, by admission and by the pipeline alike."""
-    fields = dict(query)
+    its text fields over the query's (`query_fields`), or a raw image/* body with the query's options.
+    The one place the options (the model among them) are read from a request, by admission and by the
+    pipeline alike; a field given twice has its last value, as in the query."""
+    fields = query_fields(query_string)
     if content_type.startswith("image/"):
         return [body], fields
     if not content_type.startswith("multipart/form-data"):

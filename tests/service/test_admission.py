@@ -41,12 +41,16 @@ def test_a_model_named_in_a_form_field_is_admitted_against_its_own_queue(make_se
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
         assert post(server.url).status_code == 503  # the default model is full ...
         refused_by_path = oip_infer(server.url, "toy")
+        # Named twice in the query, the last wins (the framework's reading): weighed against the queue of the
+        # model that serves it. Sent while the full model surely still is (each answer takes 0.6 s).
+        by_query_twice = post(server.url, params=[("model", "toy"), ("model", "other")])
         by_form = post(server.url, model="other")  # ... and the model the form names is idle
         by_query = post(server.url, params={"model": "other"})
         by_path = oip_infer(server.url, "other")  # the Open Inference Protocol names it in the path
         assert all(f.result().status_code == 200 for f in flood)
     assert (by_form.status_code, by_form.json()["model"]) == (200, "other"), by_form.text
     assert (by_query.status_code, by_query.json()["model"]) == (200, "other"), by_query.text
+    assert by_query_twice.status_code == 200 and by_query_twice.json()["model"] == "other", by_query_twice.text
     assert (by_path.status_code, by_path.json()["model_name"]) == (200, "other"), by_path.text
     assert refused_by_path.status_code == 503 and refused_by_path.headers["retry-after"]
     assert isinstance(refused_by_path.json()["error"], str)  # in the protocol's own error shape

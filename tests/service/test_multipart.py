@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from starlette.datastructures import QueryParams
 
-from service.edge.multipart import ABSENT, MalformedMultipart, boundary_of, parse_multipart, simple_field, split_upload
+from service.edge.multipart import (
+    ABSENT,
+    MalformedMultipart,
+    boundary_of,
+    parse_multipart,
+    query_fields,
+    simple_field,
+    split_upload,
+)
 
 TRICKY = b"\r\n--not-the-boundary\r\n\r\n\x00\xff--\r\n"  # CRLFs, dashes and binary inside a file
 
@@ -54,7 +63,7 @@ def test_bad_boundaries(content_type: str) -> None:
 
 
 def full_parse(body: bytes, content_type: str, name: str) -> str:
-    fields = split_upload(content_type, body, {}, max_images=4)[1]
+    fields = split_upload(content_type, body, b"", max_images=4)[1]
     return fields.get(name, ABSENT)
 
 
@@ -89,3 +98,15 @@ def test_a_field_named_twice_or_a_name_inside_the_image_is_left_to_the_whole_par
     assert simple_field(inside, boundary_of(content_type), "model") is None
     absent, content_type = encoded({"budget": "1"}, [("image", ("a.png", b"x", "image/png"))])
     assert simple_field(absent, boundary_of(content_type), "model") == ABSENT
+
+
+@pytest.mark.parametrize("query", [
+    b"model=a&model=b", b"model=&budget=0.5", b"model", b"budget=0.5&timeout_ms=10&budget=0.25",
+    b"model=fashion%2Dmnist+x&top_k=%32", b"a=1&&b=2", b"model=%C3%A9&model=%FF",
+])
+def test_the_query_is_read_as_the_framework_reads_it(query: bytes) -> None:
+    """Admission reads the query before the framework exists for the request; a name given twice (the last
+    wins), a blank value and percent-escapes must come out as they do in the framework's `query_params`."""
+    assert query_fields(query) == dict(QueryParams(query))
+    body, content_type = encoded({}, [("image", ("a.png", TRICKY, "image/png"))])
+    assert split_upload(content_type, body, query, max_images=4)[1] == dict(QueryParams(query))
