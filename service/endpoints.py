@@ -19,6 +19,10 @@ class Endpoint:
     paths: tuple[str, ...]  # route templates, as the routes declare them ("/models/{name}")
     protocol: Protocol  # whose error shape its replies take ("oip": the Open Inference Protocol's)
     work: bool = False  # classify work: admitted by queue, counted in flight and by /stats
+    # A health or readiness probe: answered past the connection cap, which refuses everything else. Refused,
+    # a liveness probe restarts the pod in the middle of its overload, and a readiness probe (failureThreshold
+    # 1 in deploy/k8s) takes it out of rotation, pushing its load onto the other pods.
+    probe: bool = False
 
     @property
     def path(self) -> str:
@@ -30,8 +34,8 @@ class Endpoint:
 CLASSIFY = Endpoint("classify", ("/classify",), "erde", work=True)
 CLASSIFY_BATCH = Endpoint("classify_batch", ("/classify/batch",), "erde", work=True)
 MODELS = Endpoint("models", ("/models", "/models/{name}"), "erde")
-HEALTHZ = Endpoint("healthz", ("/healthz",), "ops")
-READYZ = Endpoint("readyz", ("/readyz",), "ops")
+HEALTHZ = Endpoint("healthz", ("/healthz",), "ops", probe=True)
+READYZ = Endpoint("readyz", ("/readyz",), "ops", probe=True)
 METRICS = Endpoint("metrics", ("/metrics",), "ops")
 STATS = Endpoint("stats", ("/stats",), "page")
 UI = Endpoint("ui", ("/", "/ui", "/ui/{name:path}"), "page")

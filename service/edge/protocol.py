@@ -10,7 +10,8 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   byte, else 408 and the connection closed; a connection that never sends a byte is closed then too.
   (Between requests, uvicorn's keep-alive timeout closes idle connections.)
 - **Connection cap**: beyond `max_connections` open connections (or requests in progress) a request
-  is answered 503 with Retry-After, as uvicorn's `limit_concurrency` does, but in JSON.
+  is answered 503 with Retry-After, as uvicorn's `limit_concurrency` does, but in JSON. A health or
+  readiness probe (`/healthz`, `/readyz`) is answered still: see `Endpoint.probe`.
 - **Lingering close** (`LingeringTransport`): a connection closed after a reply is half-closed and
   read, with what arrives dropped, until the client closes too, for at most `LINGER_S` and
   `max_linger_bytes`. Closed at once, a request body still arriving (a client sends the head and the
@@ -70,6 +71,7 @@ from service import metrics
 from service.edge.admission import Admission, is_work, keeps_alive
 from service.edge.fairness import ConnectionShare
 from service.edge.middleware import RequestAccounting, account, send_json, start_record
+from service.endpoints import match
 from service.engine.runtime import Runtime
 from service.errors import Unavailable, error_body
 from service.record import UNKNOWN_MODEL, record_of, request_id
@@ -326,9 +328,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._host_from_target()
         self.in_head = False
         limit = self.limits.max_connections
-        over = self.share.open > limit or len(self.tasks) >= limit
-        self.app = self._over_capacity if over or self.share.over(self) else self.config.loaded_app
+        over = self.share.open > limit or len(self.tasks) >= limit or self.share.over(self)
+        self.app = self._over_capacity if over and not self._probe() else self.config.loaded_app
         super().on_headers_complete()
+
+    def _probe(self) -> bool:
+        """Whether the request being read is a health or readiness probe (`Endpoint.probe`), which the
+        connection cap never refuses."""
+        path = self.url.partition(b"?")[0].decode("latin-1")
+        return self.parser.get_method() in (b"GET", b"HEAD") and match(path)[0].probe
 
     def _host_from_target(self) -> None:
         """An absolute-form target's authority replaces every Host header (RFC 9112 section 3.2.2),

@@ -48,7 +48,7 @@ def test_idle_sockets_up_to_the_cap_do_not_shut_others_out(capped: Server) -> No
     port = port_of(capped)
     with idle_sockets(port, CAP + 5) as sockets:
         time.sleep(0.2)  # all accepted
-        reply = contained(capped, lambda: exchange(port, request("GET", "/healthz", {})), seconds=1.0)
+        reply = contained(capped, lambda: exchange(port, request("GET", "/models", {})), seconds=1.0)
         assert reply.status == 503 and b"this client has too many" in reply.body, reply.head  # the sender's
         closed = 0
         for sock in sockets:
@@ -59,7 +59,7 @@ def test_idle_sockets_up_to_the_cap_do_not_shut_others_out(capped: Server) -> No
 
 
 class KeptAlive:
-    """`count` connections from 127.0.0.1, each sending GET /healthz every `every` seconds (reconnecting
+    """`count` connections from 127.0.0.1, each sending GET /models every `every` seconds (reconnecting
     when closed), as the review's 1,000 sockets did every 4.5 s; counts the statuses they get."""
 
     def __init__(self, port: int, count: int, every: float) -> None:
@@ -69,7 +69,7 @@ class KeptAlive:
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
 
     def _run(self) -> None:
-        payload = request("GET", "/healthz", {})
+        payload = request("GET", "/models", {})  # not a probe: probes are answered past the cap
         sock = None
         while not self.stop.is_set():
             try:
@@ -114,7 +114,7 @@ def test_past_its_share_near_the_cap_a_peer_gets_the_json_503(capped: Server) ->
     with idle_sockets(port, int(0.9 * CAP) + 1) as sockets:  # one past 90% of the cap
         time.sleep(0.2)
         busy = sockets[-1]  # opened past the peer's share, with the cap near
-        busy.sendall(request("GET", "/healthz", {}))
+        busy.sendall(request("GET", "/models", {}))  # not a probe: probes are answered past the cap
         reply = b""
         while chunk := busy.recv(65536):  # the reply says Connection: close
             reply += chunk

@@ -198,9 +198,13 @@ def test_connections_beyond_the_cap_get_503_json(limited: Server) -> None:
         idle.append(socket.create_connection(("127.0.0.1", port)))
         idle[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
     try:
-        reply = exchange(port, request("GET", "/healthz", {}))
+        reply = exchange(port, request("GET", "/models", {}))
         json_error(reply, 503, "too_many_connections")
         assert b"retry-after: 1" in reply.head.lower() and reply.closed
+        # Probes are answered still: refused, a liveness probe restarts the pod in its overload, and a
+        # readiness probe takes it out of rotation (Endpoint.probe).
+        for probe in ("/healthz", "/readyz"):
+            assert exchange(port, request("GET", probe, {})).status == 200, probe
     finally:
         for sock in idle:
             sock.close()
