@@ -64,6 +64,14 @@ class RequestAccounting:
                 record.reason = "too_large"
                 await send_json(send_status, 413, error_body("too_large", self._too_large_message(), record.request_id,
                                                              oip=oip))
+            elif transfer_coded(scope):
+                # RFC 9112 section 6.1: 501 for a transfer coding the server does not know. The parser reads only
+                # the chunked framing, so a body sent `gzip, chunked` reached the decoder still gzipped and was
+                # answered "not a supported image".
+                record.reason = "unsupported_transfer_coding"
+                body = error_body("unsupported_transfer_coding", "no transfer coding but chunked is supported: "
+                                  "send the body as it is, or chunked", record.request_id, oip=oip)
+                await send_json(send_status, 501, body)
             elif work and header(scope, b"content-encoding", b"identity").lower() != b"identity":
                 # RFC 9110 section 15.5.16: 415, and Accept-Encoding says which codings would do. Parsed as
                 # it is, a gzipped form was 400 `malformed_multipart`, which sent the client looking elsewhere.
@@ -204,6 +212,12 @@ def header(scope: Scope, name: bytes, default: bytes | None = None) -> bytes | N
 def declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, or None when it has none or an unreadable one."""
     return parse_int(header(scope, b"content-length"))
+
+
+def transfer_coded(scope: Scope) -> bool:
+    """Whether the request's Transfer-Encoding lists a coding other than chunked (gzip, compress, deflate)."""
+    codings = b",".join(value for name, value in scope["headers"] if name == b"transfer-encoding")
+    return any(coding.strip().lower() not in (b"chunked", b"") for coding in codings.split(b","))
 
 
 async def send_json(send: Send, status: int, body: dict, retry_after: int | None = None, close: bool = True,

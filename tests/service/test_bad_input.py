@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from bench.probes import exchange
 from tests.service import images
 from tests.service.conftest import eventually
 
@@ -111,6 +112,28 @@ def test_a_compressed_body_is_415_with_the_codings_accepted(server) -> None:
         plain = c.post("/classify", files={"image": ("a.png", PNG, "image/png")},
                        headers={"content-encoding": "identity"})
         assert plain.status_code == 200, plain.text
+    assert_still_serving(server)
+
+
+def test_a_transfer_coding_other_than_chunked_is_501_on_every_protocol(server) -> None:
+    """`Transfer-Encoding: gzip, chunked` (RFC 9112 section 6.1: 501 for a coding the server does not know):
+    the parser reads the chunked framing only, and the gzipped image reached the decoder as it came, to be
+    answered 415 "not a supported image". The same body chunked alone is served."""
+    port = int(server.url.rsplit(":", 1)[1])
+    oip = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(PNG).decode()]}]}
+    for path, body, content_type in (("/classify", PNG, "image/png"),
+                                     ("/v2/models/toy/infer", json.dumps(oip).encode(), "application/json")):
+        for coding, data in ((b"gzip, chunked", gzip.compress(body)), (b"chunked", body)):
+            reply = exchange(port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                             .encode() + b"Transfer-Encoding: " + coding + b"\r\n\r\n"
+                             + b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n")
+            if coding == b"chunked":
+                assert reply.status == 200, (path, reply)
+                continue
+            assert reply.status == 501, (path, reply)
+            error = json.loads(reply.body)["error"]
+            message = error if path.startswith("/v2") else error["code"]
+            assert "transfer" in message, (path, reply)
     assert_still_serving(server)
 
 
