@@ -21,7 +21,8 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
 - **Refusals before the app**: a classify request that admission (`service/edge/admission.py`)
   refuses from its head (draining, its model's queue full) is answered here, 503 with
   Retry-After, before any ASGI task exists: its small body is read and dropped by the parser and
-  the 503 sent once it is in, on the kept-alive connection; a large one is not read, and the
+  the 503 sent once it is in, on the kept-alive connection (closed after it for a client that keeps
+  none alive: HTTP/1.0, `Connection: close`); a large one is not read, and the
   connection closes, as does one whose client waits for `100 Continue` before sending it. When a
   multipart form may name another model, the body decides (such a client is told to go on). Counted
   and logged like every request (`middleware.account`). The Host check does not run first: a 503
@@ -362,8 +363,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if refusal is None:  # the model its form names takes it: the app answers, its body already in
                 record_of(held.cycle.scope).admitted = True
                 self._run(held.cycle, self._work(held.cycle, held.app))
-            else:
-                self._refuse_here(held.cycle, refusal, held.started, keep=True)
+            else:  # its body is in: the connection closes cleanly if its client asked for that (HTTP/1.0, close)
+                self._refuse_here(held.cycle, refusal, held.started, keep=held.cycle.keep_alive)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Start the app on a request, unless admission refuses it from its head: then it is answered here

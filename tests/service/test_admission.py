@@ -93,6 +93,28 @@ def status_of_reply(sock: socket.socket) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+def test_a_refused_client_that_does_not_keep_alive_gets_its_connection_closed(make_server) -> None:
+    """An HTTP/1.0 client (ApacheBench is one) and one that says `Connection: close` learn that the reply has
+    ended when the connection closes. A refusal from the head kept their connections open, with no
+    `Connection: close`, so each waited for the keep-alive timeout after its 503."""
+    server = make_server(**FLOODABLE)
+    head, body = head_and_body(PNG)
+    address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    replies = []
+    with ThreadPoolExecutor(QUEUE + 2) as pool:
+        flood = [pool.submit(post, server.url) for _ in range(QUEUE + 2)]
+        eventually(lambda: server.metric("erde_queue_depth", model="toy") == QUEUE)
+        closing = (head.replace(b"HTTP/1.1", b"HTTP/1.0"), head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        for request in closing:
+            with socket.create_connection(address, timeout=2) as sock:  # a reply left open times out here
+                sock.sendall(request + body)
+                replies.append(read_until_closed(sock))
+        assert all(f.result().status_code == 200 for f in flood)
+    for reply in replies:
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"\r\nconnection: close\r\n" in reply.lower(), reply[:300]
+        assert reply.endswith(b"}"), reply[-100:]  # the whole JSON body, then the close
+
+
 def test_a_request_admitted_from_its_head_keeps_its_place_until_its_body_comes(make_server) -> None:
     # 1 s a batch, two batches in the process and one row queued leave room for one more row.
     server = make_server(max_batch_size=1, queue_size=2, slow_batch_ms=1000, hang_timeout_s=10, overload="reject",
