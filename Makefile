@@ -73,6 +73,8 @@ bench: $(STAMP)
 	$(PY) -m bench.faults > reports/bench-faults.md && cat reports/bench-faults.md
 	# Inference processes per worker or one shared by every worker (issue 21): throughput and memory.
 	$(PY) -m bench.sharing > reports/bench-sharing.md && cat reports/bench-sharing.md
+	# Large uploads sent together: the server's memory with and without a bound on bodies held at once.
+	$(PY) -m bench.uploads > reports/bench-uploads.md && cat reports/bench-uploads.md
 
 # Our service against LitServe, BentoML, Ray Serve and naive FastAPI serving the same artifact (issue 6):
 # one venv per peer under .bench/peers/ (built once, rebuilt only when its requirements file changes), then

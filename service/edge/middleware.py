@@ -1,6 +1,10 @@
-"""Two pure ASGI middlewares: request accounting (body limit while streaming, in-flight count,
-request metrics, the last-resort 500, one structured access-log line per request) and the Host
-check against DNS rebinding.
+"""Two pure ASGI middlewares: request accounting (body limits, in-flight count, request metrics, the
+last-resort 500, one structured access-log line per request) and the Host check against DNS rebinding.
+
+A body is limited twice: each request's to `max_upload_bytes` (413), and all of a server process's at
+once to `max_upload_bytes_in_flight` (`UploadsInFlight`, 503 with Retry-After). Without the second, 64
+uploads of 8 MB sent together were all held at once: the server process grew by 1.26 GB, more than a
+pod's memory limit leaves it.
 
 Every HTTP request is counted, under a fixed endpoint label (never a raw path) from the one endpoint
 table (service/endpoints.py): "other" for anything else, unknown paths included.
@@ -21,7 +25,7 @@ from service import metrics
 from service.edge import accesslog
 from service.endpoints import match
 from service.engine.worker import release
-from service.errors import PayloadTooLarge, error_body
+from service.errors import PayloadTooLarge, Unavailable, error_body
 from service.numbers import parse_int
 from service.record import RequestRecord, record_of, request_id
 
@@ -30,11 +34,32 @@ log = logging.getLogger("erde.service")
 MAX_LOGGED_PATH = 256  # characters of the path in an access-log line
 
 
+class UploadsInFlight:
+    """Bytes of request bodies a server process holds at once, bounded: a request takes its declared length
+    before its body is read (or each chunk of an unsized body as it comes) and gives it back when it ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if size and self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class RequestAccounting:
-    def __init__(self, app: ASGIApp, runtime, max_body: int, log_requests: bool = True) -> None:
+    def __init__(self, app: ASGIApp, runtime, max_body: int, max_in_flight: int | None = None,
+                 retry_after_s: int = 1, log_requests: bool = True) -> None:
         self.app = app
         self.runtime = runtime
         self.max_body = max_body
+        self.uploads = UploadsInFlight(max_in_flight or max_body)
+        self.retry_after_s = retry_after_s
         self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,8 +82,9 @@ class RequestAccounting:
         if work:
             self.runtime.inflight += 1
             metrics.set_inflight(1)
+        declared = declared_length(scope)
+        hold = [0]  # bytes of the process's uploads this request holds (UploadsInFlight)
         try:
-            declared = declared_length(scope)
             oip = record.endpoint.protocol == "oip"
             if declared is not None and declared > self.max_body:
                 record.reason = "too_large"
@@ -79,14 +105,21 @@ class RequestAccounting:
                 body = error_body("unsupported_media_type", "compressed request bodies are not supported: send "
                                   "the body as it is (Content-Encoding: identity)", record.request_id, oip=oip)
                 await send_json(send_status, 415, body, headers=[(b"accept-encoding", b"identity")])
+            elif not self.uploads.take(declared or 0):
+                error = self._uploads_full()
+                record.reason = error.reason
+                await send_json(send_status, 503, error_body(error.code, str(error), record.request_id, oip=oip),
+                                retry_after=error.retry_after)
             else:
-                await self.app(scope, self._limited(receive), send_status)
+                hold[0] = declared or 0
+                await self.app(scope, self._limited(receive, hold, sized=declared is not None), send_status)
         except Exception:  # a bug, never a client's doing: one traceback, a JSON 500, and serving goes on
             log.exception("unexpected error answering %s %s", scope.get("method"), record.endpoint.label)
             record.reason = "error"
             if status is None:
                 await send_json(send_status, 500, error_body("internal", "internal error", record.request_id))
         finally:
+            self.uploads.give(hold[0])
             if work:
                 self.runtime.inflight -= 1
                 metrics.set_inflight(-1)
@@ -97,16 +130,27 @@ class RequestAccounting:
     def _too_large_message(self) -> str:
         return f"the request body is larger than {self.max_body} bytes"
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _uploads_full(self) -> Unavailable:
+        return Unavailable("the server is taking in as many uploads as it can hold at once; retry shortly",
+                           code="overloaded", retry_after=self.retry_after_s, reason="uploads_in_flight")
+
+    def _limited(self, receive: Receive, hold: list[int], sized: bool) -> Receive:
+        """`receive`, refusing a body past `max_body` (413) as it streams; an unsized (chunked) body takes its
+        bytes from the process's uploads as they come (503 once they are full), into `hold`."""
         seen = 0
 
         async def limited() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                seen += size
                 if seen > self.max_body:
                     raise PayloadTooLarge(self._too_large_message(), reason="too_large")
+                if not sized:
+                    if not self.uploads.take(size):
+                        raise self._uploads_full()
+                    hold[0] += size
             return message
 
         return limited

@@ -85,5 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdmissionControl, runtime=runtime)  # inside the accounting: refusals are counted
     app.add_middleware(AllowedHosts, names=(*settings.allowed_hosts, settings.host))  # counted too
     app.add_middleware(RequestAccounting, runtime=runtime, max_body=settings.max_upload_bytes,
+                       max_in_flight=settings.max_upload_bytes_in_flight, retry_after_s=settings.retry_after_s,
                        log_requests=settings.access_log)
     return app

@@ -74,6 +74,7 @@ BAD_VALUES = [  # (flags, environment, the one line's start after "erde serve: e
     (["--workers", "0"], {}, "--workers 0: Input should be greater than or equal to 1"),
     ([], {"ERDE_QUEUE_SIZE": "lots"}, "ERDE_QUEUE_SIZE=lots: Input should be a valid integer"),
     ([], {"ERDE_QUEUE_SIZE": "8", "ERDE_MAX_BATCH_SIZE": "16"}, "queue_size must be at least max_batch_size"),
+    ([], {"ERDE_MAX_UPLOAD_BYTES_IN_FLIGHT": "4096"}, "max_upload_bytes_in_flight must be at least max_upload_bytes"),
 ]
 
 

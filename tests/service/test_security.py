@@ -151,6 +151,37 @@ def test_client_disconnects_mid_upload_are_counted_apart(server: Server) -> None
     assert "Traceback" not in "\n".join(server.log.read_text().splitlines()[log_lines:])
 
 
+# ---- 3b. the uploads one server process holds at once: bounded, the rest refused before they are read ----
+
+def test_uploads_past_what_a_process_holds_at_once_are_refused_unread(make_server) -> None:
+    """64 uploads of 8 MB sent together were all held at once: the server process grew by 1.26 GB, more than
+    a pod's memory limit leaves it (`python -m bench.uploads`, reports/bench-uploads.md).
+    Scaled down: two stalled 40 kB uploads hold 80 of 100 kB; a third, sized or chunked, is refused 503
+    with Retry-After before its body is read, and once the stalled ones have gone an upload is served."""
+    server = make_server(max_upload_bytes=48 * 1024, max_upload_bytes_in_flight=100 * 1024)
+    port = port_of(server)
+    form = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(request("POST", "/classify", form, b"-" * 100, length=40 * 1024))
+        eventually(lambda: server.metric("erde_inflight_requests") == 2)
+        sized = exchange(port, post_multipart("/classify", multipart([("image", b"\0" * 40 * 1024)])))
+        chunks = b"".join(b"%x\r\n" % 8192 + b"\0" * 8192 + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+        head = request("POST", "/classify", {**form, "Transfer-Encoding": "chunked"}).replace(
+            b"Content-Length: 0\r\n", b"")
+        chunked = exchange(port, head + chunks)
+        for reply in (sized, chunked):
+            assert "uploads" in json_error(reply, 503, "overloaded") and b"retry-after: 1" in reply.head.lower()
+        assert server.metric("erde_rejected_total", reason="uploads_in_flight") == 2
+    finally:
+        for sock in stalled:
+            sock.close()
+    eventually(lambda: server.metric("erde_inflight_requests") == 0)
+    with server.client() as c:  # what the stalled uploads held is given back
+        assert c.post("/classify", files={"image": ("x.png", PNG, "image/png")}).status_code == 200
+
+
 # ---- issue 10: stalled requests get 408 and are closed; connections beyond the cap get 503 ----
 
 @pytest.fixture(scope="module")
