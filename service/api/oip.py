@@ -175,9 +175,19 @@ def _unpack_bytes(blob: memoryview, count: int, name: str) -> list[bytes]:
     return elements
 
 
+def tensor_parameters(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """An input's or output's own parameters. Ours (`erde_*`) are the request's only: on a tensor they were
+    ignored, and a request that gave its budget there was served at the default budget without a word."""
+    parameters = _dict(spec.get("parameters"), f"{name}: parameters")
+    ours = sorted(key for key in parameters if key.startswith(PREFIX))
+    if ours:
+        raise BadOptions(f"{name}: {', '.join(ours)} belong to the request's parameters, not to a tensor's")
+    return parameters
+
+
 def _tensor_values(spec: dict[str, Any], name: str, count: int, tail: memoryview, offset: int) -> tuple[list, int]:
     """One input's elements, from its JSON `data` or from the binary tail at `offset`; the new offset."""
-    size = _dict(spec.get("parameters"), f"{name}: parameters").get("binary_data_size")
+    size = tensor_parameters(spec, name).get("binary_data_size")
     if size is None:
         data = spec.get("data")
         if not isinstance(data, list) or len(data) != count:
@@ -281,7 +291,7 @@ def read_outputs(header: dict[str, Any], top_k: str | None) -> list[Requested]:
         raise BadOptions(f"outputs: each at most once, of {', '.join(OUTPUTS)}")
     outputs = []
     for name, spec in zip(names, asked, strict=True):
-        parameters = _dict(spec.get("parameters"), f"{name}: parameters")
+        parameters = tensor_parameters(spec, name)
         binary = parameters.get("binary_data", binary_default)
         classification = parameters.get("classification", top_k if name == "probabilities" else None)
         if not isinstance(binary, bool):

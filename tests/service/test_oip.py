@@ -194,6 +194,11 @@ BAD_JSON = {  # request -> status, a fragment of the error
                                        "either budget or threshold"),
     "erde_max_exit out of range": (_doc(parameters={"erde_max_exit": 3}), 422, "max_exit must be between 0 and 2"),
     "unknown erde_ parameter": (_doc(parameters={"erde_bugdet": 0.5}), 422, "known: erde_budget"),
+    # on a tensor, ours were ignored: the request was served at the default budget
+    "erde_budget on the image input": (_doc({**_image(), "parameters": {"erde_budget": 0.3}}), 422,
+                                       "belong to the request's parameters"),
+    "erde_top_k on an output": (_doc(outputs=[{"name": "probabilities", "parameters": {"erde_top_k": 2}}]), 422,
+                                "erde_top_k belong to the request's parameters"),
     "parameter not a scalar": (_doc(parameters={"erde_budget": [0.5]}), 422, "must be a number"),
     "erde_top_k too large": (_doc(parameters={"erde_top_k": 100}), 422, "top_k must be between 1 and 4"),
     "classification on label": (_doc(outputs=[{"name": "label", "parameters": {"classification": 2}}]), 422,
