@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024,
                                   description="largest request body, enforced while streaming")
     max_upload_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1024, description=(
-        "request bodies one server process takes at once (their declared lengths, or what has streamed); "
-        "past it 503 with Retry-After: 64 uploads of 8 MB sent together held 1.26 GB, past a pod's 1.5 GiB limit"))
+        "request bodies one server process takes at once (their declared lengths, or what has streamed; unset, "
+        "at least max_upload_bytes); past it 503 with Retry-After: 64 uploads of 8 MB sent together held 1.26 GB, "
+        "past a pod's 1.5 GiB limit"))
     max_pixels: int = Field(16_000_000, ge=64,
                             description="largest width x height, checked before decoding (pixel bombs)")
     min_image_side: int = Field(8, ge=1, description="smallest side accepted; smaller images carry too little "
@@ -145,7 +146,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.default_budget <= 0:
             raise ValueError("default_budget must be in (0, 1]")
-        if self.max_upload_bytes_in_flight < self.max_upload_bytes:
+        if "max_upload_bytes_in_flight" not in self.model_fields_set:  # the default follows a larger upload limit
+            self.max_upload_bytes_in_flight = max(self.max_upload_bytes_in_flight, self.max_upload_bytes)
+        elif self.max_upload_bytes_in_flight < self.max_upload_bytes:
             raise ValueError("max_upload_bytes_in_flight must be at least max_upload_bytes: else the largest "
                              "upload could never be taken")
         if self.queue_size < self.max_batch_size:

@@ -4,7 +4,8 @@ last-resort 500, one structured access-log line per request) and the Host check 
 A body is limited twice: each request's to `max_upload_bytes` (413), and all of a server process's at
 once to `max_upload_bytes_in_flight` (`UploadsInFlight`, 503 with Retry-After). Without the second, 64
 uploads of 8 MB sent together were all held at once: the server process grew by 1.26 GB, more than a
-pod's memory limit leaves it.
+pod's memory limit leaves it. (What the protocol buffers itself is apart and small: a body it reads to
+refuse, at most 64 KiB a connection, and uvicorn's read buffer.)
 
 Every HTTP request is counted, under a fixed endpoint label (never a raw path) from the one endpoint
 table (service/endpoints.py): "other" for anything else, unknown paths included.

@@ -62,6 +62,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
 import orjson
@@ -335,9 +336,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _probe(self) -> bool:
         """Whether the request being read is a health or readiness probe (`Endpoint.probe`), which the
-        connection cap never refuses."""
-        path = self.url.partition(b"?")[0].decode("latin-1")
-        return self.parser.get_method() in (b"GET", b"HEAD") and match(path)[0].probe
+        connection cap never refuses. Its path is read as uvicorn reads it for the app (percent-decoded)."""
+        path = httptools.parse_url(self.url).path.decode("ascii")
+        return self.parser.get_method() in (b"GET", b"HEAD") and match(unquote(path) if "%" in path else path)[0].probe
 
     def _host_from_target(self) -> None:
         """An absolute-form target's authority replaces every Host header (RFC 9112 section 3.2.2),
@@ -368,7 +369,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Start the app on a request, unless admission refuses it from its head: then it is answered here
-        (see the module doc), at once when the connection closes after it, else once its body is in."""
+        (see the module doc), at once when the connection closes after it, else once its body is in. A request
+        parsed after its connection began to close (pipelined, in the same read, behind one refused with a
+        close while draining) is never started: no reply could reach its client, and writing one raised."""
+        if self.transport.is_closing():
+            cycle.response_complete = True  # the parser's later callbacks leave it alone
+            return
         if self.admission is None or app is not self.config.loaded_app:
             self._run(cycle, app)
             return

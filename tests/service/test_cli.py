@@ -78,6 +78,12 @@ BAD_VALUES = [  # (flags, environment, the one line's start after "erde serve: e
 ]
 
 
+def test_the_default_bound_on_uploads_in_flight_follows_a_larger_upload_limit() -> None:
+    """Only ERDE_MAX_UPLOAD_BYTES set above 64 MiB still starts: the largest upload can always be taken."""
+    assert Settings(max_upload_bytes=100 * 2**20).max_upload_bytes_in_flight == 100 * 2**20
+    assert Settings(max_upload_bytes=2**20).max_upload_bytes_in_flight == 64 * 2**20
+
+
 @pytest.fixture(scope="module")
 def bad_value_runs() -> list[tuple[int, str]]:
     """Every BAD_VALUES case run at once (each is a fresh interpreter): (exit code, stderr)."""

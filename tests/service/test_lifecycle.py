@@ -58,7 +58,11 @@ def test_full_queue_answers_503_at_once(make_server) -> None:
 
 def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
     server = make_server(max_batch_size=8, max_batch_delay_ms=1500, drain_timeout_s=10, slo_ms=10_000)
-    with ThreadPoolExecutor(3) as pool:
+    form = httpx.Request("POST", f"{server.url}/classify", files={"image": ("a.png", PNG, "image/png")})
+    one = (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {form.headers['content-type']}\r\n"
+           f"Content-Length: {len(form.read())}\r\n\r\n").encode() + form.read()
+    with ThreadPoolExecutor(3) as pool, socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])),
+                                                                 timeout=10) as pipelining:
         queued = [pool.submit(post, server.url) for _ in range(3)]
         eventually(lambda: server.metric("erde_queue_depth", model="toy") == 3)
         server.signal(signal.SIGTERM)
@@ -68,10 +72,18 @@ def test_sigterm_drains_queued_requests_then_exits(make_server) -> None:
         late = post(server.url)  # refused from its headers, and told to close the connection
         assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
         assert late.headers["connection"] == "close" and late.headers["retry-after"]
+        # Three requests in one write on a connection opened before the drain: the first is refused and the
+        # connection closes; those behind it are never started (the refusal of the second was written to
+        # the closing connection from the parser's callback: RuntimeError, and a traceback in the log).
+        pipelining.sendall(one * 3)
+        replies = b""
+        while chunk := pipelining.recv(65536):
+            replies += chunk
+        assert replies.count(b"HTTP/1.1 503 ") == 1 and replies.endswith(b"}"), replies[-300:]
         assert not any(f.done() for f in queued)
         assert [f.result().status_code for f in queued] == [200, 200, 200]
     assert server.proc.wait(15) is not None  # exits once drained
-    assert "draining" in server.log.read_text()
+    assert "draining" in server.log.read_text() and "Traceback" not in server.log.read_text()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
