@@ -18,6 +18,8 @@ the HTTP protocol that holds the limits an exposed server needs (issues 10 and 1
   body in two writes; a refusal goes out before the body is read) makes the kernel reset the
   connection, and the reset throws away the reply the client has not read yet: 44% of the requests
   a pool of kept-alive clients sent through a drain were lost so. nginx's `lingering_close`.
+- **A half-close is not an abort** (`eof_received`): a client that sends its request and then a FIN
+  (`nc`, some HTTP/1.0 clients) gets its reply, and the connection closes after it.
 - **Refusals before the app**: a classify request that admission (`service/edge/admission.py`)
   refuses from its head (draining, its model's queue full) is answered here, 503 with
   Retry-After, before any ASGI task exists: its small body is read and dropped by the parser and
@@ -280,6 +282,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.read_timer.cancel()
         self.share.closed(self)
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        """The client has sent all it will: a half-close, as `nc` and some HTTP/1.0 clients make once their
+        request is out. A request whose body is in still gets its reply on the open write side, and the
+        connection closes after it. uvicorn let the transport close at the EOF, and the reply, computed and
+        counted 200, was dropped. An EOF within a head or a body, or while lingering, ends the connection."""
+        cycle = self.cycle  # the request parsed last
+        if self.lingering.lingering or self.in_head or cycle is None or cycle.response_complete or cycle.more_body:
+            return None
+        cycle.keep_alive = False
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.lingering.lingering:

@@ -52,6 +52,20 @@ def classify_request() -> bytes:
             b"Content-Length: " + str(len(PNG)).encode() + b"\r\n\r\n" + PNG)
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_client_that_half_closes_after_its_requests_gets_every_reply(server: Server, count: int) -> None:
+    """`printf 'POST ...' | nc host port` sends the request, then a FIN (a half-close: the client still
+    reads). The transport closed at the FIN, and the replies, computed and counted 200, never went out."""
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        sock.sendall(classify_request() * count)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert statuses(data) == [200] * count, data[-300:]
+    assert data.lower().count(b"\r\nconnection: close\r\n") == 1, data[-300:]  # on the last reply: then it closes
+
+
 @pytest.mark.parametrize("good", [1, 3])
 def test_replies_owed_before_a_parse_error_are_sent_then_it_is_refused(server: Server, good: int) -> None:
     """The good requests' replies used to be dropped and the connection closed with no byte sent."""
