@@ -1,7 +1,7 @@
 """How uvicorn speaks HTTP for this service: the options every server process is started with, and
 the HTTP protocol that holds the limits an exposed server needs (issues 10 and 11).
 
-`LimitedHttpProtocol` is uvicorn's httptools protocol with four changes:
+`LimitedHttpProtocol` is uvicorn's httptools protocol with these changes:
 - **Request head** (request line and headers) of at most `max_head_bytes`: beyond it 431 and the
   connection closed, after at most that many bytes and one more read. httptools has no limit of its
   own and grows a header by concatenation (quadratic: a 100 MB header took 13.9 s and the memory
