@@ -60,10 +60,11 @@ def test_a_client_that_half_closes_after_its_requests_gets_every_reply(server: S
         sock.sendall(classify_request() * count)
         sock.shutdown(socket.SHUT_WR)
         data = b""
-        while chunk := sock.recv(65536):
+        while chunk := sock.recv(65536):  # until the server closes (else the 10 s timeout raises)
             data += chunk
+    # Every reply, then the close. (`Connection: close` is on the last reply only when the FIN was read before
+    # its head went out: a fresh clone's run read it after, and the connection closed all the same.)
     assert statuses(data) == [200] * count, data[-300:]
-    assert data.lower().count(b"\r\nconnection: close\r\n") == 1, data[-300:]  # on the last reply: then it closes
 
 
 @pytest.mark.parametrize("good", [1, 3])
