@@ -91,7 +91,7 @@ class RequestAccounting:
                 record.reason = "too_large"
                 await send_json(send_status, 413, error_body("too_large", self._too_large_message(), record.request_id,
                                                              oip=oip))
-            elif transfer_coded(scope):
+            elif declared is None and transfer_coded(scope):  # (llhttp refuses a Content-Length beside one)
                 # RFC 9112 section 6.1: 501 for a transfer coding the server does not know. The parser reads only
                 # the chunked framing, so a body sent `gzip, chunked` reached the decoder still gzipped and was
                 # answered "not a supported image".

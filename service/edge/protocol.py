@@ -64,7 +64,6 @@ import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import httptools
 import orjson
@@ -75,7 +74,6 @@ from service import metrics
 from service.edge.admission import Admission, is_work, keeps_alive
 from service.edge.fairness import ConnectionShare
 from service.edge.middleware import RequestAccounting, account, send_json, start_record
-from service.endpoints import match
 from service.engine.runtime import Runtime
 from service.errors import Unavailable, error_body
 from service.record import UNKNOWN_MODEL, record_of, request_id
@@ -344,14 +342,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.in_head = False
         limit = self.limits.max_connections
         over = self.share.open > limit or len(self.tasks) >= limit or self.share.over(self)
-        self.app = self._over_capacity if over and not self._probe() else self.config.loaded_app
+        self.app = self._over_capacity if over else self.config.loaded_app
         super().on_headers_complete()
-
-    def _probe(self) -> bool:
-        """Whether the request being read is a health or readiness probe (`Endpoint.probe`), which the
-        connection cap never refuses. Its path is read as uvicorn reads it for the app (percent-decoded)."""
-        path = httptools.parse_url(self.url).path.decode("ascii")
-        return self.parser.get_method() in (b"GET", b"HEAD") and match(unquote(path) if "%" in path else path)[0].probe
 
     def _host_from_target(self) -> None:
         """An absolute-form target's authority replaces every Host header (RFC 9112 section 3.2.2),
@@ -388,6 +380,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             cycle.response_complete = True  # the parser's later callbacks leave it alone
             return
+        if app == self._over_capacity and cycle.scope["method"] in ("GET", "HEAD") and \
+                start_record(cycle.scope).endpoint.probe:  # the cap never refuses a probe (`Endpoint.probe`)
+            app = self.config.loaded_app
         if self.admission is None or app is not self.config.loaded_app:
             self._run(cycle, app)
             return

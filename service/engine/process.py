@@ -215,7 +215,6 @@ def serve_shared(address: str, blob: ModelBlob, spec: InputSpec, limits: ImageLi
     run_clients(engine, [], listener)
 
 
-
 def quit_or_raise(exc: Exception) -> None:
     """After a failed load has been told: a ValueError (an artifact that does not fit, a device that is not
     there) has said all there is, and the process exits quietly; anything else is raised, its traceback
@@ -223,6 +222,7 @@ def quit_or_raise(exc: Exception) -> None:
     if isinstance(exc, ValueError):
         sys.exit(1)
     raise exc
+
 
 def refuse_clients(listener: socket.socket, message: bytes) -> None:
     """Tell every worker that connects why the model could not be loaded, until none has for HELLO_TIMEOUT_S:
